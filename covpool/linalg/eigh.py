@@ -1,0 +1,72 @@
+"""Exact matrix roots by eigendecomposition, with the Daleckii-Krein backward.
+
+Forward: ``A = U diag(λ) Uᵀ`` and ``f(A) = U diag(f(λ)) Uᵀ`` with ``f(λ) = λ^p``, ``p = ±1/2``.
+Backward: ``∂L/∂A = U (K ∘ (Uᵀ sym(G) U)) Uᵀ`` with the divided differences of ``f`` written in a form
+that never divides by ``λi - λj``:
+
+- ``p = +1/2``: ``K_ij = 1 / (√λi + √λj)``
+- ``p = -1/2``: ``K_ij = -1 / (√λi √λj (√λi + √λj))``
+
+so repeated eigenvalues (where autograd through ``torch.linalg.eigh`` returns NaN or Inf) are exact.
+The matrix is divided by its largest absolute entry before the decomposition, which keeps inputs
+scaled anywhere from 1e-30 to 1e30 inside the floating range.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from covpool.linalg.normalization import max_abs_scale
+
+
+def _eigen_floor(dtype: torch.dtype) -> float:
+    """Smallest normalised eigenvalue kept, so that roots of singular matrices stay finite."""
+    return torch.finfo(dtype).eps
+
+
+def _root_eigenvalues(A: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return ``(sqrt_eigenvalues, eigenvectors, scale)`` of ``sym(A) / scale`` with the ridge added.
+
+    Shapes: ``A (*, n, n)`` → ``(*, n)``, ``(*, n, n)``, ``(*, 1, 1)``.
+    """
+    scale = max_abs_scale(A)
+    eigenvalues, eigenvectors = torch.linalg.eigh(A / scale)
+    top = eigenvalues[..., -1:].clamp_min(0)
+    eigenvalues = eigenvalues + eps * top
+    eigenvalues = torch.maximum(eigenvalues, top * _eigen_floor(A.dtype)).clamp_min(
+        torch.finfo(A.dtype).tiny
+    )
+    return eigenvalues.sqrt(), eigenvectors, scale
+
+
+class EighRoot(torch.autograd.Function):
+    """``sym(A)^p`` for ``p = ±1/2`` by ``torch.linalg.eigh``, exact gradient by Daleckii-Krein."""
+
+    @staticmethod
+    def forward(ctx, A: torch.Tensor, inverse: bool, eps: float) -> torch.Tensor:  # noqa: D102
+        roots, vectors, scale = _root_eigenvalues(A, eps)
+        values = roots.reciprocal() if inverse else roots
+        out = (vectors * values.unsqueeze(-2)) @ vectors.mT
+        ctx.save_for_backward(roots, vectors, scale)
+        ctx.inverse = inverse
+        return out * (scale.rsqrt() if inverse else scale.sqrt())
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: D102
+        roots, vectors, scale = ctx.saved_tensors
+        pair_sum = roots.unsqueeze(-1) + roots.unsqueeze(-2)
+        if ctx.inverse:
+            kernel = -1.0 / (roots.unsqueeze(-1) * roots.unsqueeze(-2) * pair_sum)
+            factor = scale.pow(-1.5)
+        else:
+            kernel = 1.0 / pair_sum
+            factor = scale.rsqrt()
+        grad_sym = 0.5 * (grad + grad.mT)
+        inner = vectors.mT @ grad_sym @ vectors
+        grad_A = vectors @ (kernel * inner) @ vectors.mT
+        return grad_A * factor, None, None
+
+
+def eigh_root(A: torch.Tensor, *, inverse: bool, eps: float = 0.0) -> torch.Tensor:
+    """``A^(1/2)`` or ``A^(-1/2)`` of symmetric PSD ``A`` of shape ``(*, n, n)`` by eigendecomposition."""
+    return EighRoot.apply(A, inverse, eps)
