@@ -1,0 +1,82 @@
+"""Reference matrices and exact references for tests and benchmarks.
+
+Everything here is computed in float64 by eigendecomposition, so it can serve as ground truth for the
+fast methods in :mod:`covpool.linalg`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def random_spd(
+    *batch_shape: int,
+    n: int,
+    condition: float = 1e3,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Random SPD matrices ``U diag(λ) Uᵀ`` with a geometric spectrum from 1 down to ``1 / condition``.
+
+    The eigenvectors ``U`` are Haar-random. A geometric spectrum puts eigenvalues at every scale of the
+    range, which is where fixed-degree series lose accuracy.
+
+    Shape: ``(*batch_shape, n, n)``.
+    """
+    if condition < 1:
+        raise ValueError(f"condition must be >= 1, got {condition}")
+    gaussian = torch.randn(*batch_shape, n, n, dtype=torch.float64, generator=generator)
+    q, r = torch.linalg.qr(gaussian)
+    q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
+    exponents = torch.linspace(0.0, 1.0, n, dtype=torch.float64)
+    eigenvalues = condition ** (-exponents)
+    spd = (q * eigenvalues) @ q.mT
+    spd = 0.5 * (spd + spd.mT)
+    return spd.to(dtype=dtype, device=device)
+
+
+def random_covariance(
+    *batch_shape: int,
+    n: int,
+    samples: int,
+    dtype: torch.dtype = torch.float64,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Sample covariances of ``samples`` correlated Gaussian vectors in ``n`` dimensions.
+
+    Rank-deficient when ``samples <= n``. Shape: ``(*batch_shape, n, n)``.
+    """
+    mixing = torch.randn(*batch_shape, n, n, dtype=torch.float64, generator=generator)
+    x = torch.randn(*batch_shape, samples, n, dtype=torch.float64, generator=generator) @ mixing
+    x = x - x.mean(dim=-2, keepdim=True)
+    return (x.mT @ x / samples).to(dtype)
+
+
+def reference_root(A: torch.Tensor, *, inverse: bool = False) -> torch.Tensor:
+    """Exact ``A^(±1/2)`` of symmetric PD ``A`` in float64. Shape: ``(*, n, n)``."""
+    eigenvalues, vectors = torch.linalg.eigh(A.double())
+    values = eigenvalues.clamp_min(0).sqrt()
+    values = values.reciprocal() if inverse else values
+    return (vectors * values.unsqueeze(-2)) @ vectors.mT
+
+
+def reference_gradient(A: torch.Tensor, grad: torch.Tensor, *, inverse: bool = False) -> torch.Tensor:
+    """Exact gradient ``∂L/∂A`` of ``L`` through ``A^(±1/2)`` by the Daleckii-Krein formula, in float64.
+
+    ``grad`` is ``∂L/∂(A^(±1/2))``; only its symmetric part matters. Shapes: ``(*, n, n)`` each.
+    """
+    eigenvalues, vectors = torch.linalg.eigh(A.double())
+    roots = eigenvalues.clamp_min(0).sqrt()
+    first_differences = 1.0 / (roots.unsqueeze(-1) + roots.unsqueeze(-2))
+    if inverse:
+        first_differences = -first_differences / (roots.unsqueeze(-1) * roots.unsqueeze(-2))
+    grad = grad.double()
+    inner = vectors.mT @ (0.5 * (grad + grad.mT)) @ vectors
+    return vectors @ (first_differences * inner) @ vectors.mT
+
+
+def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
+    """Relative Frobenius error per matrix, ``‖approx - exact‖_F / ‖exact‖_F``. Shape: ``(*,)``."""
+    difference = approx.double() - exact.double()
+    return torch.linalg.matrix_norm(difference) / torch.linalg.matrix_norm(exact.double())
