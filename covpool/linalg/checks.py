@@ -22,8 +22,7 @@ def check_square_batch(A: torch.Tensor, name: str = "A") -> None:
         raise TypeError(f"{name} must be a torch.Tensor of shape (*, n, n), got {type(A).__name__}")
     if A.dtype not in _SUPPORTED:
         raise TypeError(
-            f"{name} must have a real floating dtype (float16, bfloat16, float32 or float64), "
-            f"got {A.dtype}"
+            f"{name} must have a real floating dtype (float16, bfloat16, float32 or float64), got {A.dtype}"
         )
     if A.ndim < 2:
         raise ValueError(

@@ -9,7 +9,8 @@ that never divides by ``λi - λj``:
 
 so repeated eigenvalues (where autograd through ``torch.linalg.eigh`` returns NaN or Inf) are exact.
 The matrix is divided by its largest absolute entry before the decomposition, which keeps inputs
-scaled anywhere from 1e-30 to 1e30 inside the floating range.
+scaled anywhere from 1e-30 to 1e30 inside the floating range. Eigenvalues are floored at the dtype's
+machine epsilon times that scale, so singular and all-zero matrices give finite roots and gradients.
 """
 
 from __future__ import annotations
@@ -19,11 +20,6 @@ import torch
 from covpool.linalg.normalization import max_abs_scale
 
 
-def _eigen_floor(dtype: torch.dtype) -> float:
-    """Smallest normalised eigenvalue kept, so that roots of singular matrices stay finite."""
-    return torch.finfo(dtype).eps
-
-
 def _root_eigenvalues(A: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Return ``(sqrt_eigenvalues, eigenvectors, scale)`` of ``sym(A) / scale`` with the ridge added.
 
@@ -31,11 +27,9 @@ def _root_eigenvalues(A: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.
     """
     scale = max_abs_scale(A)
     eigenvalues, eigenvectors = torch.linalg.eigh(A / scale)
-    top = eigenvalues[..., -1:].clamp_min(0)
-    eigenvalues = eigenvalues + eps * top
-    eigenvalues = torch.maximum(eigenvalues, top * _eigen_floor(A.dtype)).clamp_min(
-        torch.finfo(A.dtype).tiny
-    )
+    eigenvalues = eigenvalues + eps * eigenvalues[..., -1:].clamp_min(0)
+    # After division by the largest entry, λmax >= 1 for any non-zero PSD matrix, so this floor is relative.
+    eigenvalues = eigenvalues.clamp_min(torch.finfo(A.dtype).eps)
     return eigenvalues.sqrt(), eigenvectors, scale
 
 

@@ -46,9 +46,7 @@ def _spd_solve(denominator: torch.Tensor, numerator: torch.Tensor, check: bool) 
     return torch.cholesky_solve(numerator, factor)
 
 
-def _apply_series(
-    W: torch.Tensor, series: str, degree: int, exponent: Fraction, check: bool
-) -> torch.Tensor:
+def _apply_series(W: torch.Tensor, series: str, degree: int, exponent: Fraction, check: bool) -> torch.Tensor:
     """``r(W) ≈ (I - W)^exponent`` by the Taylor polynomial or the diagonal Padé approximant of ``degree``."""
     if series == "taylor":
         (value,) = matrix_polynomials(W, [_floats(taylor_coefficients(exponent, degree))])

@@ -25,12 +25,14 @@ import torch
 NORMALIZATIONS = ("power", "frobenius", "trace")
 
 
-def max_abs_scale(A: torch.Tensor) -> torch.Tensor:
-    """Largest absolute entry per matrix, floored at the dtype's smallest normal number.
+def _one_if_zero(scale: torch.Tensor) -> torch.Tensor:
+    """An all-zero matrix has no scale of its own; it is given 1, so that it stays zero after division."""
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
 
-    Shape: ``(*, n, n)`` → ``(*, 1, 1)``.
-    """
-    return A.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(A.dtype).tiny)
+
+def max_abs_scale(A: torch.Tensor) -> torch.Tensor:
+    """Largest absolute entry per matrix (1 for an all-zero matrix). Shape: ``(*, n, n)`` → ``(*, 1, 1)``."""
+    return _one_if_zero(A.abs().amax(dim=(-2, -1), keepdim=True))
 
 
 def _start_vector(n: int, like: torch.Tensor) -> torch.Tensor:
@@ -45,9 +47,7 @@ def _start_vector(n: int, like: torch.Tensor) -> torch.Tensor:
     return (hashed + 0.5).unsqueeze(-1)
 
 
-def spectral_scale(
-    A: torch.Tensor, normalization: str = "power", *, power_iters: int = 8
-) -> torch.Tensor:
+def spectral_scale(A: torch.Tensor, normalization: str = "power", *, power_iters: int = 8) -> torch.Tensor:
     """Estimate of ``λmax(A)`` for symmetric PSD ``A``, used as the normalising constant ``c``.
 
     Args:
@@ -56,7 +56,7 @@ def spectral_scale(
         power_iters: power iterations for ``"power"``; each costs one batched matrix-vector product.
 
     Returns:
-        ``(*, 1, 1)`` positive scale, never zero (a zero matrix gets the dtype's smallest normal).
+        ``(*, 1, 1)`` positive scale, never zero (an all-zero matrix gets 1).
     """
     tiny = torch.finfo(A.dtype).tiny
     prescale = max_abs_scale(A)
@@ -72,4 +72,4 @@ def spectral_scale(
                 v = v / torch.linalg.vector_norm(v, dim=-2, keepdim=True).clamp_min(tiny)
             rayleigh = v.mT @ B @ v
             estimate = torch.clamp(rayleigh, min=estimate / math.sqrt(A.shape[-1]), max=estimate)
-    return (estimate * prescale).clamp_min(tiny)
+    return _one_if_zero(estimate * prescale)

@@ -49,7 +49,7 @@ def matrix_polynomials(W: torch.Tensor, coefficients: Sequence[Sequence[float]])
 
     def block_sum(coeffs: Sequence[float], start: int) -> torch.Tensor:
         terms = coeffs[start : start + block]
-        total = terms[0] * eye
+        total = (terms[0] * eye).expand_as(W)
         for power, a in zip(powers[1:], terms[1:], strict=False):
             total = total + a * power
         return total
