@@ -96,7 +96,7 @@ def _root(
             raise ValueError(f"tol must be a float > 0, got {tol!r}")
     work_dtype = torch.float32 if A.dtype in _LOW_PRECISION else A.dtype
     if method == "auto":
-        method = choose_method(A.shape[-1], A.device, work_dtype, tol)
+        method = choose_method(A.device, tol)
     options = resolve_options(method, **settings)
     with torch.autocast(device_type=A.device.type, enabled=False):
         A_work = A.to(work_dtype)
