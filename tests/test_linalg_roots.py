@@ -243,13 +243,21 @@ class TestDegenerateInput:
         out = covpool.sqrtm(scale * A, method=method)
         torch.testing.assert_close(out / scale**0.5, covpool.sqrtm(A, method=method), rtol=1e-4, atol=1e-6)
 
-    def test_eps_regularises_rank_deficient_covariance(self):
+    @pytest.mark.parametrize("method", ["mpa", "mtp", "eigh"])
+    def test_eps_regularises_rank_deficient_covariance(self, method):
         A = random_covariance(2, n=16, samples=4)
-        top = torch.linalg.eigvalsh(A)[..., -1:, None]
-        expected = reference_root(A + 1e-3 * top * torch.eye(16, dtype=A.dtype), inverse=True)
-        for method in ["mpa", "eigh"]:
-            out = covpool.inv_sqrtm(A, method=method, eps=1e-3, normalization="power")
-            assert relative_error(out, expected).max() < 1e-3
+        mean_eigenvalue = A.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None]
+        expected = reference_root(A + 1e-2 * mean_eigenvalue * torch.eye(16, dtype=A.dtype), inverse=True)
+        out = covpool.inv_sqrtm(A, method=method, eps=1e-2)
+        assert relative_error(out, expected).max() < 1e-4
+
+    @pytest.mark.parametrize("method", ["mpa", "mtp", "ns", "eigh"])
+    def test_gradient_includes_the_ridge(self, method):
+        A = random_covariance(2, n=5, samples=3).requires_grad_(True)
+        steps = 14 if method == "ns" else None
+        assert torch.autograd.gradcheck(
+            lambda a: covpool.sqrtm(a, method=method, eps=0.1, steps=steps), (A,), atol=1e-6, rtol=1e-5
+        )
 
 
 class TestBadInput:

@@ -20,14 +20,13 @@ import torch
 from covpool.linalg.normalization import max_abs_scale
 
 
-def _root_eigenvalues(A: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Return ``(sqrt_eigenvalues, eigenvectors, scale)`` of ``sym(A) / scale`` with the ridge added.
+def _root_eigenvalues(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return ``(sqrt_eigenvalues, eigenvectors, scale)`` of ``A / scale``, eigenvalues floored.
 
     Shapes: ``A (*, n, n)`` → ``(*, n)``, ``(*, n, n)``, ``(*, 1, 1)``.
     """
     scale = max_abs_scale(A)
     eigenvalues, eigenvectors = torch.linalg.eigh(A / scale)
-    eigenvalues = eigenvalues + eps * eigenvalues[..., -1:].clamp_min(0)
     # After division by the largest entry, λmax >= 1 for any non-zero PSD matrix, so this floor is relative.
     eigenvalues = eigenvalues.clamp_min(torch.finfo(A.dtype).eps)
     return eigenvalues.sqrt(), eigenvectors, scale
@@ -37,8 +36,8 @@ class EighRoot(torch.autograd.Function):
     """``sym(A)^p`` for ``p = ±1/2`` by ``torch.linalg.eigh``, exact gradient by Daleckii-Krein."""
 
     @staticmethod
-    def forward(ctx, A: torch.Tensor, inverse: bool, eps: float) -> torch.Tensor:  # noqa: D102
-        roots, vectors, scale = _root_eigenvalues(A, eps)
+    def forward(ctx, A: torch.Tensor, inverse: bool) -> torch.Tensor:  # noqa: D102
+        roots, vectors, scale = _root_eigenvalues(A)
         values = roots.reciprocal() if inverse else roots
         out = (vectors * values.unsqueeze(-2)) @ vectors.mT
         ctx.save_for_backward(roots, vectors, scale)
@@ -58,9 +57,9 @@ class EighRoot(torch.autograd.Function):
         grad_sym = 0.5 * (grad + grad.mT)
         inner = vectors.mT @ grad_sym @ vectors
         grad_A = vectors @ (kernel * inner) @ vectors.mT
-        return grad_A * factor, None, None
+        return grad_A * factor, None
 
 
-def eigh_root(A: torch.Tensor, *, inverse: bool, eps: float = 0.0) -> torch.Tensor:
+def eigh_root(A: torch.Tensor, *, inverse: bool) -> torch.Tensor:
     """``A^(1/2)`` or ``A^(-1/2)`` of symmetric PSD ``A`` of shape ``(*, n, n)`` by eigendecomposition."""
-    return EighRoot.apply(A, inverse, eps)
+    return EighRoot.apply(A, inverse)

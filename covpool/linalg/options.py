@@ -28,7 +28,6 @@ class RootOptions:
     degree: int
     steps: int
     normalization: str
-    eps: float = 0.0
     backward_iters: int = 20
     backward_tol: float | None = 1e-5
     backward_newton: bool = True
@@ -45,7 +44,6 @@ def resolve_options(
     degree: int | None,
     steps: int | None,
     normalization: str | None,
-    eps: float,
     backward_iters: int,
     backward_tol: float | None,
     backward_newton: bool,
@@ -58,7 +56,6 @@ def resolve_options(
         degree=default_degree if degree is None else degree,
         steps=default_steps if steps is None else steps,
         normalization=default_normalization if normalization is None else normalization,
-        eps=eps,
         backward_iters=backward_iters,
         backward_tol=backward_tol,
         backward_newton=backward_newton,
@@ -68,8 +65,6 @@ def resolve_options(
         check_positive_int(options.steps, "steps")
     check_choice(options.normalization, "normalization", NORMALIZATIONS)
     check_positive_int(backward_iters, "backward_iters", minimum=0)
-    if not eps >= 0.0:
-        raise ValueError(f"eps must be a float >= 0, got {eps!r}")
     if backward_tol is not None and not backward_tol > 0.0:
         raise ValueError(f"backward_tol must be None or a float > 0, got {backward_tol!r}")
     return options

@@ -23,10 +23,17 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def _normalised(A: torch.Tensor, options: RootOptions) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(Â, c)`` with ``Â = A / c + eps I`` and ``c ≈ λmax(A)``. Shapes ``(*, n, n)``, ``(*, 1, 1)``."""
+    """``(Â, c)`` with ``Â = A / c`` and ``c ≈ λmax(A)``. Shapes ``(*, n, n)``, ``(*, 1, 1)``."""
     scale = spectral_scale(A, options.normalization)
-    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
-    return A / scale + options.eps * eye, scale
+    return A / scale, scale
+
+
+def _with_ridge(A: torch.Tensor, eps: float) -> torch.Tensor:
+    """``A + eps (tr(A) / n) I``, differentiable, so every method gets the ridge's exact gradient."""
+    if eps == 0.0:
+        return A
+    mean_eigenvalue = A.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None]
+    return A + eps * mean_eigenvalue * torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
 
 
 def _series_forward(
@@ -65,7 +72,7 @@ class SeriesRoot(torch.autograd.Function):
         X = solve_lyapunov(
             S,
             G,
-            scale=(scale * (1.0 + options.eps)).sqrt(),
+            scale=scale.sqrt(),
             iters=options.backward_iters,
             tol=options.backward_tol,
             S_inverse=S_inverse if options.backward_newton else None,
@@ -86,23 +93,26 @@ def _root(
     inverse: bool,
     method: str,
     tol: float,
+    eps: float,
     check_input: bool,
     **settings,
 ) -> torch.Tensor:
+    check_choice(method, "method", METHODS)
+    if not tol > 0:
+        raise ValueError(f"tol must be a float > 0, got {tol!r}")
+    if not eps >= 0:
+        raise ValueError(f"eps must be a float >= 0, got {eps!r}")
     if check_input:
         check_square_batch(A)
-        check_choice(method, "method", METHODS)
-        if not tol > 0:
-            raise ValueError(f"tol must be a float > 0, got {tol!r}")
     work_dtype = torch.float32 if A.dtype in _LOW_PRECISION else A.dtype
     if method == "auto":
         method = choose_method(A.device, tol)
     options = resolve_options(method, **settings)
     with torch.autocast(device_type=A.device.type, enabled=False):
         A_work = A.to(work_dtype)
-        A_work = 0.5 * (A_work + A_work.mT)
+        A_work = _with_ridge(0.5 * (A_work + A_work.mT), eps)
         if options.method == "eigh":
-            out = eigh_root(A_work, inverse=inverse, eps=options.eps)
+            out = eigh_root(A_work, inverse=inverse)
         elif options.method == "ns":
             out = _newton_schulz(A_work, options, inverse)
         else:
@@ -127,14 +137,16 @@ _DOC = """{summary}
             5 (ns).
         normalization: how ``A`` is scaled first, ``"power"`` (default: power-iteration estimate of
             ``λmax``), ``"frobenius"`` (the paper's) or ``"trace"`` (iSQRT-COV's, the default of ns).
-        eps: relative ridge: the root of ``A + eps · c · I`` is returned, ``c ≈ λmax(A)``. Use it for
-            rank-deficient covariances (e.g. 1e-5); default 0.
+        eps: relative ridge: the root of ``A + eps · (tr(A) / n) · I`` is returned, with the exact
+            gradient of that regularised function. Use it for rank-deficient covariances (e.g. 1e-4, the
+            covariance heads' default); default 0.
         backward_iters: maximum Newton-Schulz iterations of the Lyapunov backward (mpa, mtp).
         backward_tol: stop the backward once the RMS entry of ``B² - I`` is below it (``None``: always
             ``backward_iters``, no host synchronisation).
         backward_newton: start the backward with one scaled Newton step that reuses the forward's
             inverse root (halves the iterations on ill-conditioned input).
-        check_input: validate ``A`` (shape, dtype, finiteness; one host sync). Turn off in hot loops.
+        check_input: validate ``A`` (type, shape, dtype, finiteness: one host sync). Turn off in hot
+            loops; the options are always validated.
 
     Returns:
         ``(*, n, n)`` tensor of ``A``'s dtype.
