@@ -1,6 +1,25 @@
 """covpool: second-order (covariance) layers for vision models, on a fast differentiable matrix root."""
 
+from covpool.layers import (
+    CovPoolHead,
+    SecondOrderTokenHead,
+    ZCABatchNorm1d,
+    ZCABatchNorm2d,
+    convert_zca_batchnorm,
+)
 from covpool.linalg import METHODS, PAPER_CONFIG, inv_sqrtm, sqrtm
+from covpool.models import attach_head  # registers the timm models
 
-__all__ = ["METHODS", "PAPER_CONFIG", "inv_sqrtm", "sqrtm"]
+__all__ = [
+    "CovPoolHead",
+    "METHODS",
+    "PAPER_CONFIG",
+    "SecondOrderTokenHead",
+    "ZCABatchNorm1d",
+    "ZCABatchNorm2d",
+    "attach_head",
+    "convert_zca_batchnorm",
+    "inv_sqrtm",
+    "sqrtm",
+]
 __version__ = "0.1.0"

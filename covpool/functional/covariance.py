@@ -1,0 +1,120 @@
+"""Sample covariance, upper-triangular vectorisation and square-root covariance pooling.
+
+The covariance is formed by centring the samples and one batched matrix product, ``X̄ᵀ X̄ / M``; the
+``M × M`` centring matrix ``I - 11ᵀ/M`` of the iSQRT-COV paper is never built (it costs ``O(M²)`` memory
+and an extra ``O(M² d)`` product for the same result).
+
+Upper-triangular vectorisation keeps the ``d (d + 1) / 2`` entries ``A_ij, i <= j`` in row-major order
+(the order of :func:`torch.triu_indices`) and multiplies the off-diagonal entries by ``√2`` by default.
+With that scaling the map is an isometry: ``‖triu(A)‖₂ = ‖A‖_F`` and ``⟨triu(A), triu(B)⟩ = ⟨A, B⟩_F``,
+so a linear classifier on the vector is exactly a Frobenius inner product with a symmetric weight matrix
+and each off-diagonal pair counts as much as it does in the matrix. iSQRT-COV takes the entries unscaled
+(``off_diagonal_scale=1.0`` reproduces that); before a linear layer the difference is a fixed rescaling of
+weights, which changes only initialisation and weight decay.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from covpool.linalg import sqrtm
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Working dtype for second-order statistics: float64 stays float64, everything else is float32."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def output_dtype(x: Tensor) -> torch.dtype:
+    """Dtype a second-order layer returns: the autocast dtype under autocast, else the input dtype."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def covariance(x: Tensor) -> Tensor:
+    """Biased sample covariance of the rows of ``x``, by centring and one batched matrix product.
+
+    Computed in float32 (float64 inputs stay float64) with autocast disabled, whatever the input dtype.
+
+    Args:
+        x: samples in rows, ``(*, M, d)``.
+
+    Returns:
+        ``(*, d, d)`` covariance ``(x - x̄)ᵀ (x - x̄) / M`` in the working dtype.
+
+    Shape:
+        - x: :math:`(*, M, d)`
+        - output: :math:`(*, d, d)`
+
+    Example:
+        >>> x = torch.randn(2, 50, 3, dtype=torch.float64)
+        >>> torch.allclose(covariance(x)[0], torch.cov(x[0].T, correction=0))
+        True
+    """
+    if x.ndim < 2:
+        raise ValueError(f"x must have shape (*, M, d), at least 2 dimensions, got shape {tuple(x.shape)}")
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        x = x.to(compute_dtype(x.dtype))
+        centred = x - x.mean(dim=-2, keepdim=True)
+        return centred.mT @ centred / x.shape[-2]
+
+
+def triu_vectorize(A: Tensor, *, off_diagonal_scale: float = math.sqrt(2.0)) -> Tensor:
+    """Upper triangle (diagonal included) of symmetric ``A`` as a vector, off-diagonals scaled.
+
+    The default ``√2`` makes the map an isometry, ``‖triu_vectorize(A)‖₂ = ‖A‖_F`` (see the module
+    docstring); ``off_diagonal_scale=1.0`` gives the plain entries as in iSQRT-COV.
+
+    Shape:
+        - A: :math:`(*, d, d)`
+        - output: :math:`(*, d (d + 1) / 2)`, entries in the order of ``torch.triu_indices(d, d)``
+
+    Example:
+        >>> A = torch.tensor([[1.0, 2.0], [2.0, 3.0]])
+        >>> triu_vectorize(A, off_diagonal_scale=1.0)
+        tensor([1., 2., 3.])
+    """
+    if A.ndim < 2 or A.shape[-1] != A.shape[-2]:
+        raise ValueError(f"A must have shape (*, d, d), got shape {tuple(A.shape)}")
+    d = A.shape[-1]
+    rows, cols = torch.triu_indices(d, d, device=A.device)
+    scale = torch.where(rows == cols, 1.0, off_diagonal_scale).to(A.dtype)
+    return A[..., rows, cols] * scale
+
+
+def sqrt_covariance_pool(
+    tokens: Tensor,
+    *,
+    method: str = "auto",
+    eps: float = 1e-4,
+    off_diagonal_scale: float = math.sqrt(2.0),
+) -> Tensor:
+    """Matrix-power-normalised covariance pooling (iSQRT-COV): ``triu(Σ^(1/2))`` of each sample's tokens.
+
+    The covariance and its root run in float32 (float64 stays float64) with autocast disabled; the
+    result is returned in the autocast dtype under autocast, else in the input dtype.
+
+    Args:
+        tokens: ``(N, M, d)`` features of ``M`` positions per sample.
+        method: root method passed to :func:`covpool.sqrtm`.
+        eps: *relative* ridge passed to :func:`covpool.sqrtm` (``Σ + eps (tr Σ / d) I``). When ``M <= d``
+            the covariance is singular (rank at most ``M - 1``) and the root's gradient grows like
+            ``1 / √λ`` at the zero eigenvalues; the ridge bounds it by ``1 / √(eps tr Σ / d)``.
+        off_diagonal_scale: see :func:`triu_vectorize`.
+
+    Shape:
+        - tokens: :math:`(N, M, d)`
+        - output: :math:`(N, d (d + 1) / 2)`
+
+    Example:
+        >>> sqrt_covariance_pool(torch.randn(4, 49, 8)).shape
+        torch.Size([4, 36])
+    """
+    if tokens.ndim != 3:
+        raise ValueError(f"tokens must have shape (N, M, d), got shape {tuple(tokens.shape)}")
+    root = sqrtm(covariance(tokens), method=method, eps=eps)
+    return triu_vectorize(root, off_diagonal_scale=off_diagonal_scale).to(output_dtype(tokens))

@@ -1,0 +1,14 @@
+"""Second-order layers: ZCA batch norm, covariance-pooling heads, and BatchNorm conversion."""
+
+from covpool.layers.convert import convert_zca_batchnorm
+from covpool.layers.covpool_head import CovPoolHead
+from covpool.layers.token_head import SecondOrderTokenHead
+from covpool.layers.zca_batchnorm import ZCABatchNorm1d, ZCABatchNorm2d
+
+__all__ = [
+    "CovPoolHead",
+    "SecondOrderTokenHead",
+    "ZCABatchNorm1d",
+    "ZCABatchNorm2d",
+    "convert_zca_batchnorm",
+]

@@ -1,0 +1,107 @@
+"""So-ViT classifier head: class token plus second-order pooling of the visual tokens.
+
+Xie, Zeng, Wang, Li, Zhang, "So-ViT: Mind Visual Tokens for Vision Transformer", 2021. The class token
+feeds one linear classifier; the visual tokens (those after the ``num_prefix_tokens`` class / register /
+distillation tokens) go through an optional linear reduction to ``d`` dimensions (64 by default, as in
+So-ViT), their ``d × d`` covariance, its square root (:func:`covpool.sqrtm`) and the upper-triangular
+vector, which feeds a second linear classifier; the logits are the sum of the two.
+
+Design: the two classifiers are one :class:`torch.nn.Linear` on the concatenation
+``[class token, triu vector]`` — a linear map of a concatenation is exactly the sum of two linear maps,
+with the two biases merged into one. So ``pre_logits=True`` returns that concatenation and
+``num_features = C + d (d + 1) / 2`` is well defined for timm. As in :class:`covpool.CovPoolHead`, the
+off-diagonal entries are scaled by ``√2``, a relative ridge ``eps`` guards singular covariances (fewer
+visual tokens than ``d``), and the covariance and root run in float32 under autocast.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from covpool.functional.covariance import sqrt_covariance_pool
+from covpool.layers.covpool_head import check_pool_type, make_classifier
+from covpool.linalg import METHODS
+from covpool.linalg.checks import check_choice, check_positive_int
+
+
+class SecondOrderTokenHead(nn.Module):
+    """So-ViT head: ``fc([class token, triu(Σ^(1/2) of the visual tokens)])``.
+
+    The class token is the first token (timm's order: class, then register or distillation tokens).
+
+    Args:
+        in_features: token width ``C``.
+        num_classes: classifier outputs; 0 for no classifier (``forward`` returns the features).
+        num_prefix_tokens: leading non-visual tokens, at least 1 (the class token).
+        reduction_dim: ``d`` of the linear reduction of the visual tokens; ``None`` for none (``d = C``).
+        method: algorithm of :func:`covpool.sqrtm`.
+        drop_rate: dropout on the concatenated features.
+        eps: relative ridge before the root (see :func:`covpool.functional.sqrt_covariance_pool`).
+
+    Attributes:
+        num_features: width of the pre-logits features, ``C + d (d + 1) / 2``.
+        in_features: ``C``.
+
+    Shape:
+        - input: :math:`(N, L, C)` with ``num_prefix_tokens`` leading prefix tokens
+        - output: :math:`(N, C + d (d + 1) / 2)` with ``pre_logits=True``,
+          else :math:`(N, \\text{num_classes})`
+
+    Example:
+        >>> head = SecondOrderTokenHead(32, 10, reduction_dim=8)
+        >>> tokens = torch.randn(2, 1 + 49, 32)
+        >>> head(tokens).shape, head(tokens, pre_logits=True).shape
+        (torch.Size([2, 10]), torch.Size([2, 68]))
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        *,
+        num_prefix_tokens: int = 1,
+        reduction_dim: int | None = 64,
+        method: str = "auto",
+        drop_rate: float = 0.0,
+        eps: float = 1e-4,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        check_positive_int(in_features, "in_features")
+        check_positive_int(num_prefix_tokens, "num_prefix_tokens")
+        check_choice(method, "method", METHODS)
+        if eps < 0:
+            raise ValueError(f"eps must be >= 0, got {eps}")
+        self._factory = {"device": device, "dtype": dtype}
+        self.in_features = in_features
+        self.num_prefix_tokens = num_prefix_tokens
+        self.method = method
+        self.eps = eps
+        if reduction_dim is None:
+            self.reduce = nn.Identity()
+            dim = in_features
+        else:
+            check_positive_int(reduction_dim, "reduction_dim")
+            self.reduce = nn.Linear(in_features, reduction_dim, bias=False, **self._factory)
+            dim = reduction_dim
+        self.num_features = in_features + dim * (dim + 1) // 2
+        self.drop = nn.Dropout(drop_rate)
+        self.fc = make_classifier(self.num_features, num_classes, self, self._factory)
+
+    def reset(self, num_classes: int, pool_type: str | None = None) -> None:
+        """Replace the classifier by a fresh one with ``num_classes`` outputs (0: identity)."""
+        check_pool_type(pool_type)
+        self.fc = make_classifier(self.num_features, num_classes, self, self._factory)
+
+    def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        if x.ndim != 3 or x.shape[2] != self.in_features or x.shape[1] <= self.num_prefix_tokens:
+            raise ValueError(
+                f"SecondOrderTokenHead expects tokens of shape (N, L, {self.in_features}) with "
+                f"L > num_prefix_tokens={self.num_prefix_tokens}, got shape {tuple(x.shape)}"
+            )
+        visual = self.reduce(x[:, self.num_prefix_tokens :])
+        pooled = sqrt_covariance_pool(visual, method=self.method, eps=self.eps)
+        features = self.drop(torch.cat([x[:, 0].to(pooled.dtype), pooled], dim=-1))
+        return features if pre_logits else self.fc(features)

@@ -1,0 +1,256 @@
+"""Tests of ZCABatchNorm1d/2d and convert_zca_batchnorm."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from einops import rearrange
+from torch import nn
+from torch.autograd import gradcheck
+
+from covpool import ZCABatchNorm1d, ZCABatchNorm2d, convert_zca_batchnorm
+from covpool.functional import covariance
+from covpool.testing import reference_root
+
+TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6}
+
+
+def _images(n=16, c=8, h=3, w=3, dtype=torch.float64, device="cpu") -> torch.Tensor:
+    """Images with correlated channels and nonzero channel means."""
+    mixing = torch.eye(c, dtype=torch.float64) + 0.4 * torch.randn(c, c, dtype=torch.float64)
+    rows = torch.randn(n * h * w, c, dtype=torch.float64) @ mixing + 3.0 * torch.randn(c, dtype=torch.float64)
+    return rearrange(rows, "(n h w) c -> n c h w", n=n, h=h).to(dtype=dtype, device=device)
+
+
+def _group_covariances(rows: torch.Tensor, group_size: int) -> torch.Tensor:
+    return covariance(rearrange(rows.double(), "m (G g) -> G m g", g=group_size))
+
+
+def _reference(x: torch.Tensor, mean: torch.Tensor, cov: torch.Tensor, group_size: int, eps: float):
+    """Whitening of NCHW ``x`` by ``(cov + eps I)^(-1/2)`` per group, float64 eigh reference."""
+    rows = rearrange(x.double(), "n c h w -> (n h w) c")
+    grouped = rearrange(rows - mean.double(), "m (G g) -> G m g", g=group_size)
+    eye = torch.eye(group_size, dtype=torch.float64, device=x.device)
+    out = grouped @ reference_root(cov.double() + eps * eye, inverse=True)
+    return rearrange(out, "G (n h w) g -> n (G g) h w", n=x.shape[0], h=x.shape[2])
+
+
+class TestTrainMode:
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+    @pytest.mark.parametrize("group_size", [4, 8])
+    def test_output_covariance_is_identity(self, dtype, group_size, device):
+        eps = 0.0 if dtype == torch.float64 else 1e-5
+        layer = ZCABatchNorm2d(8, group_size=group_size, eps=eps, method="eigh", device=device, dtype=dtype)
+        out = layer(_images(dtype=dtype, device=device))
+        assert out.dtype == dtype
+        covs = _group_covariances(rearrange(out, "n c h w -> (n h w) c"), group_size)
+        eye = torch.eye(group_size, dtype=torch.float64, device=device)
+        assert (covs - eye).abs().max() <= TOLERANCE[dtype]
+
+    def test_matches_reference_and_affine(self, device):
+        layer = ZCABatchNorm2d(8, group_size=4, eps=1e-3, method="eigh", device=device, dtype=torch.float64)
+        with torch.no_grad():
+            layer.weight.uniform_(0.5, 2.0)
+            layer.bias.normal_()
+        x = _images(device=device)
+        rows = rearrange(x, "n c h w -> (n h w) c")
+        whitened = _reference(x, rows.mean(0), _group_covariances(rows, 4), 4, 1e-3)
+        expected = whitened * layer.weight.view(1, -1, 1, 1) + layer.bias.view(1, -1, 1, 1)
+        assert torch.allclose(layer(x), expected, atol=1e-10)
+
+    @pytest.mark.parametrize("shape", [(64, 6), (8, 10, 6)])
+    def test_1d_layouts(self, shape, device):
+        layer = ZCABatchNorm1d(6, group_size=3, eps=0.0, method="eigh", device=device, dtype=torch.float64)
+        x = torch.randn(*shape, dtype=torch.float64, device=device) @ torch.randn(
+            6, 6, dtype=torch.float64, device=device
+        )
+        out = layer(x)
+        assert out.shape == x.shape
+        covs = _group_covariances(out.reshape(-1, 6), 3)
+        assert (covs - torch.eye(3, dtype=torch.float64, device=device)).abs().max() <= 1e-6
+
+    def test_gradcheck(self, device):
+        layer = ZCABatchNorm2d(4, group_size=2, eps=1e-3, method="eigh", device=device, dtype=torch.float64)
+        x = _images(n=3, c=4, h=2, w=2, device=device).requires_grad_()
+        assert gradcheck(layer, (x,))
+
+    def test_gradcheck_1d_sequence(self, device):
+        layer = ZCABatchNorm1d(4, group_size=4, eps=1e-3, method="eigh", device=device, dtype=torch.float64)
+        x = torch.randn(3, 4, 4, dtype=torch.float64, device=device).requires_grad_()
+        assert gradcheck(layer, (x,))
+
+    def test_autocast_bfloat16(self, device):
+        layer = ZCABatchNorm2d(8, group_size=4, device=device)
+        x = _images(dtype=torch.bfloat16, device=device)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            out = layer(x)
+        assert out.dtype == torch.bfloat16
+        expected = ZCABatchNorm2d(8, group_size=4, device=device)(x.float())
+        assert torch.allclose(out.float(), expected, atol=5e-2)
+
+
+class TestRunningStatistics:
+    def test_eval_uses_running_statistics(self, device):
+        layer = ZCABatchNorm2d(
+            8, group_size=4, eps=1e-3, momentum=0.5, method="eigh", device=device, dtype=torch.float64
+        )
+        batches = [_images(device=device) for _ in range(2)]
+        for x in batches:
+            train_out = layer(x)
+        rows = [rearrange(x, "n c h w -> (n h w) c") for x in batches]
+        m = rows[0].shape[0]
+        mean = 0.25 * rows[0].mean(0) + 0.5 * rows[1].mean(0)
+        cov = 0.25 * torch.eye(4, dtype=torch.float64, device=device) + sum(
+            w * _group_covariances(r, 4) * m / (m - 1) for w, r in zip((0.25, 0.5), rows, strict=True)
+        )
+        assert torch.allclose(layer.running_mean, mean, atol=1e-12)
+        assert torch.allclose(layer.running_cov, cov, atol=1e-12)
+        assert int(layer.num_batches_tracked) == 2
+        layer.eval()
+        eval_out = layer(batches[1])
+        assert torch.allclose(eval_out, _reference(batches[1], mean, cov, 4, 1e-3), atol=1e-10)
+        assert not torch.allclose(eval_out, train_out, atol=1e-2)
+
+    def test_cumulative_average_with_momentum_none(self, device):
+        layer = ZCABatchNorm1d(
+            4, group_size=2, momentum=None, method="eigh", device=device, dtype=torch.float64
+        )
+        batches = [torch.randn(20, 4, dtype=torch.float64, device=device) + i for i in range(3)]
+        for x in batches:
+            layer(x)
+        assert torch.allclose(layer.running_mean, torch.stack([x.mean(0) for x in batches]).mean(0))
+
+    def test_eval_cache_follows_statistics(self, device):
+        layer = ZCABatchNorm2d(
+            8, group_size=4, eps=0.0, momentum=1.0, method="eigh", device=device, dtype=torch.float64
+        )
+        x = _images(device=device)
+        assert torch.allclose(layer.eval()(x), x)  # initial statistics: zero mean, identity covariance
+        cached = layer._eval_cache[1]
+        layer(x)
+        assert layer._eval_cache[1] is cached  # unchanged statistics: whitening reused
+        with torch.no_grad():
+            layer.running_cov.mul_(4.0)  # in-place change: the cached whitening must not be reused
+        assert torch.allclose(layer(x), x / 2.0)
+        other = ZCABatchNorm2d(8, group_size=4, eps=0.0, method="eigh", device=device, dtype=torch.float64)
+        other(_images(device=device))
+        layer.load_state_dict(other.state_dict())
+        assert torch.allclose(layer(x), other.eval()(x))
+        layer.train()(x)  # momentum 1: the running statistics become those of x
+        rows = rearrange(x, "n c h w -> (n h w) c")
+        unbiased = _group_covariances(rows, 4) * rows.shape[0] / (rows.shape[0] - 1)
+        assert torch.allclose(layer.eval()(x), _reference(x, rows.mean(0), unbiased, 4, 0.0), atol=1e-10)
+        layer.reset_running_stats()
+        assert torch.allclose(layer(x), x)
+
+    def test_state_dict_round_trip(self, device):
+        layer = ZCABatchNorm2d(8, group_size=4, method="eigh", device=device, dtype=torch.float64)
+        with torch.no_grad():
+            layer.weight.uniform_(0.5, 2.0)
+        layer(_images(device=device))
+        state = layer.state_dict()
+        assert set(state) == {"weight", "bias", "running_mean", "running_cov", "num_batches_tracked"}
+        assert state["running_cov"].shape == (2, 4, 4)
+        clone = ZCABatchNorm2d(8, group_size=4, method="eigh", device=device, dtype=torch.float64)
+        clone.load_state_dict(state)
+        x = _images(device=device)
+        assert torch.equal(clone.eval()(x), layer.eval()(x))
+
+    def test_without_running_statistics(self, device):
+        layer = ZCABatchNorm2d(
+            8, group_size=4, track_running_stats=False, method="eigh", device=device, dtype=torch.float64
+        )
+        assert layer.running_mean is None and layer.running_cov is None
+        assert set(layer.state_dict()) == {"weight", "bias"}
+        x = _images(device=device)
+        assert torch.equal(layer.eval()(x), layer.train()(x))
+
+    def test_reset_running_stats(self, device):
+        layer = ZCABatchNorm2d(8, group_size=4, method="eigh", device=device)
+        layer(_images(dtype=torch.float32, device=device))
+        layer.reset_running_stats()
+        assert not layer.running_mean.any() and int(layer.num_batches_tracked) == 0
+        assert torch.equal(layer.running_cov, torch.eye(4, device=device).expand(2, 4, 4))
+
+
+class TestErrors:
+    def test_group_size_must_divide(self):
+        with pytest.raises(
+            ValueError,
+            match=r"group_size must divide num_features=12, got group_size=5.*"
+            r"divisors of 12: \[1, 2, 3, 4, 6, 12\]",
+        ):
+            ZCABatchNorm2d(12, group_size=5)
+
+    def test_wrong_channel_count(self):
+        with pytest.raises(ValueError, match=r"C=8 channels, got shape \(2, 6, 3, 3\)"):
+            ZCABatchNorm2d(8, group_size=4)(torch.randn(2, 6, 3, 3))
+        with pytest.raises(ValueError, match=r"C=8 channels, got shape \(2, 5, 6\)"):
+            ZCABatchNorm1d(8, group_size=4)(torch.randn(2, 5, 6))
+
+    def test_wrong_rank(self):
+        with pytest.raises(ValueError, match=r"\(N, C, H, W\), got \(8, 4\)"):
+            ZCABatchNorm2d(4, group_size=4)(torch.randn(8, 4))
+        with pytest.raises(ValueError, match=r"\(N, C\) or \(N, L, C\)"):
+            ZCABatchNorm1d(4, group_size=4)(torch.randn(2, 4, 3, 3))
+
+    def test_bad_method_and_single_sample(self):
+        with pytest.raises(ValueError, match="method must be one of"):
+            ZCABatchNorm2d(4, group_size=4, method="svd")
+        with pytest.raises(ValueError, match="more than 1 value per channel"):
+            ZCABatchNorm1d(4, group_size=4)(torch.randn(1, 4))
+
+
+class TestConvert:
+    @staticmethod
+    def _trained_net(device) -> nn.Sequential:
+        net = nn.Sequential(
+            nn.Conv2d(3, 12, 3),
+            nn.BatchNorm2d(12),
+            nn.ReLU(),
+            nn.Conv2d(12, 16, 1),
+            nn.BatchNorm2d(16),
+            nn.Flatten(),
+            nn.Linear(16 * 9, 6),
+            nn.BatchNorm1d(6),
+        )
+        net = net.to(device=device, dtype=torch.float64)
+        with torch.no_grad():
+            for _ in range(3):
+                net(torch.randn(8, 3, 5, 5, dtype=torch.float64, device=device))
+            for m in net.modules():
+                if isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d):
+                    m.weight.uniform_(0.5, 2.0)
+                    m.bias.normal_()
+        return net
+
+    def test_first(self, device):
+        net = convert_zca_batchnorm(self._trained_net(device))
+        assert isinstance(net[1], ZCABatchNorm2d) and type(net[4]) is nn.BatchNorm2d
+        assert net[1].group_size == 12  # 16 does not divide 12: largest divisor below it
+        assert net[1].running_cov.dtype == torch.float64
+
+    def test_all_matches_batchnorm_in_eval(self, device):
+        net = self._trained_net(device).eval()
+        x = torch.randn(4, 3, 5, 5, dtype=torch.float64, device=device)
+        expected = net(x)
+        net = convert_zca_batchnorm(net, layers="all", group_size=8)
+        assert [type(net[i]) for i in (1, 4, 7)] == [ZCABatchNorm2d, ZCABatchNorm2d, ZCABatchNorm1d]
+        assert [net[i].group_size for i in (1, 4, 7)] == [6, 8, 6]
+        assert not net[1].training
+        assert torch.allclose(net(x), expected, atol=1e-10)
+
+    def test_callable_and_kwargs(self, device):
+        net = convert_zca_batchnorm(
+            self._trained_net(device),
+            layers=lambda name, bn: bn.num_features == 16,
+            method="eigh",
+            momentum=0.3,
+        )
+        assert type(net[1]) is nn.BatchNorm2d and isinstance(net[4], ZCABatchNorm2d)
+        assert net[4].method == "eigh" and net[4].momentum == 0.3
+
+    def test_top_level_and_bad_selector(self):
+        assert isinstance(convert_zca_batchnorm(nn.BatchNorm2d(8), group_size=4), ZCABatchNorm2d)
+        with pytest.raises(ValueError, match="layers must be 'first', 'all' or a callable"):
+            convert_zca_batchnorm(nn.BatchNorm2d(8), layers="some")
