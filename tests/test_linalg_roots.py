@@ -316,7 +316,7 @@ class TestCuda:
     def test_float16_autocast(self):
         x = torch.randn(4, 128, 32, device="cuda")
         with torch.autocast("cuda", dtype=torch.float16):
-            cov = x.mT @ x / 128 + 0.1 * torch.eye(32, device="cuda")
+            cov = x.mT @ x / 128 + 0.1 * torch.eye(32, device="cuda", dtype=torch.float16)
             out = covpool.inv_sqrtm(cov, method="mpa")
         assert out.dtype == torch.float16
         reference = reference_root(cov.detach().double().cpu(), inverse=True)

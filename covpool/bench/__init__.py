@@ -1,0 +1,54 @@
+"""Benchmark of covpool's matrix roots and layers: ``python -m covpool.bench`` (``--help`` for the flags).
+
+What is measured
+    Matrix roots (default): every configuration of :data:`covpool.bench.configs.CONFIGS` (covpool's
+    methods and settings, and the peers ``eigh-autograd`` and ``torch.linalg.matrix_sqrth``) on batches
+    of ``random_spd(batch, n=n, condition=...)`` matrices (geometric spectrum from 1 to 1/condition),
+    for ``sqrtm`` and ``inv_sqrtm``. Layers (``--layers``): covpool's heads and ZCA batch norm at typical
+    sizes, each with several root methods.
+
+How to read the table (also ``roots.csv`` / ``roots.json`` / ``layers.csv`` / ``layers.json``)
+    forward_ms, forward_backward_ms
+        median wall time of a forward under ``no_grad``, and of a forward plus the backward of a fixed
+        random upstream gradient (CUDA synchronised). Compare within one device, dtype, n and batch.
+    saved_mib
+        MiB that autograd keeps between forward and backward (inputs and weights not counted). Methods
+        with their own backward (eigh, mpa, mtp, paper) keep one or two ``n × n`` matrices per sample;
+        ``ns`` keeps every intermediate of its iterations.
+    peak_mib
+        CUDA only: peak allocation of one forward+backward above what was allocated before it.
+    forward_error, gradient_error
+        largest relative Frobenius error over 8 matrices (``--error-batch``) against float64
+        eigendecomposition references (:mod:`covpool.testing`); the gradient is ``∂⟨G, A^(±1/2)⟩/∂A``.
+        They do not depend on the batch size.
+    note
+        why a cell has no numbers (out of memory, an unsupported dtype, ...).
+
+How to read the figures (``pareto_<device>_<dtype>_n<n>.png``)
+    One panel per function and batch size; each point is a configuration at its gradient error (x)
+    and forward+backward time (y), log-log: down and left is better. The dashed staircase joins the
+    Pareto front (red points): the configurations that no other is both faster and more accurate than.
+    Pick the fastest point left of the error your model tolerates; ``eigh`` shows what an exact
+    method reaches in the dtype.
+
+Cells run from small to large sizes; when ``--time-budget`` is spent no new cell starts and the
+cells left out are listed.
+"""
+
+from covpool.bench.configs import CONFIGS, RootConfig
+from covpool.bench.grid import Cell, plan_grid, run_grid
+from covpool.bench.layers import LAYER_CASES, LAYER_METHODS, run_layers
+from covpool.bench.timing import Measurement, measure
+
+__all__ = [
+    "CONFIGS",
+    "LAYER_CASES",
+    "LAYER_METHODS",
+    "Cell",
+    "Measurement",
+    "RootConfig",
+    "measure",
+    "plan_grid",
+    "run_grid",
+    "run_layers",
+]

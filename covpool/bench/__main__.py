@@ -1,0 +1,313 @@
+"""Command line of the benchmark: ``python -m covpool.bench [--quick | --layers] [options]``."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+import covpool
+import covpool.bench
+from covpool.bench.configs import CONFIGS
+from covpool.bench.grid import FUNCTIONS, Cell, describe_skipped, plan_grid, run_grid
+from covpool.bench.layers import LAYER_CASES, LAYER_METHODS, run_layers
+from covpool.bench.plot import plot_pareto
+from covpool.bench.report import format_table, write_csv, write_json
+
+FULL_SIZES = (32, 64, 128, 256, 512)
+FULL_BATCHES = (1, 16, 64, 256)
+QUICK_SIZES = (64, 128)
+QUICK_BATCHES = (64,)
+FULL_BUDGET_S = 3600.0
+QUICK_BUDGET_S = 180.0
+QUICK_REPEATS = 3
+FULL_REPEATS = 5
+DTYPES = ("float32", "float64", "float16", "bfloat16")
+
+ROOT_COLUMNS = (
+    "config",
+    "function",
+    "device",
+    "dtype",
+    "n",
+    "batch",
+    "forward_ms",
+    "forward_backward_ms",
+    "saved_mib",
+    "peak_mib",
+    "forward_error",
+    "gradient_error",
+    "note",
+)
+LAYER_COLUMNS = (
+    "layer",
+    "method",
+    "device",
+    "dtype",
+    "input",
+    "forward_ms",
+    "forward_backward_ms",
+    "saved_mib",
+    "peak_mib",
+    "note",
+)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
+
+
+def _device(text: str) -> str:
+    device = torch.device(text)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"device {text!r} requested but torch.cuda.is_available() is False")
+    return str(device)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m covpool.bench`` argument parser; its epilog is :mod:`covpool.bench`'s docstring."""
+    default_devices = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+    parser = argparse.ArgumentParser(
+        prog="python -m covpool.bench",
+        description="Time, memory and accuracy of covpool's matrix roots (default) or layers (--layers).",
+        epilog=covpool.bench.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    grid = parser.add_argument_group("matrix-root grid")
+    grid.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"small grid for a first look: --sizes {' '.join(map(str, QUICK_SIZES))} "
+        f"--batches {' '.join(map(str, QUICK_BATCHES))} --repeats {QUICK_REPEATS}, "
+        f"budget {QUICK_BUDGET_S:.0f} s (flags given explicitly win)",
+    )
+    grid.add_argument(
+        "--sizes",
+        type=_positive_int,
+        nargs="+",
+        metavar="N",
+        help=f"matrix sizes n (default {' '.join(map(str, FULL_SIZES))})",
+    )
+    grid.add_argument(
+        "--batches",
+        type=_positive_int,
+        nargs="+",
+        metavar="B",
+        help=f"batch sizes (default {' '.join(map(str, FULL_BATCHES))})",
+    )
+    grid.add_argument(
+        "--configs",
+        nargs="+",
+        choices=list(CONFIGS),
+        default=list(CONFIGS),
+        metavar="NAME",
+        help="configurations, by name (default all): " + ", ".join(CONFIGS),
+    )
+    grid.add_argument(
+        "--function",
+        choices=("sqrtm", "inv_sqrtm", "both"),
+        default="both",
+        help="which root to benchmark (default both)",
+    )
+    grid.add_argument(
+        "--condition", type=float, default=1e3, help="condition number of the random SPD inputs (default 1e3)"
+    )
+    grid.add_argument(
+        "--error-batch",
+        type=_positive_int,
+        default=8,
+        metavar="B",
+        help="matrices on which the errors are measured (default 8)",
+    )
+
+    layers = parser.add_argument_group("layers")
+    layers.add_argument(
+        "--layers", action="store_true", help="benchmark the layers instead of the matrix roots"
+    )
+    layers.add_argument(
+        "--layer-names",
+        nargs="+",
+        choices=list(LAYER_CASES),
+        default=list(LAYER_CASES),
+        metavar="NAME",
+        help="layers (default all): " + ", ".join(LAYER_CASES),
+    )
+    layers.add_argument(
+        "--layer-methods",
+        nargs="+",
+        choices=covpool.METHODS,
+        default=list(LAYER_METHODS),
+        metavar="METHOD",
+        help=f"root methods per layer (default {' '.join(LAYER_METHODS)})",
+    )
+
+    common = parser.add_argument_group("both parts")
+    common.add_argument(
+        "--devices",
+        type=_device,
+        nargs="+",
+        default=default_devices,
+        metavar="DEVICE",
+        help=f"devices, e.g. cpu cuda cuda:1 (default {' '.join(default_devices)})",
+    )
+    common.add_argument(
+        "--dtype",
+        nargs="+",
+        choices=DTYPES,
+        default=["float32"],
+        metavar="DTYPE",
+        help=f"dtypes, of {', '.join(DTYPES)} (default float32)",
+    )
+    common.add_argument(
+        "--repeats",
+        type=_positive_int,
+        help=f"timed runs, median reported (default {FULL_REPEATS}, {QUICK_REPEATS} with --quick)",
+    )
+    common.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
+    common.add_argument(
+        "--time-budget",
+        type=float,
+        metavar="SECONDS",
+        help=f"start no new cell after this many seconds (default {FULL_BUDGET_S:.0f}, "
+        f"{QUICK_BUDGET_S:.0f} with --quick)",
+    )
+    common.add_argument(
+        "--out",
+        type=Path,
+        default=Path("bench_results"),
+        metavar="DIR",
+        help="output folder for CSV, JSON and PNG (default bench_results/)",
+    )
+    common.add_argument("--seed", type=int, default=0, help="seed of the inputs and upstream gradients")
+    common.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def _environment() -> dict:
+    return {
+        "covpool": covpool.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "command": " ".join(sys.argv),
+    }
+
+
+def _settings(args: argparse.Namespace) -> dict:
+    return {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
+
+
+def _skipped_message(count: int, budget: float, details: str) -> str:
+    return f"time budget of {budget:g} s spent: {count} cell(s) not started:\n{details}"
+
+
+def run_roots(args: argparse.Namespace) -> None:
+    """The matrix-root grid: table on stdout, ``roots.csv``, ``roots.json``, ``pareto_*.png`` in ``--out``."""
+    functions = list(FUNCTIONS) if args.function == "both" else [args.function]
+    cells, unsupported = plan_grid(
+        configs=args.configs,
+        functions=functions,
+        devices=args.devices,
+        dtypes=args.dtype,
+        sizes=args.sizes,
+        batches=args.batches,
+    )
+    result = run_grid(
+        cells,
+        condition=args.condition,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        error_batch=args.error_batch,
+        time_budget=args.time_budget,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    write_csv(result.rows, args.out / "roots.csv")
+    write_json(
+        {
+            "environment": _environment(),
+            "settings": _settings(args),
+            "rows": result.rows,
+            "skipped": [cell.label() for cell in result.skipped],
+            "unsupported": [cell.label() for cell in unsupported],
+        },
+        args.out / "roots.json",
+    )
+    figures = plot_pareto(result.rows, args.out)
+    columns = [c for c in ROOT_COLUMNS if c != "peak_mib" or any(d.startswith("cuda") for d in args.devices)]
+    print(format_table(result.rows, columns))
+    _print_left_out(unsupported, result.skipped, args.time_budget)
+    print(
+        f"wrote {args.out / 'roots.csv'}, {args.out / 'roots.json'} and {len(figures)} figure(s): "
+        + ", ".join(path.name for path in figures)
+    )
+
+
+def _print_left_out(unsupported: Sequence[Cell], skipped: Sequence[Cell], budget: float) -> None:
+    if unsupported:
+        names = sorted({cell.config for cell in unsupported})
+        print(f"not run: {len(unsupported)} inv_sqrtm cell(s) of {', '.join(names)} (square root only)")
+    if skipped:
+        print(_skipped_message(len(skipped), budget, describe_skipped(skipped)))
+
+
+def run_layer_benchmark(args: argparse.Namespace) -> None:
+    """The layer benchmark: table on stdout, ``layers.csv`` and ``layers.json`` in ``--out``."""
+    rows, skipped = run_layers(
+        layers=args.layer_names,
+        methods=args.layer_methods,
+        devices=args.devices,
+        dtypes=args.dtype,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        time_budget=args.time_budget,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    write_csv(rows, args.out / "layers.csv")
+    write_json(
+        {
+            "environment": _environment(),
+            "settings": _settings(args),
+            "rows": rows,
+            "skipped": [cell.label() for cell in skipped],
+        },
+        args.out / "layers.json",
+    )
+    columns = [c for c in LAYER_COLUMNS if c != "peak_mib" or any(d.startswith("cuda") for d in args.devices)]
+    print(format_table(rows, columns))
+    if skipped:
+        details = "\n".join(f"  {cell.label()}" for cell in skipped)
+        print(_skipped_message(len(skipped), args.time_budget, details))
+    print(f"wrote {args.out / 'layers.csv'} and {args.out / 'layers.json'}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Parse ``argv`` and run the matrix-root grid, or the layer benchmark with ``--layers``."""
+    args = build_parser().parse_args(argv)
+    args.sizes = args.sizes or list(QUICK_SIZES if args.quick else FULL_SIZES)
+    args.batches = args.batches or list(QUICK_BATCHES if args.quick else FULL_BATCHES)
+    args.repeats = args.repeats or (QUICK_REPEATS if args.quick else FULL_REPEATS)
+    if args.time_budget is None:
+        args.time_budget = QUICK_BUDGET_S if args.quick else FULL_BUDGET_S
+    if not args.time_budget > 0 or math.isnan(args.time_budget):
+        raise SystemExit(f"--time-budget must be > 0 seconds, got {args.time_budget}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    (run_layer_benchmark if args.layers else run_roots)(args)
+    print(f"total wall time {time.perf_counter() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""Benchmark rows to CSV, JSON and an aligned text table."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def write_csv(rows: Sequence[dict], path: Path) -> None:
+    """All ``rows`` (dicts with the same keys) as CSV with a header; NaN is written as an empty field."""
+    if not rows:
+        path.write_text("")
+        return
+    with path.open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=list(rows[0]))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({key: "" if _is_nan(value) else value for key, value in row.items()})
+
+
+def write_json(payload: dict, path: Path) -> None:
+    """``payload`` as indented JSON; NaN and ±inf become ``null`` so that strict JSON readers accept it."""
+    path.write_text(json.dumps(_finite_or_none(payload), indent=2, allow_nan=False) + "\n")
+
+
+def format_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
+    """``columns`` of ``rows`` as a text table, numbers right-aligned, floats to 3 significant digits.
+
+    Example:
+        >>> print(format_table([{"config": "mpa", "forward_ms": 1.23456}], ["config", "forward_ms"]))
+        config  forward_ms
+        mpa           1.23
+    """
+    cells = [[_format(row.get(column)) for column in columns] for row in rows]
+    widths = [max([len(column)] + [len(line[i]) for line in cells]) for i, column in enumerate(columns)]
+    numeric = [
+        all(_is_number(row[column]) for row in rows if row.get(column) is not None) for column in columns
+    ]
+
+    def line(values: Sequence[str]) -> str:
+        parts = [
+            value.rjust(width) if right else value.ljust(width)
+            for value, width, right in zip(values, widths, numeric, strict=True)
+        ]
+        return "  ".join(parts).rstrip()
+
+    return "\n".join([line(columns)] + [line(values) for values in cells])
+
+
+def _is_nan(value: object) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _format(value: object) -> str:
+    if value is None or _is_nan(value):
+        return "-"
+    if isinstance(value, float):
+        if 1e-2 <= abs(value) < 1e6:  # 3 significant digits without an exponent: 0.0161, 7.64, 4990
+            return f"{value:.{max(0, 2 - math.floor(math.log10(abs(value))))}f}"
+        return f"{value:.3g}"
+    return str(value)
+
+
+def _finite_or_none(value: object) -> object:
+    if isinstance(value, dict):
+        return {key: _finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_none(item) for item in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
