@@ -321,3 +321,21 @@ class TestCuda:
         assert out.dtype == torch.float16
         reference = reference_root(cov.detach().double().cpu(), inverse=True)
         assert relative_error(out.double().cpu(), reference).max() < 1e-2
+
+
+class TestAutoRules:
+    @pytest.mark.parametrize(
+        ("device", "tol", "n", "matrices", "expected"),
+        [
+            ("cpu", 1e-3, 256, 64, "eigh"),
+            ("cuda", 1e-3, 32, 256, "eigh"),
+            ("cuda", 1e-3, 128, 1, "eigh"),
+            ("cuda", 1e-3, 512, 1, "mtp"),
+            ("cuda", 1e-3, 64, 16, "mtp"),
+            ("cuda", 1e-6, 256, 64, "eigh"),
+        ],
+    )
+    def test_measured_rules(self, device, tol, n, matrices, expected):
+        from covpool.linalg.auto import choose_method
+
+        assert choose_method(torch.device(device), tol, n, matrices) == expected

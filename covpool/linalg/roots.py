@@ -106,7 +106,7 @@ def _root(
         check_square_batch(A)
     work_dtype = torch.float32 if A.dtype in _LOW_PRECISION else A.dtype
     if method == "auto":
-        method = choose_method(A.device, tol)
+        method = choose_method(A.device, tol, A.shape[-1], A[..., 0, 0].numel())
     options = resolve_options(method, **settings)
     with torch.autocast(device_type=A.device.type, enabled=False):
         A_work = A.to(work_dtype)
