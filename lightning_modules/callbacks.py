@@ -1,0 +1,198 @@
+"""Callbacks: the spectrum of the covariances inside covpool layers, and a per-step training history.
+
+:class:`CovarianceSpectrumMonitor` watches the layers that form covariances — :class:`covpool.CovPoolHead`
+and :class:`covpool.SecondOrderTokenHead` (the covariance of the reduced features that is pooled) and
+:class:`covpool.ZCABatchNorm2d` / :class:`covpool.ZCABatchNorm1d` (the batch covariance of each whitening
+group). Every ``every_n_steps`` training steps it registers forward hooks, lets the training step run,
+logs the spectra and removes the hooks, so the other steps pay nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning as L
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from covpool import CovPoolHead, SecondOrderTokenHead, ZCABatchNorm1d, ZCABatchNorm2d
+from covpool.functional.covariance import covariance
+from covpool.functional.whitening import group_statistics, moments_from_statistics
+
+HEADS = (CovPoolHead, SecondOrderTokenHead)
+WHITENING = (ZCABatchNorm1d, ZCABatchNorm2d)
+
+
+def spectrum_statistics(cov: Tensor, *, rcond: float = 1e-12) -> dict[str, Tensor]:
+    """Condition number, eigenvalue range and effective rank of symmetric PSD matrices.
+
+    Eigenvalues come from :func:`torch.linalg.eigvalsh` in float64, negative round-off clamped to 0.
+    The effective rank is ``exp(H(p))`` with ``p = λ / Σλ`` and ``H`` the Shannon entropy (Roy & Vetterli,
+    2007): ``n`` for ``I_n``, 1 for a rank-one matrix. The condition number ``λmax / λmin`` uses
+    ``max(λmin, rcond λmax)`` so a singular matrix reports ``1 / rcond`` instead of infinity.
+    Condition number and effective rank are averaged over the batch; ``eig_min`` / ``eig_max`` are the
+    extremes over the batch.
+
+    Shape:
+        - cov: (*, n, n)
+        - output: dict of scalars ``condition_number``, ``eig_min``, ``eig_max``, ``effective_rank``
+
+    Example:
+        >>> stats = spectrum_statistics(torch.diag(torch.tensor([4.0, 1.0])))
+        >>> round(float(stats["condition_number"]), 6), round(float(stats["effective_rank"]), 4)
+        (4.0, 1.6494)
+    """
+    if cov.ndim < 2 or cov.shape[-1] != cov.shape[-2]:
+        raise ValueError(f"`cov` must have shape (*, n, n), got shape {tuple(cov.shape)}")
+    eig = torch.linalg.eigvalsh(cov.detach().to(torch.float64).reshape(-1, *cov.shape[-2:])).clamp_min(0)
+    lam_min, lam_max = eig[:, 0], eig[:, -1]
+    condition = lam_max / torch.maximum(lam_min, rcond * lam_max).clamp_min(torch.finfo(eig.dtype).tiny)
+    p = eig / eig.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(eig.dtype).tiny)
+    entropy = -torch.special.xlogy(p, p).sum(dim=-1)
+    return {
+        "condition_number": condition.mean(),
+        "eig_min": lam_min.min(),
+        "eig_max": lam_max.max(),
+        "effective_rank": entropy.exp().mean(),
+    }
+
+
+def pooled_covariance(features: Tensor) -> Tensor:
+    """Per-sample covariance of a head's reduced features, as the head pools it.
+
+    Shape:
+        - features: (N, d, H, W) maps or (N, L, d) tokens
+        - output: (N, d, d)
+    """
+    tokens = rearrange(features, "n d h w -> n (h w) d") if features.ndim == 4 else features
+    return covariance(tokens)
+
+
+def group_covariance(x: Tensor, group_size: int) -> Tensor:
+    """Batch covariance of each whitening group of a ZCA layer's input (over samples and positions).
+
+    Shape:
+        - x: (N, C, H, W), (N, L, C) or (N, C)
+        - output: (C / group_size, group_size, group_size)
+    """
+    if x.ndim == 4:
+        rows = rearrange(x, "n c h w -> (n h w) c")
+    elif x.ndim == 3:
+        rows = rearrange(x, "n l c -> (n l) c")
+    else:
+        rows = x
+    return moments_from_statistics(*group_statistics(rows, group_size))[1]
+
+
+class CovarianceSpectrumMonitor(L.Callback):
+    """Log the spectra of the covariances in covpool heads and ZCA layers every ``every_n_steps`` steps.
+
+    For each watched module (found by type, named as in ``model.named_modules()``), logs
+    ``spectrum/<name>/condition_number``, ``.../eig_min``, ``.../eig_max`` and ``.../effective_rank`` (see
+    :func:`spectrum_statistics`). Heads report the covariance of their reduced features (hook on
+    ``head.reduce``), ZCA layers the batch covariance of each channel group of their input (this rank's
+    batch under DDP). Hooks exist only during the measured training step.
+
+    Args:
+        every_n_steps: measure when ``trainer.global_step`` is a multiple of this.
+        heads: watch covariance-pooling heads.
+        whitening: watch ZCA whitening layers.
+
+    Example:
+        >>> monitor = CovarianceSpectrumMonitor(every_n_steps=50)
+        >>> trainer = L.Trainer(callbacks=[monitor])  # doctest: +SKIP
+    """
+
+    def __init__(self, every_n_steps: int = 50, *, heads: bool = True, whitening: bool = True) -> None:
+        super().__init__()
+        if every_n_steps < 1:
+            raise ValueError(f"`every_n_steps` must be >= 1, got {every_n_steps}")
+        self.every_n_steps = every_n_steps
+        self.heads = heads
+        self.whitening = whitening
+        self._handles: list[RemovableHandle] = []
+        self._covariances: dict[str, Tensor] = {}
+
+    def watched_modules(self, model: nn.Module) -> dict[str, nn.Module]:
+        """The modules this monitor measures, by name."""
+        types = (HEADS if self.heads else ()) + (WHITENING if self.whitening else ())
+        return {name: m for name, m in model.named_modules() if types and isinstance(m, types)}
+
+    def _register(self, name: str, module: nn.Module) -> RemovableHandle:
+        def store(covariance: Tensor) -> None:
+            self._covariances[name] = covariance.detach()
+
+        if isinstance(module, HEADS):
+            return module.reduce.register_forward_hook(lambda _m, _args, out: store(pooled_covariance(out)))
+        group_size = module.group_size
+        return module.register_forward_hook(
+            lambda _m, args, _out: store(group_covariance(args[0], group_size))
+        )
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step % self.every_n_steps == 0:
+            with torch.no_grad():
+                for name, module in self.watched_modules(pl_module).items():
+                    self._handles.append(self._register(name, module))
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._remove_hooks()
+        covariances, self._covariances = self._covariances, {}
+        for name, cov in covariances.items():
+            for key, value in spectrum_statistics(cov).items():
+                pl_module.log(f"spectrum/{name}/{key}", value.float(), on_step=True, on_epoch=False)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._remove_hooks()
+
+    def _remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+class TrainingHistory(L.Callback):
+    """Record the training loss and step time of every step, and validation metrics at each validation.
+
+    ``steps`` holds ``(global_step, loss)`` after each optimiser step, ``step_times`` the wall time of each
+    training batch (forward, backward and optimiser, without data loading), ``validations`` the
+    ``(global_step, {name: value})`` of every validation run outside the sanity check.
+
+    Example:
+        >>> history = TrainingHistory(monitor=("val/acc1",))
+        >>> trainer = L.Trainer(callbacks=[history])  # doctest: +SKIP
+    """
+
+    def __init__(self, monitor: tuple[str, ...] = ("val/loss", "val/acc1")) -> None:
+        super().__init__()
+        self.monitor = monitor
+        self.steps: list[tuple[int, float]] = []
+        self.step_times: list[float] = []
+        self.validations: list[tuple[int, dict[str, float]]] = []
+        self._start = 0.0
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self.step_times.append(time.perf_counter() - self._start)
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self.steps.append((trainer.global_step, float(loss)))
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        metrics = trainer.callback_metrics
+        values = {key: float(metrics[key]) for key in self.monitor if key in metrics}
+        self.validations.append((trainer.global_step, values))

@@ -1,0 +1,132 @@
+"""CovarianceSpectrumMonitor and TrainingHistory."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from covpool import CovPoolHead, ZCABatchNorm2d
+from covpool.functional.covariance import covariance
+from lightning_modules import CovPoolClassifier
+from lightning_modules.callbacks import (
+    CovarianceSpectrumMonitor,
+    TrainingHistory,
+    group_covariance,
+    spectrum_statistics,
+)
+
+
+class TestSpectrumStatistics:
+    def test_known_spectra(self):
+        eigenvalues = torch.tensor([[4.0, 2.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]], dtype=torch.float64)
+        rotation = torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64))[0]
+        cov = rotation @ torch.diag_embed(eigenvalues) @ rotation.T
+        stats = spectrum_statistics(cov)
+        p = eigenvalues[0] / eigenvalues[0].sum()
+        expected_rank = (math.exp(-(p * p.log()).sum()) + 4.0) / 2
+        assert float(stats["condition_number"]) == pytest.approx((4.0 + 1.0) / 2)
+        assert float(stats["eig_min"]) == pytest.approx(1.0) and float(stats["eig_max"]) == pytest.approx(4.0)
+        assert float(stats["effective_rank"]) == pytest.approx(expected_rank)
+
+    def test_singular_matrix(self):
+        v = torch.randn(5, 1, dtype=torch.float64)
+        stats = spectrum_statistics(v @ v.T)
+        assert float(stats["effective_rank"]) == pytest.approx(1.0)
+        assert float(stats["condition_number"]) == pytest.approx(1e12)
+        assert float(stats["eig_min"]) >= 0
+
+    def test_bad_shape(self):
+        with pytest.raises(ValueError, match="cov"):
+            spectrum_statistics(torch.ones(3, 4))
+
+    def test_group_covariance_matches_torch_cov(self):
+        x = torch.randn(6, 8, 3, 3, dtype=torch.float64)
+        rows = x.permute(0, 2, 3, 1).reshape(-1, 8)
+        expected = torch.stack([torch.cov(rows[:, g * 4 : (g + 1) * 4].T, correction=0) for g in range(2)])
+        assert torch.allclose(group_covariance(x, 4), expected)
+
+
+def tiny_loader(n=32, size=32) -> DataLoader:
+    generator = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(n, 3, size, size, generator=generator), torch.arange(n) % 4)
+    return DataLoader(data, batch_size=8)
+
+
+def test_monitor_logs_every_n_steps_and_removes_hooks(tmp_path):
+    torch.manual_seed(0)
+    clf = CovPoolClassifier(
+        "test_resnet",
+        num_classes=4,
+        head="isqrtcov",
+        head_kwargs={"reduction_dim": 6},
+        zca="first",
+        model_kwargs={"output_stride": 8},
+    )
+    head = next(m for m in clf.modules() if isinstance(m, CovPoolHead))
+    zca = next(m for m in clf.modules() if isinstance(m, ZCABatchNorm2d))
+    seen: dict[int, dict[str, float]] = {}
+
+    class Inspect(L.Callback):
+        """Runs after the monitor: records what it logged and checks its hooks are gone."""
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen[trainer.global_step - 1] = {
+                k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("spectrum/")
+            }
+            assert not head.reduce._forward_hooks and not zca._forward_hooks
+
+    monitor = CovarianceSpectrumMonitor(every_n_steps=2)
+    names = monitor.watched_modules(clf)
+    assert set(names.values()) == {head, zca}
+    head_name = next(n for n, m in names.items() if m is head)
+
+    # independent reference for step 0: the reduced features of the first batch
+    # (a train-mode forward: same batch statistics as the first training step)
+    first = next(iter(tiny_loader()))[0]
+    with torch.no_grad():
+        reduced = head.reduce(clf.model.forward_features(first))
+    expected = spectrum_statistics(covariance(reduced.flatten(2).transpose(1, 2)))
+
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=4,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[monitor, Inspect()],
+    )
+    trainer.fit(clf, train_dataloaders=tiny_loader())
+    assert sorted(seen) == [0, 1, 2, 3]
+    key = f"spectrum/{head_name}/effective_rank"
+    # logged on steps 0 and 2 only (callback_metrics keep the last value between measurements)
+    assert key in seen[0] and seen[1][key] == seen[0][key] and seen[2][key] != seen[0][key]
+    for stat in ("condition_number", "eig_min", "eig_max", "effective_rank"):
+        assert seen[0][f"spectrum/{head_name}/{stat}"] == pytest.approx(float(expected[stat]), rel=1e-4)
+    zca_ranks = [v for k, v in seen[0].items() if k.endswith("effective_rank") and k != key]
+    assert len(zca_ranks) == 1 and 1.0 <= zca_ranks[0] <= zca.group_size
+
+
+def test_training_history(tmp_path):
+    history = TrainingHistory(monitor=("val/acc1",))
+    clf = CovPoolClassifier("test_resnet", num_classes=4)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[history],
+    )
+    trainer.fit(clf, tiny_loader(16), tiny_loader(8))
+    assert [s for s, _ in history.steps] == [1, 2, 3, 4]
+    assert len(history.step_times) == 4 and all(t > 0 for t in history.step_times)
+    assert [s for s, _ in history.validations] == [2, 4]
+    assert all(0 <= v["val/acc1"] <= 1 for _, v in history.validations)
