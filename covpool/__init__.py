@@ -1,5 +1,6 @@
 """covpool: second-order (covariance) layers for vision models, on a fast differentiable matrix root."""
 
+from covpool import testing
 from covpool.layers import (
     CovPoolHead,
     SecondOrderTokenHead,
@@ -21,5 +22,6 @@ __all__ = [
     "convert_zca_batchnorm",
     "inv_sqrtm",
     "sqrtm",
+    "testing",
 ]
 __version__ = "0.1.0"

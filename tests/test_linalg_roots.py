@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import covpool
+from covpool.linalg.auto import choose_method
 from covpool.testing import random_covariance, random_spd, reference_gradient, reference_root, relative_error
 
 ROOTS = {"sqrtm": (covpool.sqrtm, False), "inv_sqrtm": (covpool.inv_sqrtm, True)}
@@ -49,6 +50,17 @@ class TestAccuracy:
         assert forward_error > 1e-2 and gradient_error > 1e-2
         default_out = fn(A64, method="mpa")
         assert relative_error(default_out, reference_root(A64, inverse=inverse)).max() < forward_error / 100
+
+    @pytest.mark.parametrize("name", ROOTS)
+    def test_power_normalisation_beats_frobenius(self, name):
+        fn, inverse = ROOTS[name]
+        A = random_spd(4, n=256, condition=1e3)
+        exact = reference_root(A, inverse=inverse)
+        errors = {
+            norm: relative_error(fn(A, method="mpa", steps=3, normalization=norm), exact).max()
+            for norm in ("power", "frobenius")
+        }
+        assert errors["power"] < errors["frobenius"] / 10
 
     @pytest.mark.parametrize("name", ROOTS)
     def test_more_steps_reach_float64_precision(self, name):
@@ -336,6 +348,4 @@ class TestAutoRules:
         ],
     )
     def test_measured_rules(self, device, tol, n, matrices, expected):
-        from covpool.linalg.auto import choose_method
-
         assert choose_method(torch.device(device), tol, n, matrices) == expected

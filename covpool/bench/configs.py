@@ -68,6 +68,11 @@ def _build_configs() -> dict[str, RootConfig]:
         RootConfig("mtp-d4s5", "covpool Taylor 4 x 5 steps", _covpool(method="mtp", degree=4, steps=5)),
         RootConfig("ns3", "covpool Newton-Schulz x 3 (iSQRT-COV), autograd", _covpool(method="ns", steps=3)),
         RootConfig("ns5", "covpool Newton-Schulz x 5 (iSQRT-COV), autograd", _covpool(method="ns", steps=5)),
+        RootConfig(
+            "ns16",
+            "covpool Newton-Schulz x 16, autograd: the fewest steps meeting 1e-3 at condition 1e3, n <= 256",
+            _covpool(method="ns", steps=16),
+        ),
         RootConfig("paper", "covpool.PAPER_CONFIG (Song et al. 2022)", _covpool(**covpool.PAPER_CONFIG)),
         RootConfig(
             "mpa-nonewton",

@@ -114,6 +114,7 @@ def measure(
     inputs, and a module's parameters) from its closure.
 
     Example:
+        >>> import torch, covpool
         >>> A = covpool.testing.random_spd(2, n=8, dtype=torch.float32).requires_grad_()
         >>> m = measure(lambda: covpool.sqrtm(A, method="eigh"), [A], device=A.device, repeats=2)
         >>> m.forward_ms > 0 and m.saved_bytes > 0

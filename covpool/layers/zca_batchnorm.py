@@ -24,8 +24,8 @@ Design choices:
   ``running_cov`` together with ``eps`` and ``method``, and is also dropped on ``train()``/``eval()``,
   ``load_state_dict`` and :meth:`reset_running_stats`. It is not part of the ``state_dict``.
 - **eps is absolute**, like BatchNorm's: ``Σ + eps I``. (The ``eps`` of :func:`covpool.inv_sqrtm` is
-  relative to the mean eigenvalue and is left at 0 here.) With fewer samples than ``g`` the batch covariance is
-  singular and ``eps`` is what keeps the whitening finite.
+  relative to the mean eigenvalue and is left at 0 here.) With fewer samples than ``g`` the batch
+  covariance is singular and ``eps`` is what keeps the whitening finite.
 - **Statistics in float64.** Each rank forms ``(count, Σx, Σxxᵀ)`` (about its local mean, then
   promoted, see :mod:`covpool.functional.whitening`); under ``torch.distributed`` they are summed over
   ``process_group`` with a differentiable all-reduce (any backend, gloo on CPU included, uneven batch

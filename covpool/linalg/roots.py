@@ -9,6 +9,8 @@ in :mod:`covpool.linalg.auto`.
 
 from __future__ import annotations
 
+from typing import TypedDict, Unpack
+
 import torch
 
 from covpool.linalg.auto import choose_method
@@ -87,15 +89,35 @@ def _newton_schulz(A: torch.Tensor, options: RootOptions, inverse: bool) -> torc
     return Z * scale.rsqrt() if inverse else Y * scale.sqrt()
 
 
+class RootOptionsKwargs(TypedDict, total=False):
+    """Keyword options of :func:`sqrtm` and :func:`inv_sqrtm` (documented there)."""
+
+    method: str
+    tol: float
+    degree: int | None
+    steps: int | None
+    normalization: str | None
+    eps: float
+    backward_iters: int
+    backward_tol: float | None
+    backward_newton: bool
+    check_input: bool
+
+
 def _root(
     A: torch.Tensor,
     *,
     inverse: bool,
-    method: str,
-    tol: float,
-    eps: float,
-    check_input: bool,
-    **settings,
+    method: str = "auto",
+    tol: float = 1e-3,
+    degree: int | None = None,
+    steps: int | None = None,
+    normalization: str | None = None,
+    eps: float = 0.0,
+    backward_iters: int = 20,
+    backward_tol: float | None = 1e-5,
+    backward_newton: bool = True,
+    check_input: bool = True,
 ) -> torch.Tensor:
     check_choice(method, "method", METHODS)
     if not tol > 0:
@@ -107,7 +129,15 @@ def _root(
     work_dtype = torch.float32 if A.dtype in _LOW_PRECISION else A.dtype
     if method == "auto":
         method = choose_method(A.device, tol, A.shape[-1], A[..., 0, 0].numel())
-    options = resolve_options(method, **settings)
+    options = resolve_options(
+        method,
+        degree=degree,
+        steps=steps,
+        normalization=normalization,
+        backward_iters=backward_iters,
+        backward_tol=backward_tol,
+        backward_newton=backward_newton,
+    )
     with torch.autocast(device_type=A.device.type, enabled=False):
         A_work = A.to(work_dtype)
         A_work = _with_ridge(0.5 * (A_work + A_work.mT), eps)
@@ -126,8 +156,10 @@ _DOC = """{summary}
         A: ``(*, n, n)`` symmetric positive {definite} matrices, any number of leading batch dimensions.
             Only the symmetric part ``(A + Aᵀ) / 2`` is used. float16/bfloat16 are computed in float32
             and returned in their own dtype; autocast is disabled inside.
-        method: ``"auto"`` (default) picks the fastest method that meets ``tol`` for the device, dtype and
-            size (rules in :mod:`covpool.linalg.auto`); ``"mpa"``: coupled Padé iteration with a Lyapunov
+
+    Keyword options (all optional):
+        method: ``"auto"`` (default) picks the fastest method that meets ``tol`` for the device, size and
+            batch (rules in :mod:`covpool.linalg.auto`); ``"mpa"``: coupled Padé iteration with a Lyapunov
             backward; ``"mtp"``: coupled Taylor iteration with a Lyapunov backward; ``"ns"``: iSQRT-COV's
             Newton-Schulz with autograd; ``"eigh"``: exact eigendecomposition, Daleckii-Krein backward.
         tol: relative error that ``"auto"`` must meet (default 1e-3).
@@ -140,13 +172,13 @@ _DOC = """{summary}
         eps: relative ridge: the root of ``A + eps · (tr(A) / n) · I`` is returned, with the exact
             gradient of that regularised function. Use it for rank-deficient covariances (e.g. 1e-4, the
             covariance heads' default); default 0.
-        backward_iters: maximum Newton-Schulz iterations of the Lyapunov backward (mpa, mtp).
-        backward_tol: stop the backward once the RMS entry of ``B² - I`` is below it (``None``: always
-            ``backward_iters``, no host synchronisation).
+        backward_iters: maximum Newton-Schulz iterations of the Lyapunov backward (mpa, mtp); default 20.
+        backward_tol: stop the backward once the RMS entry of ``B² - I`` is below it (default 1e-5;
+            ``None``: always ``backward_iters``, no host synchronisation).
         backward_newton: start the backward with one scaled Newton step that reuses the forward's
-            inverse root (halves the iterations on ill-conditioned input).
-        check_input: validate ``A`` (type, shape, dtype, finiteness: one host sync). Turn off in hot
-            loops; the options are always validated.
+            inverse root (default True; halves the iterations on ill-conditioned input).
+        check_input: validate ``A`` (type, shape, dtype, finiteness: one host sync; default True). Turn
+            off in hot loops; the options are always validated.
 
     Returns:
         ``(*, n, n)`` tensor of ``A``'s dtype.
@@ -154,70 +186,19 @@ _DOC = """{summary}
     The paper's configuration is ``{name}(A, **covpool.PAPER_CONFIG)``.
 
     Example:
+        >>> import torch, covpool
         >>> A = covpool.testing.random_spd(4, n=8, dtype=torch.float32)
         >>> {name}(A, method="mpa").shape
         torch.Size([4, 8, 8])
     """
 
 
-def sqrtm(
-    A: torch.Tensor,
-    *,
-    method: str = "auto",
-    tol: float = 1e-3,
-    degree: int | None = None,
-    steps: int | None = None,
-    normalization: str | None = None,
-    eps: float = 0.0,
-    backward_iters: int = 20,
-    backward_tol: float | None = 1e-5,
-    backward_newton: bool = True,
-    check_input: bool = True,
-) -> torch.Tensor:
-    return _root(
-        A,
-        inverse=False,
-        method=method,
-        tol=tol,
-        check_input=check_input,
-        degree=degree,
-        steps=steps,
-        normalization=normalization,
-        eps=eps,
-        backward_iters=backward_iters,
-        backward_tol=backward_tol,
-        backward_newton=backward_newton,
-    )
+def sqrtm(A: torch.Tensor, **options: Unpack[RootOptionsKwargs]) -> torch.Tensor:
+    return _root(A, inverse=False, **options)
 
 
-def inv_sqrtm(
-    A: torch.Tensor,
-    *,
-    method: str = "auto",
-    tol: float = 1e-3,
-    degree: int | None = None,
-    steps: int | None = None,
-    normalization: str | None = None,
-    eps: float = 0.0,
-    backward_iters: int = 20,
-    backward_tol: float | None = 1e-5,
-    backward_newton: bool = True,
-    check_input: bool = True,
-) -> torch.Tensor:
-    return _root(
-        A,
-        inverse=True,
-        method=method,
-        tol=tol,
-        check_input=check_input,
-        degree=degree,
-        steps=steps,
-        normalization=normalization,
-        eps=eps,
-        backward_iters=backward_iters,
-        backward_tol=backward_tol,
-        backward_newton=backward_newton,
-    )
+def inv_sqrtm(A: torch.Tensor, **options: Unpack[RootOptionsKwargs]) -> torch.Tensor:
+    return _root(A, inverse=True, **options)
 
 
 sqrtm.__doc__ = _DOC.format(
