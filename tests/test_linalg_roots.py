@@ -219,10 +219,28 @@ class TestShapesAndDtypes:
             torch.set_num_threads(threads)
         assert relative_error(out, reference_root(A64, inverse=True)).max() < 1e-3
 
-    def test_torch_compile(self):
-        A = random_spd(2, n=8, condition=10, dtype=torch.float32)
-        compiled = torch.compile(lambda a: covpool.sqrtm(a, method="mtp", check_input=False), backend="eager")
-        torch.testing.assert_close(compiled(A), covpool.sqrtm(A, method="mtp"))
+    @pytest.mark.parametrize("method", ["mpa", "mtp", "ns", "eigh"])
+    def test_torch_compile_captures_one_graph(self, method):
+        A = random_spd(2, n=8, condition=10, dtype=torch.float32).requires_grad_(True)
+
+        def root(a):
+            return covpool.inv_sqrtm(a, method=method, check_input=False, backward_tol=None)
+
+        compiled = torch.compile(root, backend="eager", fullgraph=True)
+        out = compiled(A)
+        (grad,) = torch.autograd.grad(out.sum(), A)
+        (expected_grad,) = torch.autograd.grad(root(A).sum(), A)
+        torch.testing.assert_close(out, root(A))
+        torch.testing.assert_close(grad, expected_grad)
+
+    @pytest.mark.slow
+    def test_torch_compile_inductor(self):
+        A = random_spd(2, n=8, condition=10, dtype=torch.float32).requires_grad_(True)
+        compiled = torch.compile(lambda a: covpool.sqrtm(a, method="mtp", check_input=False, backward_tol=None))
+        out = compiled(A)
+        out.sum().backward()
+        torch.testing.assert_close(out, covpool.sqrtm(A, method="mtp"), rtol=1e-5, atol=1e-6)
+        assert torch.isfinite(A.grad).all()
 
 
 class TestDegenerateInput:

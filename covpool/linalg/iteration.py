@@ -31,8 +31,17 @@ _INVERSE_ROOT = Fraction(-1, 2)
 _ROOT = Fraction(1, 2)
 
 
-def _floats(coefficients: tuple[Fraction, ...]) -> list[float]:
-    return [float(c) for c in coefficients]
+@torch.compiler.assume_constant_result
+def _series_floats(series: str, degree: int, exponent: Fraction) -> tuple[tuple[float, ...], ...]:
+    """Float coefficients of the series: ``(taylor,)`` or ``(numerator, denominator)``.
+
+    Marked constant so that ``torch.compile`` evaluates it once instead of tracing rational arithmetic.
+    """
+    if series == "taylor":
+        tables = (taylor_coefficients(exponent, degree),)
+    else:
+        tables = pade_coefficients(exponent, degree, degree)
+    return tuple(tuple(float(c) for c in table) for table in tables)
 
 
 def _spd_solve(denominator: torch.Tensor, numerator: torch.Tensor, check: bool) -> torch.Tensor:
@@ -48,11 +57,10 @@ def _spd_solve(denominator: torch.Tensor, numerator: torch.Tensor, check: bool) 
 
 def _apply_series(W: torch.Tensor, series: str, degree: int, exponent: Fraction, check: bool) -> torch.Tensor:
     """``r(W) ≈ (I - W)^exponent`` by the Taylor polynomial or the diagonal Padé approximant of ``degree``."""
+    polynomials = matrix_polynomials(W, _series_floats(series, degree, exponent))
     if series == "taylor":
-        (value,) = matrix_polynomials(W, [_floats(taylor_coefficients(exponent, degree))])
-        return value
-    numerator, denominator = pade_coefficients(exponent, degree, degree)
-    P, Q = matrix_polynomials(W, [_floats(numerator), _floats(denominator)])
+        return polynomials[0]
+    P, Q = polynomials
     return _spd_solve(Q, P, check)
 
 

@@ -39,15 +39,17 @@ def _with_ridge(A: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def _series_forward(
-    A: torch.Tensor, options: RootOptions, inverse: bool
+    A: torch.Tensor, options: RootOptions, inverse: bool, check: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """``(S, S⁻¹ or None, c)`` by the series method in ``options``; ``S⁻¹`` is None only for a direct sqrt."""
     A_hat, scale = _normalised(A, options)
     if options.steps == 1:
-        root = direct_root(A_hat, series=options.series, degree=options.degree, inverse=inverse)
+        root = direct_root(A_hat, series=options.series, degree=options.degree, inverse=inverse, check=check)
         Y, Z = (A_hat @ root, root) if inverse else (root, None)
     else:
-        Y, Z = coupled_root(A_hat, series=options.series, degree=options.degree, steps=options.steps)
+        Y, Z = coupled_root(
+            A_hat, series=options.series, degree=options.degree, steps=options.steps, check=check
+        )
     root_scale = scale.sqrt()
     return Y * root_scale, None if Z is None else Z / root_scale, scale
 
@@ -56,8 +58,8 @@ class SeriesRoot(torch.autograd.Function):
     """``A^(±1/2)`` by MPA/MTP in the forward and the Lyapunov equation in the backward."""
 
     @staticmethod
-    def forward(ctx, A: torch.Tensor, inverse: bool, options: RootOptions) -> torch.Tensor:  # noqa: D102
-        S, S_inverse, scale = _series_forward(A, options, inverse)
+    def forward(ctx, A: torch.Tensor, inverse: bool, options: RootOptions, check: bool) -> torch.Tensor:  # noqa: D102
+        S, S_inverse, scale = _series_forward(A, options, inverse, check)
         ctx.save_for_backward(S, S_inverse, scale)
         ctx.inverse = inverse
         ctx.options = options
@@ -79,7 +81,7 @@ class SeriesRoot(torch.autograd.Function):
             tol=options.backward_tol,
             S_inverse=S_inverse if options.backward_newton else None,
         )
-        return X, None, None
+        return X, None, None, None
 
 
 def _newton_schulz(A: torch.Tensor, options: RootOptions, inverse: bool) -> torch.Tensor:
@@ -146,7 +148,7 @@ def _root(
         elif options.method == "ns":
             out = _newton_schulz(A_work, options, inverse)
         else:
-            out = SeriesRoot.apply(A_work, inverse, options)
+            out = SeriesRoot.apply(A_work, inverse, options, check_input)
     return out.to(A.dtype)
 
 
@@ -177,8 +179,9 @@ _DOC = """{summary}
             ``None``: always ``backward_iters``, no host synchronisation).
         backward_newton: start the backward with one scaled Newton step that reuses the forward's
             inverse root (default True; halves the iterations on ill-conditioned input).
-        check_input: validate ``A`` (type, shape, dtype, finiteness: one host sync; default True). Turn
-            off in hot loops; the options are always validated.
+        check_input: validate ``A`` (type, shape, dtype, finiteness) and that the Padé denominators stay
+            positive definite (host syncs; default True). Turn off in hot loops and under
+            ``torch.compile``; the options are always validated.
 
     Returns:
         ``(*, n, n)`` tensor of ``A``'s dtype.
