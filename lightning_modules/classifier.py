@@ -14,7 +14,6 @@ from functools import partial
 from typing import Any, Literal
 
 import lightning as L
-import timm
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -23,6 +22,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from covpool import CovPoolHead, SecondOrderTokenHead, attach_head, convert_zca_batchnorm
+from covpool.models import create_timm_model
 
 STAGES = ("train", "val", "test")
 
@@ -51,7 +51,7 @@ def build_model(
     if zca not in (None, "first", "all"):
         raise ValueError(f"`zca` must be None, 'first' or 'all', got {zca!r}")
     if isinstance(model, str):
-        net = timm.create_model(
+        net = create_timm_model(
             model,
             pretrained=pretrained,
             num_classes=num_classes,

@@ -185,6 +185,34 @@ class TestPretrained:
         assert isinstance(error, RuntimeError)
         assert "pretrained_cfg_overlay=dict(file=" in str(error) and name in str(error)
 
+    @pytest.mark.parametrize("name", ["resnet18", "vit_tiny_patch16_224"])
+    def test_unreachable_hub_fails_at_once(self, name: str, monkeypatch) -> None:
+        attempts = []
+
+        def refuse(address, timeout):
+            attempts.append(address)
+            raise OSError("network unreachable")
+
+        monkeypatch.setattr("covpool.models.pretrained.socket.create_connection", refuse)
+        monkeypatch.setattr("covpool.models.pretrained.try_to_load_from_cache", lambda *args: None)
+        error = run_with_timeout(
+            lambda: covpool.attach_head(name, num_classes=3, model_kwargs={"pretrained": True}), timeout=10.0
+        )
+        assert isinstance(error, RuntimeError) and attempts
+        assert f"weights of {name!r}" in str(error) and "pretrained_cfg_overlay=dict(file=" in str(error)
+
+    def test_local_file_needs_no_network(self, tmp_path, monkeypatch) -> None:
+        path = tmp_path / "resnet18.pth"
+        torch.save(timm.create_model("resnet18", num_classes=3).state_dict(), path)
+        monkeypatch.setattr(
+            "covpool.models.pretrained.socket.create_connection",
+            lambda *args, **kwargs: pytest.fail("no connection may be tried for a local file"),
+        )
+        model = covpool.models.create_timm_model(
+            "resnet18", pretrained=True, num_classes=3, pretrained_cfg_overlay={"file": str(path)}
+        )
+        torch.testing.assert_close(model.conv1.weight, torch.load(path)["conv1.weight"])
+
 
 class TestAttachHead:
     def test_resnet_weights_kept(self) -> None:

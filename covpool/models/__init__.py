@@ -6,6 +6,7 @@ Registered: ``resnet{18,34,50,101}_isqrtcov`` (iSQRT-COV ResNets) and
 
 from covpool.models.attach import HEADS, CovPooledModel, attach_head
 from covpool.models.isqrtcov_resnet import IsqrtCovResNet
+from covpool.models.pretrained import create_timm_model
 from covpool.models.sovit import SoViT
 
-__all__ = ["HEADS", "CovPooledModel", "IsqrtCovResNet", "SoViT", "attach_head"]
+__all__ = ["HEADS", "CovPooledModel", "IsqrtCovResNet", "SoViT", "attach_head", "create_timm_model"]

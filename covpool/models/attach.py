@@ -16,12 +16,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import timm
 import torch
 from torch import nn
 
 from covpool.layers import CovPoolHead, SecondOrderTokenHead
 from covpool.models.isqrtcov_resnet import IsqrtCovResNet
+from covpool.models.pretrained import create_timm_model
 from covpool.models.sovit import SoViT
 
 __all__ = ["HEADS", "CovPooledModel", "attach_head"]
@@ -140,7 +140,7 @@ def attach_head(
     if head not in HEADS:
         raise ValueError(f"head must be one of {HEADS}, got {head!r}")
     if isinstance(model_or_name, str):
-        model = timm.create_model(model_or_name, **(model_kwargs or {}))
+        model = create_timm_model(model_or_name, **(model_kwargs or {}))
     elif isinstance(model_or_name, nn.Module):
         if model_kwargs:
             raise ValueError("model_kwargs is only used with a model name, but a model instance was given")

@@ -19,13 +19,21 @@ Loading rules (applied by :func:`backbone_filter_fn`, which timm calls on the ch
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlparse
 
+import timm
 import torch
+from huggingface_hub import try_to_load_from_cache
 from torch import nn
 
-__all__ = ["backbone_filter_fn", "require_weight_source"]
+__all__ = ["backbone_filter_fn", "create_timm_model", "require_weight_source"]
+
+_HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+_CONNECT_TIMEOUT_S = 3.0
 
 _SOURCE_KEYS = ("file", "state_dict", "url", "hf_hub_id")
 
@@ -118,3 +126,45 @@ def backbone_filter_fn(
 def _preview(names: list[str], limit: int = 8) -> str:
     shown = ", ".join(names[:limit])
     return f"[{shown}{', ...' if len(names) > limit else ''}] ({len(names)})"
+
+
+def _download_host(name: str, overlay: Mapping[str, Any]) -> str | None:
+    """Host ``timm.create_model(name, pretrained=True)`` would download from; None if nothing to fetch."""
+    if overlay.get("file") or overlay.get("state_dict"):
+        return None
+    cfg = timm.models.get_pretrained_cfg(name, allow_unregistered=True)
+    hub_id = overlay.get("hf_hub_id") or (cfg.hf_hub_id if cfg is not None else None)
+    url = overlay.get("url") or (cfg.url if cfg is not None else None)
+    if hub_id:
+        if any(isinstance(try_to_load_from_cache(hub_id, f), str) for f in _HUB_WEIGHT_FILES):
+            return None
+        return urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    if url:
+        cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(url).path))
+        return None if os.path.exists(cached) else urlparse(url).hostname
+    return None
+
+
+def create_timm_model(name: str, **kwargs: Any) -> nn.Module:
+    """``timm.create_model(name, **kwargs)``, failing at once when pretrained weights cannot be fetched.
+
+    timm retries an unreachable hub for about a minute before it gives up; this checks first (weights in
+    the local caches, else one connection with a 3 s timeout) and raises a ``RuntimeError`` that says
+    how to load the weights from a local file instead.
+
+    Example:
+        >>> create_timm_model("resnet18", num_classes=10).num_classes
+        10
+    """
+    if kwargs.get("pretrained"):
+        host = _download_host(name, kwargs.get("pretrained_cfg_overlay") or {})
+        if host is not None:
+            try:
+                socket.create_connection((host, 443), timeout=_CONNECT_TIMEOUT_S).close()
+            except OSError as error:
+                raise RuntimeError(
+                    f"pretrained=True needs the weights of {name!r} from {host}, which cannot be reached "
+                    f"from this machine ({error}). Save them where there is a network and pass "
+                    f"pretrained_cfg_overlay=dict(file='path/to/weights.pth'), or use pretrained=False."
+                ) from error
+    return timm.create_model(name, **kwargs)
