@@ -236,7 +236,9 @@ class TestShapesAndDtypes:
     @pytest.mark.slow
     def test_torch_compile_inductor(self):
         A = random_spd(2, n=8, condition=10, dtype=torch.float32).requires_grad_(True)
-        compiled = torch.compile(lambda a: covpool.sqrtm(a, method="mtp", check_input=False, backward_tol=None))
+        compiled = torch.compile(
+            lambda a: covpool.sqrtm(a, method="mtp", check_input=False, backward_tol=None)
+        )
         out = compiled(A)
         out.sum().backward()
         torch.testing.assert_close(out, covpool.sqrtm(A, method="mtp"), rtol=1e-5, atol=1e-6)

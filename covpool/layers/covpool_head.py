@@ -26,39 +26,13 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from covpool.functional.covariance import sqrt_covariance_pool
-from covpool.linalg import METHODS
-from covpool.linalg.checks import check_choice, check_positive_int
+from covpool.layers.head_base import CovarianceHead
+from covpool.linalg.checks import check_choice
 
 INPUT_FORMATS = ("NCHW", "NLC")
 
 
-def make_classifier(
-    num_features: int, num_classes: int, like: nn.Module, factory: dict
-) -> nn.Linear | nn.Identity:
-    """Linear classifier, or :class:`torch.nn.Identity` for ``num_classes=0`` (as in timm).
-
-    The classifier is created on the device and dtype of ``like``'s parameters when it has any, so that
-    ``reset`` after ``.to(...)`` lands next to the rest of the head; else with ``factory``.
-    """
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
-        raise ValueError(f"num_classes must be an integer >= 0, got {num_classes!r}")
-    if num_classes == 0:
-        return nn.Identity()
-    reference = next(like.parameters(), None)
-    if reference is not None:
-        factory = {"device": reference.device, "dtype": reference.dtype}
-    return nn.Linear(num_features, num_classes, **factory)
-
-
-def check_pool_type(pool_type: str | None) -> None:
-    """``reset`` accepts ``pool_type=None`` only: the pooling of a covariance head is fixed."""
-    if pool_type is not None:
-        raise ValueError(
-            f"pool_type must be None for a covariance-pooling head (its pooling is fixed), got {pool_type!r}"
-        )
-
-
-class CovPoolHead(nn.Module):
+class CovPoolHead(CovarianceHead):
     """iSQRT-COV head: reduction, covariance, matrix square root, triu vector, classifier.
 
     Args:
@@ -99,36 +73,18 @@ class CovPoolHead(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        check_positive_int(in_features, "in_features")
-        check_choice(method, "method", METHODS)
+        super().__init__(in_features, method=method, eps=eps, device=device, dtype=dtype)
         check_choice(input_format, "input_format", INPUT_FORMATS)
-        if eps < 0:
-            raise ValueError(f"eps must be >= 0, got {eps}")
-        self._factory = {"device": device, "dtype": dtype}
-        self.in_features = in_features
         self.input_format = input_format
-        self.method = method
-        self.eps = eps
-        if reduction_dim is None:
-            self.reduce = nn.Identity()
-            dim = in_features
-        else:
-            check_positive_int(reduction_dim, "reduction_dim")
-            self.reduce = nn.Sequential(
-                nn.Conv2d(in_features, reduction_dim, kernel_size=1, bias=False, **self._factory),
-                nn.BatchNorm2d(reduction_dim, **self._factory),
+        dim = self._build_reduction(
+            reduction_dim,
+            lambda d: nn.Sequential(
+                nn.Conv2d(in_features, d, kernel_size=1, bias=False, **self._factory),
+                nn.BatchNorm2d(d, **self._factory),
                 nn.ReLU(inplace=True),
-            )
-            dim = reduction_dim
-        self.num_features = dim * (dim + 1) // 2
-        self.drop = nn.Dropout(drop_rate)
-        self.fc = make_classifier(self.num_features, num_classes, self, self._factory)
-
-    def reset(self, num_classes: int, pool_type: str | None = None) -> None:
-        """Replace the classifier by a fresh one with ``num_classes`` outputs (0: identity)."""
-        check_pool_type(pool_type)
-        self.fc = make_classifier(self.num_features, num_classes, self, self._factory)
+            ),
+        )
+        self._build_classifier(dim * (dim + 1) // 2, num_classes, drop_rate)
 
     def _feature_map(self, x: Tensor) -> Tensor:
         if self.input_format == "NCHW":

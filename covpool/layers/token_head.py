@@ -20,12 +20,11 @@ import torch
 from torch import Tensor, nn
 
 from covpool.functional.covariance import sqrt_covariance_pool
-from covpool.layers.covpool_head import check_pool_type, make_classifier
-from covpool.linalg import METHODS
-from covpool.linalg.checks import check_choice, check_positive_int
+from covpool.layers.head_base import CovarianceHead
+from covpool.linalg.checks import check_positive_int
 
 
-class SecondOrderTokenHead(nn.Module):
+class SecondOrderTokenHead(CovarianceHead):
     """So-ViT head: ``fc([class token, triu(Σ^(1/2) of the visual tokens)])``.
 
     The class token is the first token (timm's order: class, then register or distillation tokens).
@@ -68,32 +67,13 @@ class SecondOrderTokenHead(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        check_positive_int(in_features, "in_features")
+        super().__init__(in_features, method=method, eps=eps, device=device, dtype=dtype)
         check_positive_int(num_prefix_tokens, "num_prefix_tokens")
-        check_choice(method, "method", METHODS)
-        if eps < 0:
-            raise ValueError(f"eps must be >= 0, got {eps}")
-        self._factory = {"device": device, "dtype": dtype}
-        self.in_features = in_features
         self.num_prefix_tokens = num_prefix_tokens
-        self.method = method
-        self.eps = eps
-        if reduction_dim is None:
-            self.reduce = nn.Identity()
-            dim = in_features
-        else:
-            check_positive_int(reduction_dim, "reduction_dim")
-            self.reduce = nn.Linear(in_features, reduction_dim, bias=False, **self._factory)
-            dim = reduction_dim
-        self.num_features = in_features + dim * (dim + 1) // 2
-        self.drop = nn.Dropout(drop_rate)
-        self.fc = make_classifier(self.num_features, num_classes, self, self._factory)
-
-    def reset(self, num_classes: int, pool_type: str | None = None) -> None:
-        """Replace the classifier by a fresh one with ``num_classes`` outputs (0: identity)."""
-        check_pool_type(pool_type)
-        self.fc = make_classifier(self.num_features, num_classes, self, self._factory)
+        dim = self._build_reduction(
+            reduction_dim, lambda d: nn.Linear(in_features, d, bias=False, **self._factory)
+        )
+        self._build_classifier(in_features + dim * (dim + 1) // 2, num_classes, drop_rate)
 
     def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         if x.ndim != 3 or x.shape[2] != self.in_features or x.shape[1] <= self.num_prefix_tokens:
