@@ -119,6 +119,13 @@ class TestGradients:
         assert torch.isfinite(grad).all()
         torch.testing.assert_close(grad, reference_gradient(A, upstream, inverse=inverse))
 
+    @pytest.mark.parametrize("method", ["mpa", "mtp", "eigh"])
+    def test_double_backward_is_refused_not_silently_wrong(self, method):
+        A = random_spd(2, n=4, condition=10).requires_grad_(True)
+        (grad,) = torch.autograd.grad(covpool.sqrtm(A, method=method).square().sum(), A, create_graph=True)
+        with pytest.raises(RuntimeError, match="once_differentiable"):
+            grad.sum().backward()
+
     def test_gradient_is_symmetric(self):
         A = random_spd(3, n=16, condition=100)
         _, grad = forward_and_gradient(

@@ -16,6 +16,7 @@ machine epsilon times that scale, so singular and all-zero matrices give finite 
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from covpool.linalg.normalization import max_abs_scale
 
@@ -45,6 +46,7 @@ class EighRoot(torch.autograd.Function):
         return out * (scale.rsqrt() if inverse else scale.sqrt())
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: torch.Tensor):  # noqa: D102
         roots, vectors, scale = ctx.saved_tensors
         pair_sum = roots.unsqueeze(-1) + roots.unsqueeze(-2)

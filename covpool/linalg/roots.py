@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import TypedDict, Unpack
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from covpool.linalg.auto import choose_method
 from covpool.linalg.checks import check_choice, check_square_batch
@@ -66,6 +67,7 @@ class SeriesRoot(torch.autograd.Function):
         return S_inverse if inverse else S
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: torch.Tensor):  # noqa: D102
         S, S_inverse, scale = ctx.saved_tensors
         options: RootOptions = ctx.options
