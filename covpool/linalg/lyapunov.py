@@ -21,9 +21,10 @@ Two choices differ from the paper:
 - optional early stop once the root-mean-square entry of ``B² - I``, ``‖B² - I‖_F / n``, falls below a
   tolerance for every matrix of the batch.
 
-Each iteration is two batched products, ``B [B, C]`` and ``B [B², BC, (BC)ᵀ]`` (symmetry of ``C`` gives
-``C B = (B C)ᵀ``), and nothing is kept from one iteration to the next, so memory does not grow with the
-iteration count.
+Each iteration is five batched products, ``B²``, ``BC``, ``B (BC)``, ``B (BC)ᵀ`` and ``B B²`` (symmetry of
+``C`` gives ``C B = (B C)ᵀ`` and ``C B² = (B² C)ᵀ``), and nothing is kept from one iteration to the next,
+so memory does not grow with the iteration count. The backward runs without a graph, so the updates of
+``B`` are in place.
 """
 
 from __future__ import annotations
@@ -72,12 +73,14 @@ def solve_lyapunov(
     C = G / scale
     if S_inverse is not None:
         B, C = _newton_scaled_step(B, C, S_inverse * scale)
-    eye = torch.eye(S.shape[-1], dtype=S.dtype, device=S.device)
+    n = S.shape[-1]
+    eye = torch.eye(n, dtype=S.dtype, device=S.device)
     for _ in range(iters):
-        B_square, BC = (B @ torch.cat([B, C], dim=-1)).split(S.shape[-1], dim=-1)
-        if tol is not None and bool(torch.linalg.matrix_norm(B_square - eye).amax() < tol * S.shape[-1]):
+        B_square = B @ B
+        if tol is not None and bool(torch.linalg.matrix_norm(B_square - eye).amax() < tol * n):
             break
-        B_cube, B_square_C, BCB = (B @ torch.cat([B_square, BC, BC.mT], dim=-1)).split(S.shape[-1], dim=-1)
-        C = 0.5 * (3.0 * C - B_square_C - B_square_C.mT + BCB)
-        B = 1.5 * B - 0.5 * B_cube
+        BC = B @ C
+        B_square_C = B @ BC
+        C = (B @ BC.mT - B_square_C - B_square_C.mT + 3.0 * C) * 0.5
+        B = (B @ B_square).mul_(-0.5).add_(B, alpha=1.5)
     return 0.5 * C

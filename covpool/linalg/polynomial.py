@@ -51,7 +51,7 @@ def matrix_polynomials(W: torch.Tensor, coefficients: Sequence[Sequence[float]])
         terms = coeffs[start : start + block]
         total = (terms[0] * eye).expand_as(W)
         for power, a in zip(powers[1:], terms[1:], strict=False):
-            total = total + a * power
+            total = torch.add(total, power, alpha=a)
         return total
 
     results = []
