@@ -26,7 +26,6 @@ import torch
 from covpool.linalg.coefficients import pade_coefficients, taylor_coefficients
 from covpool.linalg.polynomial import matrix_polynomials
 
-SERIES = ("pade", "taylor")
 _INVERSE_ROOT = Fraction(-1, 2)
 _ROOT = Fraction(1, 2)
 
