@@ -8,13 +8,14 @@ from covpool.layers import (
     ZCABatchNorm2d,
     convert_zca_batchnorm,
 )
-from covpool.linalg import METHODS, PAPER_CONFIG, inv_sqrtm, sqrtm
+from covpool.linalg import METHODS, PAPER_CONFIG, RootOptions, inv_sqrtm, sqrtm
 from covpool.models import attach_head  # registers the timm models
 
 __all__ = [
     "CovPoolHead",
     "METHODS",
     "PAPER_CONFIG",
+    "RootOptions",
     "SecondOrderTokenHead",
     "ZCABatchNorm1d",
     "ZCABatchNorm2d",

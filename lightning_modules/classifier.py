@@ -14,6 +14,7 @@ from functools import partial
 from typing import Any, Literal
 
 import lightning as L
+import timm
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -21,10 +22,12 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from covpool import CovPoolHead, SecondOrderTokenHead, attach_head, convert_zca_batchnorm
+from covpool import CovPoolHead, RootOptions, SecondOrderTokenHead, attach_head, convert_zca_batchnorm
 from covpool.models import create_timm_model
 
 STAGES = ("train", "val", "test")
+COVPOOL_MODEL_MODULES = ["isqrtcov_resnet", "sovit"]
+"""Modules (as timm names them) whose registered models take ``root``."""
 
 
 def build_model(
@@ -39,8 +42,12 @@ def build_model(
     zca_kwargs: dict[str, Any] | None,
     pretrained: bool,
     pretrained_cfg_overlay: dict[str, Any] | None = None,
+    root: RootOptions | str | dict[str, Any] | None = None,
 ) -> nn.Module:
     """Create the network: a timm model (or the given module), then the covpool head and ZCA layers.
+
+    ``root`` (matrix-root options) goes unchanged to every covpool layer built here: the head of a
+    registered covpool model, an attached head and the ZCA layers, unless their kwargs name their own.
 
     Example:
         >>> net = build_model("resnet18", num_classes=10, in_chans=3, model_kwargs=None, head=None,
@@ -50,14 +57,16 @@ def build_model(
     """
     if zca not in (None, "first", "all"):
         raise ValueError(f"`zca` must be None, 'first' or 'all', got {zca!r}")
+    with_root = {} if root is None else {"root": root}
     if isinstance(model, str):
+        covpool_model = timm.models.is_model_in_modules(model, COVPOOL_MODEL_MODULES)
         net = create_timm_model(
             model,
             pretrained=pretrained,
             num_classes=num_classes,
             in_chans=in_chans,
             pretrained_cfg_overlay=pretrained_cfg_overlay,
-            **(model_kwargs or {}),
+            **({**with_root, **(model_kwargs or {})} if covpool_model else (model_kwargs or {})),
         )
     elif isinstance(model, nn.Module):
         if pretrained or model_kwargs:
@@ -68,9 +77,9 @@ def build_model(
     else:
         raise TypeError(f"`model` must be a timm model name or an nn.Module, got {type(model).__name__}")
     if head is not None:
-        net = attach_head(net, head=head, num_classes=num_classes, **(head_kwargs or {}))
+        net = attach_head(net, head=head, num_classes=num_classes, **{**with_root, **(head_kwargs or {})})
     if zca is not None:
-        net = convert_zca_batchnorm(net, layers=zca, **(zca_kwargs or {}))
+        net = convert_zca_batchnorm(net, layers=zca, **{**with_root, **(zca_kwargs or {})})
     return net
 
 
@@ -103,6 +112,8 @@ class CovPoolClassifier(L.LightningModule):
         zca_kwargs: extra arguments of :func:`covpool.convert_zca_batchnorm`.
         pretrained: load timm's pretrained weights (needs them in the cache or an overlay file).
         pretrained_cfg_overlay: timm ``pretrained_cfg_overlay``, e.g. ``{"file": "weights.safetensors"}``.
+        root: options of every covpool matrix root in the model (:class:`covpool.RootOptions`, a method
+            name, or a dict of its fields, as in a YAML config); stored as a plain dict.
         optimizer: ``"sgd"`` (Nesterov momentum) or ``"adamw"``.
         lr: learning rate of the backbone.
         head_lr: learning rate of the new head (the covpool head and the classifier); ``None``: ``lr``.
@@ -134,6 +145,7 @@ class CovPoolClassifier(L.LightningModule):
         zca_kwargs: dict[str, Any] | None = None,
         pretrained: bool = False,
         pretrained_cfg_overlay: dict[str, Any] | None = None,
+        root: RootOptions | str | dict[str, Any] | None = None,
         optimizer: Literal["sgd", "adamw"] = "sgd",
         lr: float = 0.05,
         head_lr: float | None = None,
@@ -149,6 +161,7 @@ class CovPoolClassifier(L.LightningModule):
             raise ValueError(f"`optimizer` must be 'sgd' or 'adamw', got {optimizer!r}")
         if warmup_epochs < 0:
             raise ValueError(f"`warmup_epochs` must be >= 0, got {warmup_epochs}")
+        root = RootOptions.coerce(root).to_dict() or None  # validated, and plain for the checkpoint
         self.save_hyperparameters(ignore=["model"] if isinstance(model, nn.Module) else None)
         self.model = build_model(
             model,
@@ -161,6 +174,7 @@ class CovPoolClassifier(L.LightningModule):
             zca_kwargs=zca_kwargs,
             pretrained=pretrained,
             pretrained_cfg_overlay=pretrained_cfg_overlay,
+            root=root,
         )
         top_k = min(5, num_classes)
         metrics = MetricCollection(

@@ -84,7 +84,7 @@ class TestSqrtCovariancePool:
     def test_reference(self, device):
         x = _correlated(3, 40, 5, device=device)
         expected = triu_vectorize(reference_root(covariance(x)))
-        assert torch.allclose(sqrt_covariance_pool(x, eps=0.0, method="eigh"), expected, atol=1e-10)
+        assert torch.allclose(sqrt_covariance_pool(x, eps=0.0, root="eigh"), expected, atol=1e-10)
 
     def test_rank_deficient_has_finite_gradient(self, device):
         x = _correlated(2, 4, 16, device=device).requires_grad_()  # 4 positions < 16 channels
@@ -95,7 +95,7 @@ class TestSqrtCovariancePool:
     def test_gradcheck(self, device):
         # eps=0: the core's relative ridge eps·λmax(A) is treated as a constant in its backward.
         x = _correlated(2, 8, 3, device=device).requires_grad_()
-        assert gradcheck(lambda t: sqrt_covariance_pool(t, eps=0.0, method="eigh"), (x,))
+        assert gradcheck(lambda t: sqrt_covariance_pool(t, eps=0.0, root="eigh"), (x,))
 
     def test_autocast_bfloat16(self, device):
         x = _correlated(2, 49, 8, dtype=torch.float32, device=device)
@@ -138,7 +138,7 @@ class TestWhitening:
     def test_whitened_covariance_is_identity(self, device):
         x = _correlated(200, 6, device=device)
         mean, cov = moments_from_statistics(*group_statistics(x, group_size=3))
-        out = group_whiten(x, mean, whitening_matrix(cov, method="eigh", eps=0.0))
+        out = group_whiten(x, mean, whitening_matrix(cov, root="eigh", eps=0.0))
         for g in range(2):
             block = covariance(out[:, 3 * g : 3 * g + 3])
             assert torch.allclose(block, torch.eye(3, dtype=torch.float64, device=device), atol=1e-10)
@@ -146,14 +146,14 @@ class TestWhitening:
     def test_whitening_matrix_absolute_eps(self, device):
         cov = torch.diag(torch.tensor([4.0, 1e-3], dtype=torch.float64, device=device))
         expected = torch.diag((cov.diagonal() + 0.5).rsqrt())
-        assert torch.allclose(whitening_matrix(cov, method="eigh", eps=0.5), expected)
+        assert torch.allclose(whitening_matrix(cov, root="eigh", eps=0.5), expected)
 
     def test_gradcheck(self, device):
         x = _correlated(12, 4, device=device).requires_grad_()
 
         def whiten(t):
             mean, cov = moments_from_statistics(*group_statistics(t, group_size=2))
-            return group_whiten(t, mean, whitening_matrix(cov, method="eigh", eps=1e-3))
+            return group_whiten(t, mean, whitening_matrix(cov, root="eigh", eps=1e-3))
 
         assert gradcheck(whiten, (x,))
 

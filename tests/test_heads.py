@@ -23,7 +23,7 @@ class TestCovPoolHead:
     @pytest.mark.parametrize("input_format", ["NCHW", "NLC"])
     def test_shapes_and_num_features(self, reduction_dim, input_format, device):
         head = CovPoolHead(
-            10, 7, reduction_dim=reduction_dim, input_format=input_format, method="eigh", device=device
+            10, 7, reduction_dim=reduction_dim, input_format=input_format, root="eigh", device=device
         )
         d = reduction_dim or 10
         x = torch.randn(3, 10, 4, 5, device=device)
@@ -35,7 +35,7 @@ class TestCovPoolHead:
 
     def test_pre_logits_reference_and_formats_agree(self, device):
         head = CovPoolHead(
-            5, 3, reduction_dim=None, eps=0.0, method="eigh", device=device, dtype=torch.float64
+            5, 3, reduction_dim=None, eps=0.0, root="eigh", device=device, dtype=torch.float64
         )
         x = torch.randn(2, 5, 6, 6, dtype=torch.float64, device=device)
         tokens = rearrange(x, "n c h w -> n (h w) c")
@@ -48,7 +48,7 @@ class TestCovPoolHead:
             reduction_dim=None,
             eps=0.0,
             input_format="NLC",
-            method="eigh",
+            root="eigh",
             device=device,
             dtype=torch.float64,
         )
@@ -56,7 +56,7 @@ class TestCovPoolHead:
 
     def test_reduction_is_conv_bn_relu(self, device):
         head = CovPoolHead(
-            8, 3, reduction_dim=4, eps=0.0, method="eigh", device=device, dtype=torch.float64
+            8, 3, reduction_dim=4, eps=0.0, root="eigh", device=device, dtype=torch.float64
         ).eval()
         x = torch.randn(2, 8, 5, 5, dtype=torch.float64, device=device)
         reduced = torch.relu(head.reduce[1](head.reduce[0](x)))
@@ -65,7 +65,7 @@ class TestCovPoolHead:
 
     def test_rank_deficient_positions(self, device):
         head = CovPoolHead(
-            32, 4, reduction_dim=16, method="eigh", device=device
+            32, 4, reduction_dim=16, root="eigh", device=device
         )  # 2 x 2 = 4 positions < 16 channels
         x = torch.randn(3, 32, 2, 2, device=device, requires_grad=True)
         head(x).square().sum().backward()
@@ -73,7 +73,7 @@ class TestCovPoolHead:
 
     def test_gradcheck(self, device):
         head = CovPoolHead(
-            3, 2, reduction_dim=None, eps=0.0, method="eigh", device=device, dtype=torch.float64
+            3, 2, reduction_dim=None, eps=0.0, root="eigh", device=device, dtype=torch.float64
         )
         x = torch.randn(2, 3, 3, 3, dtype=torch.float64, device=device, requires_grad=True)
         assert gradcheck(head, (x,))
@@ -88,7 +88,7 @@ class TestCovPoolHead:
         assert torch.allclose(features.float(), head(x, pre_logits=True), rtol=5e-2, atol=5e-2)
 
     def test_reset_and_identity_classifier(self, device):
-        head = CovPoolHead(8, 0, reduction_dim=4, method="eigh", device=device, dtype=torch.float64)
+        head = CovPoolHead(8, 0, reduction_dim=4, root="eigh", device=device, dtype=torch.float64)
         x = torch.randn(2, 8, 3, 3, dtype=torch.float64, device=device)
         assert isinstance(head.fc, nn.Identity)
         assert torch.equal(head(x), head(x, pre_logits=True))
@@ -112,14 +112,14 @@ class TestCovPoolHead:
 
 class TestSecondOrderTokenHead:
     def test_shapes_and_num_features(self, device):
-        head = SecondOrderTokenHead(12, 5, reduction_dim=4, num_prefix_tokens=2, method="eigh", device=device)
+        head = SecondOrderTokenHead(12, 5, reduction_dim=4, num_prefix_tokens=2, root="eigh", device=device)
         x = torch.randn(3, 2 + 9, 12, device=device)
         assert head.num_features == 12 + 10
         assert head(x).shape == (3, 5) and head(x, pre_logits=True).shape == (3, 22)
 
     def test_logits_are_class_plus_covariance_classifiers(self, device):
         head = SecondOrderTokenHead(
-            6, 4, reduction_dim=None, eps=0.0, method="eigh", device=device, dtype=torch.float64
+            6, 4, reduction_dim=None, eps=0.0, root="eigh", device=device, dtype=torch.float64
         )
         x = torch.randn(2, 1 + 10, 6, dtype=torch.float64, device=device)
         features = head(x, pre_logits=True)
@@ -135,7 +135,7 @@ class TestSecondOrderTokenHead:
             reduction_dim=4,
             num_prefix_tokens=3,
             eps=0.0,
-            method="eigh",
+            root="eigh",
             device=device,
             dtype=torch.float64,
         )
@@ -148,7 +148,7 @@ class TestSecondOrderTokenHead:
 
     def test_gradcheck(self, device):
         head = SecondOrderTokenHead(
-            4, 2, reduction_dim=3, eps=0.0, method="eigh", device=device, dtype=torch.float64
+            4, 2, reduction_dim=3, eps=0.0, root="eigh", device=device, dtype=torch.float64
         )
         x = torch.randn(2, 1 + 6, 4, dtype=torch.float64, device=device, requires_grad=True)
         assert gradcheck(head, (x,))
@@ -163,7 +163,7 @@ class TestSecondOrderTokenHead:
         assert torch.allclose(features.float(), head(x, pre_logits=True), rtol=5e-2, atol=5e-2)
 
     def test_reset_and_errors(self, device):
-        head = SecondOrderTokenHead(8, 0, reduction_dim=4, method="eigh", device=device)
+        head = SecondOrderTokenHead(8, 0, reduction_dim=4, root="eigh", device=device)
         x = torch.randn(2, 5, 8, device=device)
         assert torch.equal(head(x), head(x, pre_logits=True))
         head.reset(6)

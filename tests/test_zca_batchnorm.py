@@ -40,7 +40,7 @@ class TestTrainMode:
     @pytest.mark.parametrize("group_size", [4, 8])
     def test_output_covariance_is_identity(self, dtype, group_size, device):
         eps = 0.0 if dtype == torch.float64 else 1e-5
-        layer = ZCABatchNorm2d(8, group_size=group_size, eps=eps, method="eigh", device=device, dtype=dtype)
+        layer = ZCABatchNorm2d(8, group_size=group_size, eps=eps, root="eigh", device=device, dtype=dtype)
         out = layer(_images(dtype=dtype, device=device))
         assert out.dtype == dtype
         covs = _group_covariances(rearrange(out, "n c h w -> (n h w) c"), group_size)
@@ -49,14 +49,14 @@ class TestTrainMode:
 
     @pytest.mark.parametrize("method", ["mpa", "mtp", "auto"])
     def test_matmul_methods_whiten_in_float32(self, method, device):
-        layer = ZCABatchNorm2d(16, group_size=8, eps=0.0, affine=False, method=method, device=device)
+        layer = ZCABatchNorm2d(16, group_size=8, eps=0.0, affine=False, root=method, device=device)
         out = layer(_images(n=32, c=16, h=4, w=4, dtype=torch.float32, device=device))
         covs = _group_covariances(rearrange(out, "n c h w -> (n h w) c"), 8)
         eye = torch.eye(8, dtype=torch.float64, device=device)
         assert (covs - eye).abs().max() <= TOLERANCE[torch.float32]
 
     def test_matches_reference_and_affine(self, device):
-        layer = ZCABatchNorm2d(8, group_size=4, eps=1e-3, method="eigh", device=device, dtype=torch.float64)
+        layer = ZCABatchNorm2d(8, group_size=4, eps=1e-3, root="eigh", device=device, dtype=torch.float64)
         with torch.no_grad():
             layer.weight.uniform_(0.5, 2.0)
             layer.bias.normal_()
@@ -68,7 +68,7 @@ class TestTrainMode:
 
     @pytest.mark.parametrize("shape", [(64, 6), (8, 10, 6)])
     def test_1d_layouts(self, shape, device):
-        layer = ZCABatchNorm1d(6, group_size=3, eps=0.0, method="eigh", device=device, dtype=torch.float64)
+        layer = ZCABatchNorm1d(6, group_size=3, eps=0.0, root="eigh", device=device, dtype=torch.float64)
         x = torch.randn(*shape, dtype=torch.float64, device=device) @ torch.randn(
             6, 6, dtype=torch.float64, device=device
         )
@@ -78,12 +78,12 @@ class TestTrainMode:
         assert (covs - torch.eye(3, dtype=torch.float64, device=device)).abs().max() <= 1e-6
 
     def test_gradcheck(self, device):
-        layer = ZCABatchNorm2d(4, group_size=2, eps=1e-3, method="eigh", device=device, dtype=torch.float64)
+        layer = ZCABatchNorm2d(4, group_size=2, eps=1e-3, root="eigh", device=device, dtype=torch.float64)
         x = _images(n=3, c=4, h=2, w=2, device=device).requires_grad_()
         assert gradcheck(layer, (x,))
 
     def test_gradcheck_1d_sequence(self, device):
-        layer = ZCABatchNorm1d(4, group_size=4, eps=1e-3, method="eigh", device=device, dtype=torch.float64)
+        layer = ZCABatchNorm1d(4, group_size=4, eps=1e-3, root="eigh", device=device, dtype=torch.float64)
         x = torch.randn(3, 4, 4, dtype=torch.float64, device=device).requires_grad_()
         assert gradcheck(layer, (x,))
 
@@ -100,7 +100,7 @@ class TestTrainMode:
 class TestRunningStatistics:
     def test_eval_uses_running_statistics(self, device):
         layer = ZCABatchNorm2d(
-            8, group_size=4, eps=1e-3, momentum=0.5, method="eigh", device=device, dtype=torch.float64
+            8, group_size=4, eps=1e-3, momentum=0.5, root="eigh", device=device, dtype=torch.float64
         )
         batches = [_images(device=device) for _ in range(2)]
         for x in batches:
@@ -121,7 +121,7 @@ class TestRunningStatistics:
 
     def test_cumulative_average_with_momentum_none(self, device):
         layer = ZCABatchNorm1d(
-            4, group_size=2, momentum=None, method="eigh", device=device, dtype=torch.float64
+            4, group_size=2, momentum=None, root="eigh", device=device, dtype=torch.float64
         )
         batches = [torch.randn(20, 4, dtype=torch.float64, device=device) + i for i in range(3)]
         for x in batches:
@@ -130,7 +130,7 @@ class TestRunningStatistics:
 
     def test_eval_cache_follows_statistics(self, device):
         layer = ZCABatchNorm2d(
-            8, group_size=4, eps=0.0, momentum=1.0, method="eigh", device=device, dtype=torch.float64
+            8, group_size=4, eps=0.0, momentum=1.0, root="eigh", device=device, dtype=torch.float64
         )
         x = _images(device=device)
         assert torch.allclose(layer.eval()(x), x)  # initial statistics: zero mean, identity covariance
@@ -140,7 +140,7 @@ class TestRunningStatistics:
         with torch.no_grad():
             layer.running_cov.mul_(4.0)  # in-place change: the cached whitening must not be reused
         assert torch.allclose(layer(x), x / 2.0)
-        other = ZCABatchNorm2d(8, group_size=4, eps=0.0, method="eigh", device=device, dtype=torch.float64)
+        other = ZCABatchNorm2d(8, group_size=4, eps=0.0, root="eigh", device=device, dtype=torch.float64)
         other(_images(device=device))
         layer.load_state_dict(other.state_dict())
         assert torch.allclose(layer(x), other.eval()(x))
@@ -152,21 +152,21 @@ class TestRunningStatistics:
         assert torch.allclose(layer(x), x)
 
     def test_state_dict_round_trip(self, device):
-        layer = ZCABatchNorm2d(8, group_size=4, method="eigh", device=device, dtype=torch.float64)
+        layer = ZCABatchNorm2d(8, group_size=4, root="eigh", device=device, dtype=torch.float64)
         with torch.no_grad():
             layer.weight.uniform_(0.5, 2.0)
         layer(_images(device=device))
         state = layer.state_dict()
         assert set(state) == {"weight", "bias", "running_mean", "running_cov", "num_batches_tracked"}
         assert state["running_cov"].shape == (2, 4, 4)
-        clone = ZCABatchNorm2d(8, group_size=4, method="eigh", device=device, dtype=torch.float64)
+        clone = ZCABatchNorm2d(8, group_size=4, root="eigh", device=device, dtype=torch.float64)
         clone.load_state_dict(state)
         x = _images(device=device)
         assert torch.equal(clone.eval()(x), layer.eval()(x))
 
     def test_without_running_statistics(self, device):
         layer = ZCABatchNorm2d(
-            8, group_size=4, track_running_stats=False, method="eigh", device=device, dtype=torch.float64
+            8, group_size=4, track_running_stats=False, root="eigh", device=device, dtype=torch.float64
         )
         assert layer.running_mean is None and layer.running_cov is None
         assert set(layer.state_dict()) == {"weight", "bias"}
@@ -174,7 +174,7 @@ class TestRunningStatistics:
         assert torch.equal(layer.eval()(x), layer.train()(x))
 
     def test_reset_running_stats(self, device):
-        layer = ZCABatchNorm2d(8, group_size=4, method="eigh", device=device)
+        layer = ZCABatchNorm2d(8, group_size=4, root="eigh", device=device)
         layer(_images(dtype=torch.float32, device=device))
         layer.reset_running_stats()
         assert not layer.running_mean.any() and int(layer.num_batches_tracked) == 0
@@ -204,7 +204,7 @@ class TestErrors:
 
     def test_bad_method_and_single_sample(self):
         with pytest.raises(ValueError, match="method must be one of"):
-            ZCABatchNorm2d(4, group_size=4, method="svd")
+            ZCABatchNorm2d(4, group_size=4, root="svd")
         with pytest.raises(ValueError, match="more than 1 value per channel"):
             ZCABatchNorm1d(4, group_size=4)(torch.randn(1, 4))
 
@@ -252,11 +252,11 @@ class TestConvert:
         net = convert_zca_batchnorm(
             self._trained_net(device),
             layers=lambda name, bn: bn.num_features == 16,
-            method="eigh",
+            root="eigh",
             momentum=0.3,
         )
         assert type(net[1]) is nn.BatchNorm2d and isinstance(net[4], ZCABatchNorm2d)
-        assert net[4].method == "eigh" and net[4].momentum == 0.3
+        assert net[4].root.method == "eigh" and net[4].momentum == 0.3
 
     def test_top_level_and_bad_selector(self):
         assert isinstance(convert_zca_batchnorm(nn.BatchNorm2d(8), group_size=4), ZCABatchNorm2d)

@@ -2,7 +2,7 @@
 
 Every configuration maps ``(A, inverse)`` to ``A^(±1/2)`` for a batch ``A`` of shape ``(*, n, n)``.
 covpool's configurations are keyword arguments of :func:`covpool.sqrtm` / :func:`covpool.inv_sqrtm`
-(with ``check_input=False``, as in a training loop; the peers do not validate either). The peers are
+(with ``check_input=False``, as on a GPU by default; the peers do not validate either). The peers are
 ``torch.linalg.matrix_sqrth`` (square root only, when this torch has it) and ``eigh-autograd``, the
 textbook ``U diag(λ^(±1/2)) Uᵀ`` differentiated by autograd through :func:`torch.linalg.eigh`.
 """
@@ -60,12 +60,13 @@ def _build_configs() -> dict[str, RootConfig]:
     configs = [
         RootConfig("auto", "covpool method='auto', tol=1e-3", _covpool(method="auto", tol=1e-3)),
         RootConfig("eigh", "covpool exact eigh, Daleckii-Krein backward", _covpool(method="eigh")),
-        RootConfig("mpa", "covpool Padé [2/2] x 4 steps, Lyapunov backward", _covpool(method="mpa")),
-        RootConfig("mpa-d1s6", "covpool Padé [1/1] x 6 steps", _covpool(method="mpa", degree=1, steps=6)),
-        RootConfig("mpa-d3s3", "covpool Padé [3/3] x 3 steps", _covpool(method="mpa", degree=3, steps=3)),
-        RootConfig("mtp", "covpool Taylor 8 x 4 steps, Lyapunov backward", _covpool(method="mtp")),
-        RootConfig("mtp-d3s6", "covpool Taylor 3 x 6 steps", _covpool(method="mtp", degree=3, steps=6)),
-        RootConfig("mtp-d4s5", "covpool Taylor 4 x 5 steps", _covpool(method="mtp", degree=4, steps=5)),
+        RootConfig("mpa", "covpool scaled Padé [2/2] steps certified for tol=1e-3", _covpool(method="mpa")),
+        RootConfig("mtp", "covpool minimax steps certified for tol=1e-3", _covpool(method="mtp")),
+        RootConfig("mtp-tol1e-2", "covpool mtp, tol=1e-2", _covpool(method="mtp", tol=1e-2)),
+        RootConfig("mtp-tol1e-5", "covpool mtp, tol=1e-5", _covpool(method="mtp", tol=1e-5)),
+        RootConfig(
+            "mtp-cond1e5", "covpool mtp certified for condition 1e5", _covpool(method="mtp", condition=1e5)
+        ),
         RootConfig("ns3", "covpool Newton-Schulz x 3 (iSQRT-COV), autograd", _covpool(method="ns", steps=3)),
         RootConfig("ns5", "covpool Newton-Schulz x 5 (iSQRT-COV), autograd", _covpool(method="ns", steps=5)),
         RootConfig(
@@ -74,11 +75,6 @@ def _build_configs() -> dict[str, RootConfig]:
             _covpool(method="ns", steps=16),
         ),
         RootConfig("paper", "covpool.PAPER_CONFIG (Song et al. 2022)", _covpool(**covpool.PAPER_CONFIG)),
-        RootConfig(
-            "mpa-nonewton",
-            "covpool mpa, backward without the Newton first step",
-            _covpool(method="mpa", backward_newton=False),
-        ),
         RootConfig("eigh-autograd", "torch.linalg.eigh + autograd (peer)", _eigh_autograd),
     ]
     if hasattr(torch.linalg, "matrix_sqrth"):

@@ -25,12 +25,12 @@ from covpool.bench.budget import run_within_budget
 from covpool.bench.timing import measure
 
 LayerBuilder = Callable[..., nn.Module]
-"""``builder(method=..., device=..., dtype=...)`` returns the layer."""
+"""``builder(root=..., device=..., dtype=...)`` returns the layer."""
 
 
 @dataclass(frozen=True)
 class LayerCase:
-    """A layer at one typical size: a builder taking ``method``, ``device``, ``dtype``, and its input."""
+    """A layer at one typical size: a builder taking ``root``, ``device``, ``dtype``, and its input."""
 
     name: str
     build: LayerBuilder
@@ -98,7 +98,7 @@ def run_layer_cell(cell: LayerCell, *, warmup: int = 1, repeats: int = 5, seed: 
     case = LAYER_CASES[cell.layer]
     dtype = getattr(torch, cell.dtype)
     torch.manual_seed(seed)
-    layer = case.build(method=cell.method, device=cell.device, dtype=dtype).train()
+    layer = case.build(root=cell.method, device=cell.device, dtype=dtype).train()
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(case.input_shape, generator=generator).to(cell.device, dtype).requires_grad_()
     wrt = [x, *(p for p in layer.parameters() if p.requires_grad)]

@@ -20,12 +20,8 @@ import math
 import torch
 from torch import Tensor
 
-from covpool.linalg import sqrtm
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Working dtype for second-order statistics: float64 stays float64, everything else is float32."""
-    return torch.promote_types(dtype, torch.float32)
+from covpool.linalg import RootOptions, sqrtm
+from covpool.linalg.numerics import working_dtype
 
 
 def output_dtype(x: Tensor) -> torch.dtype:
@@ -58,7 +54,7 @@ def covariance(x: Tensor) -> Tensor:
     if x.ndim < 2:
         raise ValueError(f"x must have shape (*, M, d), at least 2 dimensions, got shape {tuple(x.shape)}")
     with torch.autocast(device_type=x.device.type, enabled=False):
-        x = x.to(compute_dtype(x.dtype))
+        x = x.to(working_dtype(x.dtype))
         centred = x - x.mean(dim=-2, keepdim=True)
         return centred.mT @ centred / x.shape[-2]
 
@@ -89,7 +85,7 @@ def triu_vectorize(A: Tensor, *, off_diagonal_scale: float = math.sqrt(2.0)) -> 
 def sqrt_covariance_pool(
     tokens: Tensor,
     *,
-    method: str = "auto",
+    root: RootOptions | str | dict | None = None,
     eps: float = 1e-4,
     off_diagonal_scale: float = math.sqrt(2.0),
 ) -> Tensor:
@@ -100,7 +96,7 @@ def sqrt_covariance_pool(
 
     Args:
         tokens: ``(N, M, d)`` features of ``M`` positions per sample.
-        method: root method passed to :func:`covpool.sqrtm`.
+        root: options of :func:`covpool.sqrtm` (a :class:`covpool.RootOptions`, a method name or a dict).
         eps: *relative* ridge passed to :func:`covpool.sqrtm` (``Σ + eps (tr Σ / d) I``). When ``M <= d``
             the covariance is singular (rank at most ``M - 1``) and the root's gradient grows like
             ``1 / √λ`` at the zero eigenvalues; the ridge bounds it by ``1 / √(eps tr Σ / d)``.
@@ -116,5 +112,5 @@ def sqrt_covariance_pool(
     """
     if tokens.ndim != 3:
         raise ValueError(f"tokens must have shape (N, M, d), got shape {tuple(tokens.shape)}")
-    root = sqrtm(covariance(tokens), method=method, eps=eps)
-    return triu_vectorize(root, off_diagonal_scale=off_diagonal_scale).to(output_dtype(tokens))
+    pooled = sqrtm(covariance(tokens), root, eps=eps)
+    return triu_vectorize(pooled, off_diagonal_scale=off_diagonal_scale).to(output_dtype(tokens))

@@ -21,8 +21,8 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from covpool.functional.covariance import compute_dtype
-from covpool.linalg import inv_sqrtm
+from covpool.linalg import RootOptions, inv_sqrtm
+from covpool.linalg.numerics import working_dtype
 
 STATISTICS_DTYPE = torch.float64
 
@@ -56,7 +56,7 @@ def group_statistics(rows: Tensor, group_size: int) -> tuple[Tensor, Tensor, Ten
         >>> count.item(), sums.shape, second.shape
         (100.0, torch.Size([2, 4]), torch.Size([2, 4, 4]))
     """
-    grouped = _split_groups(rows.to(compute_dtype(rows.dtype)), group_size)
+    grouped = _split_groups(rows.to(working_dtype(rows.dtype)), group_size)
     count = rows.shape[0]
     if count > 0:
         mean = grouped.mean(dim=1, keepdim=True)
@@ -67,7 +67,8 @@ def group_statistics(rows: Tensor, group_size: int) -> tuple[Tensor, Tensor, Ten
     mean = mean.to(STATISTICS_DTYPE)
     second = scatter + count * (mean.mT @ mean)
     sums = count * mean.squeeze(1)
-    return torch.tensor(float(count), dtype=STATISTICS_DTYPE, device=rows.device), sums, second
+    # torch.full, not torch.tensor: no host-to-device copy, so that a CUDA graph can capture it.
+    return torch.full((), float(count), dtype=STATISTICS_DTYPE, device=rows.device), sums, second
 
 
 def moments_from_statistics(count: Tensor, sums: Tensor, second: Tensor) -> tuple[Tensor, Tensor]:
@@ -88,11 +89,15 @@ def moments_from_statistics(count: Tensor, sums: Tensor, second: Tensor) -> tupl
     return mean, 0.5 * (cov + cov.mT)
 
 
-def whitening_matrix(cov: Tensor, *, eps: float = 1e-5, method: str = "auto") -> Tensor:
+def whitening_matrix(
+    cov: Tensor, *, eps: float = 1e-5, root: RootOptions | str | dict | None = None
+) -> Tensor:
     """ZCA whitening matrix ``(Σ + eps I)^(-1/2)`` with an *absolute* ridge ``eps``.
 
     ``eps`` plays the part of BatchNorm's ``eps`` (``(var + eps)^(-1/2)``): it is added to the
-    covariance as is, unlike the relative ``eps`` of :func:`covpool.inv_sqrtm`, which stays 0 here.
+    covariance as is. The root's own relative ridge (:func:`covpool.inv_sqrtm`'s ``eps``) stays 0, so the
+    mtp/mpa schedules are sized by ``root.condition`` (default 1e3); raise it for groups whose
+    covariance is close to singular (an invalid group gets NaN, or an error naming it on CPU).
 
     Shape:
         - cov: :math:`(*, g, g)`
@@ -104,7 +109,7 @@ def whitening_matrix(cov: Tensor, *, eps: float = 1e-5, method: str = "auto") ->
                 [0.0000, 0.5000]])
     """
     ridge = eps * torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
-    return inv_sqrtm(cov + ridge, method=method)
+    return inv_sqrtm(cov + ridge, root)
 
 
 def group_whiten(rows: Tensor, mean: Tensor, whitening: Tensor) -> Tensor:

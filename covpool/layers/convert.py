@@ -68,7 +68,7 @@ def convert_zca_batchnorm(
     ``eps``, ``momentum``, ``affine``, ``track_running_stats``, the affine weights, the running mean,
     the batch counter and the train/eval mode, and starts its running covariance from the BatchNorm's
     running variances on the diagonal, so a converted layer in eval mode computes exactly what the
-    BatchNorm did until it is trained. ``zca_kwargs`` (``group_size``, ``method``, ``process_group``,
+    BatchNorm did until it is trained. ``zca_kwargs`` (``group_size``, ``root``, ``process_group``,
     ...) go to the new layers and override the copied settings.
 
     ``group_size`` (default 16) falls back, per layer, to the largest divisor of the layer's channel

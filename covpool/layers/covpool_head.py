@@ -4,7 +4,7 @@ Li, Xie, Wang, Gao, "Towards Faster Training of Global Covariance Pooling Networ
 Square Root Normalization", CVPR 2018. The feature map goes through an optional ``1×1`` convolution to
 ``d`` channels with BatchNorm and ReLU (the paper's dimension reduction, 256 by default), then the
 ``d × d`` covariance of its positions (centring, one batched matmul), its square root
-(:func:`covpool.sqrtm`, any ``method``), the ``d (d + 1) / 2`` upper-triangular entries, dropout and a
+(:func:`covpool.sqrtm`, any ``root`` options), the ``d (d + 1) / 2`` upper-triangular entries, dropout and a
 linear classifier.
 
 Differences from the paper:
@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from covpool.functional.covariance import sqrt_covariance_pool
 from covpool.layers.head_base import CovarianceHead
+from covpool.linalg import RootOptions
 from covpool.linalg.checks import check_choice
 
 INPUT_FORMATS = ("NCHW", "NLC")
@@ -39,7 +40,8 @@ class CovPoolHead(CovarianceHead):
         in_features: channels ``C`` of the input feature map.
         num_classes: classifier outputs; 0 for no classifier (``forward`` returns the features).
         reduction_dim: ``d`` of the ``1×1`` conv + BN + ReLU reduction; ``None`` for none (``d = C``).
-        method: algorithm of :func:`covpool.sqrtm`.
+        root: options of the matrix square root (:class:`covpool.RootOptions`, a method name, or a dict
+            of its fields; default ``"auto"``), passed unchanged to :func:`covpool.sqrtm`.
         drop_rate: dropout on the pooled features.
         input_format: ``"NCHW"`` feature maps or ``"NLC"`` token sequences.
         eps: relative ridge before the root (see the module docstring).
@@ -66,14 +68,14 @@ class CovPoolHead(CovarianceHead):
         num_classes: int,
         *,
         reduction_dim: int | None = 256,
-        method: str = "auto",
+        root: RootOptions | str | dict | None = None,
         drop_rate: float = 0.0,
         input_format: str = "NCHW",
         eps: float = 1e-4,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(in_features, method=method, eps=eps, device=device, dtype=dtype)
+        super().__init__(in_features, root=root, eps=eps, device=device, dtype=dtype)
         check_choice(input_format, "input_format", INPUT_FORMATS)
         self.input_format = input_format
         dim = self._build_reduction(
@@ -103,6 +105,6 @@ class CovPoolHead(CovarianceHead):
 
     def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         x = self.reduce(self._feature_map(x))
-        pooled = sqrt_covariance_pool(rearrange(x, "n c h w -> n (h w) c"), method=self.method, eps=self.eps)
+        pooled = sqrt_covariance_pool(rearrange(x, "n c h w -> n (h w) c"), root=self.root, eps=self.eps)
         pooled = self.drop(pooled)
         return pooled if pre_logits else self.fc(pooled)

@@ -8,8 +8,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from covpool.linalg import METHODS
-from covpool.linalg.checks import check_choice, check_positive_int
+from covpool.linalg import RootOptions
+from covpool.linalg.checks import check_float, check_positive_int
 
 
 def make_classifier(
@@ -40,19 +40,17 @@ class CovarianceHead(nn.Module):
         self,
         in_features: int,
         *,
-        method: str,
+        root: RootOptions | str | dict | None,
         eps: float,
         device: torch.device | str | None,
         dtype: torch.dtype | None,
     ) -> None:
         super().__init__()
         check_positive_int(in_features, "in_features")
-        check_choice(method, "method", METHODS)
-        if not eps >= 0:
-            raise ValueError(f"eps must be >= 0, got {eps}")
+        self.root = RootOptions.coerce(root)
+        check_float(eps, f"{type(self).__name__}: eps")
         self._factory = {"device": device, "dtype": dtype}
         self.in_features = in_features
-        self.method = method
         self.eps = eps
 
     def _build_reduction(self, reduction_dim: int | None, build: Callable[[int], nn.Module]) -> int:

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from covpool.functional.covariance import sqrt_covariance_pool
 from covpool.layers.head_base import CovarianceHead
+from covpool.linalg import RootOptions
 from covpool.linalg.checks import check_positive_int
 
 
@@ -34,7 +35,8 @@ class SecondOrderTokenHead(CovarianceHead):
         num_classes: classifier outputs; 0 for no classifier (``forward`` returns the features).
         num_prefix_tokens: leading non-visual tokens, at least 1 (the class token).
         reduction_dim: ``d`` of the linear reduction of the visual tokens; ``None`` for none (``d = C``).
-        method: algorithm of :func:`covpool.sqrtm`.
+        root: options of the matrix square root (:class:`covpool.RootOptions`, a method name, or a dict
+            of its fields; default ``"auto"``), passed unchanged to :func:`covpool.sqrtm`.
         drop_rate: dropout on the concatenated features.
         eps: relative ridge before the root (see :func:`covpool.functional.sqrt_covariance_pool`).
 
@@ -61,13 +63,13 @@ class SecondOrderTokenHead(CovarianceHead):
         *,
         num_prefix_tokens: int = 1,
         reduction_dim: int | None = 64,
-        method: str = "auto",
+        root: RootOptions | str | dict | None = None,
         drop_rate: float = 0.0,
         eps: float = 1e-4,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(in_features, method=method, eps=eps, device=device, dtype=dtype)
+        super().__init__(in_features, root=root, eps=eps, device=device, dtype=dtype)
         check_positive_int(num_prefix_tokens, "num_prefix_tokens")
         self.num_prefix_tokens = num_prefix_tokens
         dim = self._build_reduction(
@@ -82,6 +84,6 @@ class SecondOrderTokenHead(CovarianceHead):
                 f"L > num_prefix_tokens={self.num_prefix_tokens}, got shape {tuple(x.shape)}"
             )
         visual = self.reduce(x[:, self.num_prefix_tokens :])
-        pooled = sqrt_covariance_pool(visual, method=self.method, eps=self.eps)
+        pooled = sqrt_covariance_pool(visual, root=self.root, eps=self.eps)
         features = self.drop(torch.cat([x[:, 0].to(pooled.dtype), pooled], dim=-1))
         return features if pre_logits else self.fc(features)

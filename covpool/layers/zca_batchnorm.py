@@ -4,7 +4,7 @@ Huang et al., "Decorrelated Batch Normalization", CVPR 2018 (DBN), and "Iterativ
 Beyond Standardization towards Efficient Whitening", CVPR 2019 (IterNorm). Per group of ``g``
 channels the layer computes ``(Σ + eps I)^(-1/2) (x - μ)`` with ``μ, Σ`` over every position of every
 sample (``(N, H, W)`` for images, ``(N, L)`` for sequences), then ``γ ⊙ · + β`` per channel like
-:class:`torch.nn.BatchNorm2d`. The inverse root is :func:`covpool.inv_sqrtm` (``method`` selects the
+:class:`torch.nn.BatchNorm2d`. The inverse root is :func:`covpool.inv_sqrtm` (``root`` selects the
 algorithm: eigendecomposition for DBN, Newton-Schulz for IterNorm, ...); gradients flow through the
 mean, the covariance and the root.
 
@@ -21,7 +21,7 @@ Design choices:
   "An Investigation into the Stochasticity of Batch Whitening" (CVPR 2020), compare the two estimates
   and show that the choice matters for inference accuracy.
 - **Cache invalidation.** The cached evaluation matrix is keyed on the storage and version counter of
-  ``running_cov`` together with ``eps`` and ``method``, and is also dropped on ``train()``/``eval()``,
+  ``running_cov`` together with ``eps`` and ``root``, and is also dropped on ``train()``/``eval()``,
   ``load_state_dict`` and :meth:`reset_running_stats`. It is not part of the ``state_dict``.
 - **eps is absolute**, like BatchNorm's: ``Σ + eps I``. (The ``eps`` of :func:`covpool.inv_sqrtm` is
   relative to the mean eigenvalue and is left at 0 here.) With fewer samples than ``g`` the batch
@@ -41,7 +41,6 @@ import torch.distributed as dist
 from einops import rearrange
 from torch import Tensor, nn
 
-from covpool.functional.covariance import compute_dtype
 from covpool.functional.distributed import all_reduce_sum, is_distributed
 from covpool.functional.whitening import (
     group_statistics,
@@ -49,8 +48,9 @@ from covpool.functional.whitening import (
     moments_from_statistics,
     whitening_matrix,
 )
-from covpool.linalg import METHODS
-from covpool.linalg.checks import check_choice, check_positive_int
+from covpool.linalg import RootOptions
+from covpool.linalg.checks import check_positive_int
+from covpool.linalg.numerics import working_dtype
 
 
 class _ZCABatchNorm(nn.Module):
@@ -65,7 +65,7 @@ class _ZCABatchNorm(nn.Module):
         momentum: float | None = 0.1,
         affine: bool = True,
         track_running_stats: bool = True,
-        method: str = "auto",
+        root: RootOptions | str | dict | None = None,
         process_group: dist.ProcessGroup | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -79,7 +79,7 @@ class _ZCABatchNorm(nn.Module):
                 f"group_size must divide num_features={num_features}, got group_size={group_size}; "
                 f"divisors of {num_features}: {divisors}"
             )
-        check_choice(method, "method", METHODS)
+        self.root = RootOptions.coerce(root)
         if eps < 0:
             raise ValueError(f"eps must be >= 0, got {eps}")
         factory = {"device": device, "dtype": dtype}
@@ -90,7 +90,6 @@ class _ZCABatchNorm(nn.Module):
         self.momentum = momentum
         self.affine = affine
         self.track_running_stats = track_running_stats
-        self.method = method
         self.process_group = process_group
         if affine:
             self.weight = nn.Parameter(torch.ones(num_features, **factory))
@@ -162,24 +161,24 @@ class _ZCABatchNorm(nn.Module):
             cov.device,
             dtype,
             self.eps,
-            self.method,
+            self.root,
             torch.is_inference_mode_enabled(),
         )
         if self._eval_cache is None or self._eval_cache[0] != key:
             with torch.no_grad():
-                whitening = whitening_matrix(cov.to(dtype), eps=self.eps, method=self.method)
+                whitening = whitening_matrix(cov.to(dtype), eps=self.eps, root=self.root)
             self._eval_cache = (key, whitening)
         return self._eval_cache[1]
 
     def forward(self, x: Tensor) -> Tensor:
         rows = self._to_rows(x)
-        work = compute_dtype(x.dtype)
+        work = working_dtype(x.dtype)
         with torch.autocast(device_type=x.device.type, enabled=False):
             if self.training or not self.track_running_stats:
                 count, mean, cov = self._batch_moments(rows)
                 if self.training and self.track_running_stats:
                     self._update_running_stats(count, mean, cov)
-                whitening = whitening_matrix(cov.to(work), eps=self.eps, method=self.method)
+                whitening = whitening_matrix(cov.to(work), eps=self.eps, root=self.root)
             else:
                 mean = rearrange(self.running_mean, "(G g) -> G g", g=self.group_size)
                 whitening = self._eval_whitening(work)
@@ -198,7 +197,7 @@ class _ZCABatchNorm(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"{self.num_features}, group_size={self.group_size}, eps={self.eps}, momentum={self.momentum}, "
-            f"affine={self.affine}, track_running_stats={self.track_running_stats}, method={self.method!r}"
+            f"affine={self.affine}, track_running_stats={self.track_running_stats}, root={self.root}"
         )
 
 
@@ -215,7 +214,8 @@ class ZCABatchNorm2d(_ZCABatchNorm):
         affine: learn a per-channel scale and shift after whitening.
         track_running_stats: keep running mean and covariance for evaluation; without them evaluation
             uses batch statistics.
-        method: algorithm of :func:`covpool.inv_sqrtm`.
+        root: options of the inverse square root (:class:`covpool.RootOptions`, a method name, or a dict
+            of its fields; default ``"auto"``), passed unchanged to :func:`covpool.inv_sqrtm`.
         process_group: group whose ranks share statistics in training (default: the world) when
             ``torch.distributed`` is initialised with more than one rank.
 

@@ -1,22 +1,40 @@
-"""Input validation for the matrix-root functions.
+"""What covpool checks, and where.
 
-Every check names the argument, what was seen and what was expected, so that a bad call fails at the
-call site rather than deep inside a solver.
+Three kinds of check, one place:
+
+- **Options** (``method``, ``tol``, ``steps``, a layer's ``eps``, ...) are plain Python values: they are
+  validated on the host when :class:`covpool.RootOptions` or a layer is built, on every device, and an
+  option the chosen method does not use is an error, never ignored.
+- **Tensor metadata** (type, dtype, number of dimensions, squareness) costs nothing to read and is checked on
+  every call.
+- **Tensor values** (NaN/Inf, a matrix that is not positive (semi-)definite, a spectrum outside the bound a
+  schedule was certified for) can only be read on the host after a device synchronisation. Every root
+  therefore computes a per-matrix validity flag *inside* the graph and replaces the result of an invalid
+  matrix by NaN, which no later computation can hide. Whether the flags are also read on the host, raising
+  a :class:`ValueError` that names the batch entries, is ``check_input``: by default yes where reading is
+  free (CPU), no on CUDA and while ``torch.compile``/``torch.export`` trace, so that the default GPU path
+  never synchronises.
+
+Every error names the argument, what was seen and what was expected.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+from covpool.linalg.numerics import is_tracing
 
 _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def check_square_batch(A: torch.Tensor, name: str = "A") -> None:
-    """Validate a batch of real symmetric matrices of shape ``(*, n, n)``.
+    """Validate the metadata of a batch of real matrices of shape ``(*, n, n)`` (no host synchronisation).
 
     Raises:
         TypeError: ``A`` is not a tensor, or its dtype is not a real floating type.
-        ValueError: ``A`` has fewer than two dimensions, is not square, or holds NaN/Inf.
+        ValueError: ``A`` has fewer than two dimensions or is not square.
     """
     if not isinstance(A, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape (*, n, n), got {type(A).__name__}")
@@ -32,8 +50,36 @@ def check_square_batch(A: torch.Tensor, name: str = "A") -> None:
         raise ValueError(
             f"{name} must be square in its last two dimensions (*, n, n), got shape {tuple(A.shape)}"
         )
-    if not bool(torch.isfinite(A).all()):
-        raise ValueError(f"{name} must hold only finite values, found NaN or Inf")
+
+
+def reads_values(check_input: bool | None, device: torch.device) -> bool:
+    """Resolve ``check_input``: ``None`` reads tensor values only where that needs no device sync."""
+    if is_tracing():
+        return False
+    if check_input is None:
+        return device.type != "cuda"
+    return check_input
+
+
+def check_finite(A: torch.Tensor, name: str = "A") -> None:
+    """Raise ``ValueError`` if ``A`` holds NaN or Inf, naming the first batch entries (host sync)."""
+    finite = torch.isfinite(A).flatten(-2).all(-1)
+    if not bool(finite.all()):
+        raise ValueError(f"{name} must hold only finite values, found NaN or Inf in {_entries(~finite)}")
+
+
+def raise_if_invalid(valid: torch.Tensor, message: str) -> None:
+    """Raise ``ValueError(message + the failing batch entries)`` unless every flag of ``valid`` is set."""
+    if not bool(valid.all()):
+        raise ValueError(f"{message}; failing {_entries(~valid)}")
+
+
+def _entries(mask: torch.Tensor) -> str:
+    if mask.ndim == 0:
+        return "the matrix"
+    indices = [tuple(i) if len(i) > 1 else i[0] for i in mask.nonzero().tolist()]
+    shown = ", ".join(map(str, indices[:5])) + (", ..." if len(indices) > 5 else "")
+    return f"batch entries [{shown}] ({len(indices)} of {mask.numel()})"
 
 
 def check_choice(value: str, name: str, choices: tuple[str, ...]) -> None:
@@ -46,3 +92,27 @@ def check_positive_int(value: int, name: str, minimum: int = 1) -> None:
     """Raise ``ValueError`` unless ``value`` is an int ``>= minimum``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_float(value: float, name: str, *, minimum: float = 0.0, strict: bool = False) -> None:
+    """Raise ``ValueError`` unless ``value`` is a finite real number ``> minimum`` (strict) or ``>= minimum``."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = value > minimum if strict else value >= minimum
+    if not ok:
+        relation = ">" if strict else ">="
+        raise ValueError(f"{name} must be a finite float {relation} {minimum}, got {value!r}")
+
+
+def refuse_double_backward(method: str) -> None:
+    """Raise if a backward runs with a graph requested (``create_graph=True``, Hessians, gradient penalties).
+
+    The Lyapunov and Daleckii-Krein backwards are not differentiable themselves; building a graph through
+    them would silently drop the second-order term, so it is refused.
+    """
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"method={method!r} does not support double backward (a graph of its gradient was requested: "
+            "create_graph=True, torch.autograd.functional.hessian, a gradient penalty); use method='ns', "
+            "whose backward is differentiable, for second derivatives"
+        )

@@ -1,7 +1,14 @@
-"""Exact Taylor and Padé coefficients of ``(1 - z)^p``.
+"""Every coefficient covpool's iterations use: Taylor, Padé and minimax polynomials.
 
-Computed once per (exponent, degree) in rational arithmetic (:class:`fractions.Fraction`) and cached, so
-any degree is available and every coefficient is exact before its single rounding to float.
+- Taylor and Padé coefficients of ``(1 - z)^p`` are computed once per (exponent, degree) in rational
+  arithmetic (:class:`fractions.Fraction`) and cached, so any degree is available and every coefficient is
+  exact before its single rounding to float.
+- Minimax odd polynomials ``p(s) = Σ_j c_j s^(2j+1)`` that best approximate 1 on an interval ``[a, b]``
+  (``0 < a < b``) in the maximum norm are computed by the Remez exchange algorithm in float64. They are the
+  steps of the coupled square-root iteration and of the Lyapunov sign iteration
+  (:mod:`covpool.linalg.schedule`): composing them is the fastest way to push a spectrum towards 1
+  (Chen & Chow, 2014; Amsel et al., "The Polar Express", 2025, for the polar decomposition).
+
 This module is the only place coefficients come from.
 """
 
@@ -9,6 +16,8 @@ from __future__ import annotations
 
 import functools
 from fractions import Fraction
+
+import numpy as np
 
 
 @functools.cache
@@ -62,3 +71,60 @@ def pade_coefficients(
     q = (Fraction(1),) + tuple(system[i][N] / system[i][i] for i in range(N))
     p = tuple(sum(q[j] * c[k - j] for j in range(min(k, N) + 1)) for k in range(M + 1))
     return p, q
+
+
+def _odd_values(coefficients: np.ndarray, s: np.ndarray) -> np.ndarray:
+    return sum(c * s ** (2 * j + 1) for j, c in enumerate(coefficients))
+
+
+@functools.cache
+def minimax_odd_polynomial(lower: float, upper: float, degree: int) -> tuple[tuple[float, ...], float]:
+    """Odd polynomial of degree ``2·degree + 1`` closest to 1 on ``[lower, upper]`` in the maximum norm.
+
+    The odd monomials ``s, s³, …`` form a Haar system on ``(0, ∞)``, so the best approximation is unique and
+    characterised by ``degree + 2`` points of equal, alternating error; the Remez exchange finds them on a
+    dense grid (geometric and uniform points, so that tiny ``lower`` is resolved).
+
+    Args:
+        lower: left end ``a > 0``.
+        upper: right end ``b > a``.
+        degree: ``d >= 1``; the polynomial has ``d + 1`` coefficients.
+
+    Returns:
+        ``(c_0, …, c_d)`` with ``p(s) = Σ c_j s^(2j+1)``, and the maximum error ``max |p(s) - 1|`` on the grid.
+
+    Example:
+        >>> coefficients, error = minimax_odd_polynomial(0.1, 1.0, 1)
+        >>> round(error, 3)
+        0.607
+    """
+    if not 0 < lower < upper:
+        raise ValueError(f"need 0 < lower < upper, got lower={lower}, upper={upper}")
+    points = degree + 2
+    grid = np.unique(np.concatenate([np.geomspace(lower, upper, 3000), np.linspace(lower, upper, 3000)]))
+    reference = np.geomspace(lower, upper, points)
+    signs = (-1.0) ** np.arange(points)
+    for _ in range(100):
+        powers = np.stack([reference ** (2 * j + 1) for j in range(degree + 1)], axis=1)
+        solution = np.linalg.solve(np.concatenate([powers, signs[:, None]], axis=1), np.ones(points))
+        coefficients = solution[:-1]
+        error = _odd_values(coefficients, grid) - 1.0
+        slope = np.diff(error)
+        turning = np.flatnonzero(slope[:-1] * slope[1:] <= 0) + 1
+        candidates = np.concatenate([[0], turning, [len(grid) - 1]])
+        alternating: list[int] = []
+        for i in candidates:
+            if alternating and np.sign(error[i]) == np.sign(error[alternating[-1]]):
+                if abs(error[i]) > abs(error[alternating[-1]]):
+                    alternating[-1] = i
+            else:
+                alternating.append(i)
+        while len(alternating) > points:
+            alternating.pop(0 if abs(error[alternating[0]]) < abs(error[alternating[-1]]) else -1)
+        if len(alternating) < points:
+            break
+        new_reference = grid[alternating]
+        if np.array_equal(new_reference, reference):
+            break
+        reference = new_reference
+    return tuple(float(c) for c in coefficients), float(np.abs(error).max())

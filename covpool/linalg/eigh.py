@@ -9,45 +9,62 @@ that never divides by ``λi - λj``:
 
 so repeated eigenvalues (where autograd through ``torch.linalg.eigh`` returns NaN or Inf) are exact.
 The matrix is divided by its largest absolute entry before the decomposition, which keeps inputs
-scaled anywhere from 1e-30 to 1e30 inside the floating range. Eigenvalues are floored at the dtype's
-machine epsilon times that scale, so singular and all-zero matrices give finite roots and gradients.
+scaled anywhere from 1e-30 to 1e30 inside the floating range.
+
+Validity: eigenvalues down to ``-δ λmax`` with ``δ = 10 n ε`` (``ε`` the dtype's machine epsilon) are
+rounding and count as zero; below that the matrix is not PSD. The square root of a PSD matrix takes
+``√max(λ, 0)``, so a singular or all-zero matrix has its exact root; only the backward's kernel uses
+eigenvalues floored at ``ε λmax``, which keeps the gradient finite where the exact one is infinite. The
+inverse root needs every eigenvalue above ``δ λmax``. An invalid matrix gets NaN.
 """
 
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
-from covpool.linalg.normalization import max_abs_scale
+from covpool.linalg.checks import refuse_double_backward
+
+_RELATIVE_ROUNDING = 10.0
 
 
-def _root_eigenvalues(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Return ``(sqrt_eigenvalues, eigenvectors, scale)`` of ``A / scale``, eigenvalues floored.
-
-    Shapes: ``A (*, n, n)`` → ``(*, n)``, ``(*, n, n)``, ``(*, 1, 1)``.
-    """
-    scale = max_abs_scale(A)
-    eigenvalues, eigenvectors = torch.linalg.eigh(A / scale)
-    # After division by the largest entry, λmax >= 1 for any non-zero PSD matrix, so this floor is relative.
-    eigenvalues = eigenvalues.clamp_min(torch.finfo(A.dtype).eps)
-    return eigenvalues.sqrt(), eigenvectors, scale
+def _max_abs(A: torch.Tensor) -> torch.Tensor:
+    scale = A.abs().amax(dim=(-2, -1), keepdim=True)
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
 class EighRoot(torch.autograd.Function):
-    """``sym(A)^p`` for ``p = ±1/2`` by ``torch.linalg.eigh``, exact gradient by Daleckii-Krein."""
+    """``sym(A)^p`` for ``p = ±1/2`` by ``torch.linalg.eigh``, exact gradient by Daleckii-Krein.
+
+    Returns the root and a per-matrix validity flag (``(*,)`` bool, not differentiable).
+    """
 
     @staticmethod
-    def forward(ctx, A: torch.Tensor, inverse: bool) -> torch.Tensor:  # noqa: D102
-        roots, vectors, scale = _root_eigenvalues(A)
-        values = roots.reciprocal() if inverse else roots
+    def forward(ctx, A: torch.Tensor, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: D102
+        scale = _max_abs(A)
+        eigenvalues, vectors = torch.linalg.eigh(A / scale)
+        top = eigenvalues[..., -1:].clamp_min(0)
+        rounding = _RELATIVE_ROUNDING * A.shape[-1] * torch.finfo(A.dtype).eps * top
+        smallest = eigenvalues[..., 0]
+        if inverse:
+            valid = (smallest > rounding[..., 0]) & (top[..., 0] > 0)
+        else:
+            valid = smallest >= -rounding[..., 0]
+        # The backward's kernel only needs positive eigenvalues: floor at machine precision, not at the
+        # (larger) rounding level of the validity test, which would change the gradient of a ridged matrix.
+        floor = (torch.finfo(A.dtype).eps * top).clamp_min(torch.finfo(A.dtype).tiny)
+        floored = torch.maximum(eigenvalues, floor).sqrt()
+        values = floored.reciprocal() if inverse else eigenvalues.clamp_min(0).sqrt()
         out = (vectors * values.unsqueeze(-2)) @ vectors.mT
-        ctx.save_for_backward(roots, vectors, scale)
+        out = out * (scale.rsqrt() if inverse else scale.sqrt())
+        out = torch.where(valid[..., None, None], out, torch.full_like(out, float("nan")))
+        ctx.save_for_backward(floored, vectors, scale)
         ctx.inverse = inverse
-        return out * (scale.rsqrt() if inverse else scale.sqrt())
+        ctx.mark_non_differentiable(valid)
+        return out, valid
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: torch.Tensor):  # noqa: D102
+    def backward(ctx, grad: torch.Tensor, _valid_grad: torch.Tensor):  # noqa: D102
+        refuse_double_backward("eigh")
         roots, vectors, scale = ctx.saved_tensors
         pair_sum = roots.unsqueeze(-1) + roots.unsqueeze(-2)
         if ctx.inverse:
@@ -62,6 +79,6 @@ class EighRoot(torch.autograd.Function):
         return grad_A * factor, None
 
 
-def eigh_root(A: torch.Tensor, *, inverse: bool) -> torch.Tensor:
-    """``A^(1/2)`` or ``A^(-1/2)`` of symmetric PSD ``A`` of shape ``(*, n, n)`` by eigendecomposition."""
+def eigh_root(A: torch.Tensor, *, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A^(±1/2), valid)`` of symmetric ``A`` of shape ``(*, n, n)``; ``valid`` has shape ``(*,)``."""
     return EighRoot.apply(A, inverse)

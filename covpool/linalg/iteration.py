@@ -1,20 +1,18 @@
-"""Forward evaluation of ``Â^(1/2)`` and ``Â^(-1/2)`` for a normalised SPD matrix ``Â`` (``λmax ≈ 1``).
+"""Forward evaluation of ``Â^(1/2)`` and ``Â^(-1/2)`` for a normalised SPD matrix ``Â`` (spectrum in ``(0, 1]``).
 
-Two schemes share one set of series (:mod:`covpool.linalg.coefficients`):
-
-- :func:`direct_root` — the paper's single approximant: Taylor (MTP) or Padé (MPA) of ``(1 - z)^(±1/2)``
-  at ``Z = I - Â``. Its accuracy is set by the smallest normalised eigenvalue ``x``: a Padé ``[m/m]``
-  has relative error about ``2 q^(2m+1)`` with ``q = (1 - √x) / (1 + √x)``, so [5/5] loses two digits at
-  ``x = 1e-3`` alone.
-- :func:`coupled_root` — the coupled iteration ``Y_{k+1} = Y_k r(W_k)``, ``Z_{k+1} = r(W_k) Z_k`` with
-  ``W_k = I - Z_k Y_k``, ``Y_0 = Â``, ``Z_0 = I`` and ``r ≈ (1 - w)^(-1/2)`` (Higham, "Stable iterations
-  for the matrix square root", 1997). With the Padé ``[m/m]`` step it converges with order ``2m + 1``:
-  ``q → q^(2m+1)`` per step, so two [5/5] steps reach ``q^121`` at about twice the cost of one, where one
-  [60/60] approximant would be needed otherwise. With the Taylor step of degree 1 it is the Newton-Schulz
-  iteration of iSQRT-COV. Both ``Y → Â^(1/2)`` and ``Z → Â^(-1/2)`` come out, which the backward uses.
-
-The Padé denominator is SPD on the normalised spectrum, so its solve is a Cholesky solve (batched LU has
-failed on CPU for large SPD batches).
+- :func:`coupled_root` runs a schedule (:mod:`covpool.linalg.schedule`) of the coupled iteration
+  ``U = Z Y``, ``Y ← Y q(U)``, ``Z ← q(U) Z`` from ``Y₀ = Â``, ``Z₀ = I`` (Higham, "Stable iterations for the
+  matrix square root", 1997), which returns both roots. The update of ``Z`` multiplies from the left: in
+  float32, ``Z ← Z q(U)`` (which would let one product update ``Y`` and ``Z`` together) loses two digits
+  at condition 1e4.
+  Polynomial steps are evaluated by Horner's rule with each product fused to its addition
+  (``baddbmm``); Padé steps by the Paterson-Stockmeyer scheme and a Cholesky solve, the denominator being
+  SPD on the normalised spectrum (batched LU has failed on CPU for large SPD batches).
+- :func:`within_error` estimates the relative error of the result from ``U_K = Z Y`` (``I`` at
+  convergence) at the cost of two products: it is how invalid input is caught without reading any value.
+- :func:`direct_root` is the paper's single approximant, Taylor (MTP) or Padé (MPA) of ``(1 - z)^(±1/2)``
+  at ``Z = I - Â``; its relative error is about ``2 q^(2m+1)``, ``q = (1 - √x) / (1 + √x)`` at the smallest
+  normalised eigenvalue ``x``, so it is kept for the paper's configuration only.
 """
 
 from __future__ import annotations
@@ -24,10 +22,9 @@ from fractions import Fraction
 import torch
 
 from covpool.linalg.coefficients import pade_coefficients, taylor_coefficients
+from covpool.linalg.numerics import eye_like, symmetrize
 from covpool.linalg.polynomial import matrix_polynomials
-
-_INVERSE_ROOT = Fraction(-1, 2)
-_ROOT = Fraction(1, 2)
+from covpool.linalg.schedule import PadeStep, Schedule
 
 
 @torch.compiler.assume_constant_result
@@ -43,48 +40,96 @@ def _series_floats(series: str, degree: int, exponent: Fraction) -> tuple[tuple[
     return tuple(tuple(float(c) for c in table) for table in tables)
 
 
-def _spd_solve(denominator: torch.Tensor, numerator: torch.Tensor, check: bool) -> torch.Tensor:
-    """``denominator⁻¹ numerator`` for SPD ``denominator`` by Cholesky. Shapes ``(*, n, n)``."""
-    factor, info = torch.linalg.cholesky_ex(0.5 * (denominator + denominator.mT))
-    if check and bool((info != 0).any()):
-        raise ValueError(
-            "A must be symmetric positive semi-definite: the Padé denominator lost positive "
-            "definiteness, which happens when A has clearly negative eigenvalues"
-        )
+def _spd_solve(denominator: torch.Tensor, numerator: torch.Tensor) -> torch.Tensor:
+    """``denominator⁻¹ numerator`` for SPD ``denominator`` (its lower triangle is read). Shapes ``(*, n, n)``.
+
+    A factorisation that fails (the input was not positive definite) leaves NaN, which the validity flags
+    of the caller catch; nothing is read on the host here.
+    """
+    factor, _ = torch.linalg.cholesky_ex(denominator)
     return torch.cholesky_solve(numerator, factor)
 
 
-def _apply_series(W: torch.Tensor, series: str, degree: int, exponent: Fraction, check: bool) -> torch.Tensor:
-    """``r(W) ≈ (I - W)^exponent`` by the Taylor polynomial or the diagonal Padé approximant of ``degree``."""
-    polynomials = matrix_polynomials(W, _series_floats(series, degree, exponent))
+def _polynomial_tail(U: torch.Tensor, coefficients: tuple[float, ...]) -> tuple[torch.Tensor, float]:
+    """``(T, a)`` with ``a T = Σ_{j>=1} c_j U^j = q(U) - c₀ I``: ``d - 1`` fused products, no identity.
+
+    By the recursion ``Σ_{j>=k} c_j U^(j-k+1) = c_k U + U · Σ_{j>k} …``, one ``baddbmm`` per level.
+    Shapes ``(b, n, n)``.
+    """
+    value, alpha = U, coefficients[-1]
+    for coefficient in reversed(coefficients[1:-1]):
+        value, alpha = torch.baddbmm(U, U, value, beta=coefficient, alpha=alpha), 1.0
+    return value, alpha
+
+
+def _pade_factor(step: PadeStep, U: torch.Tensor) -> torch.Tensor:
+    """``q(U) = μ Q(W)⁻¹ P(W)`` at ``W = I - μ² U``, by Paterson-Stockmeyer and a Cholesky solve.
+
+    ``U = Z Y`` is symmetric only up to rounding, and the Cholesky factorisation reads one triangle of
+    ``Q``: ``W`` is formed from the symmetric part of ``U`` (without it, float32 loses all accuracy at
+    condition 1e5).
+    """
+    W = torch.add(eye_like(U), symmetrize(U), alpha=-(step.scale**2))
+    P, Q = matrix_polynomials(W, (step.numerator, step.denominator))
+    return _spd_solve(Q, P).mul_(step.scale)
+
+
+def coupled_root(A_hat: torch.Tensor, schedule: Schedule) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Y, Z) ≈ (Â^(1/2), Â^(-1/2))`` after the steps of ``schedule``. Shapes: ``(*, n, n)`` each.
+
+    Differentiable by autograd (the ``"ns"`` method relies on it); :mod:`covpool.linalg.roots` runs it
+    without a graph for the methods with a Lyapunov backward. Leading batch dimensions are flattened.
+    """
+    shape = A_hat.shape
+    Y = A_hat.reshape(-1, shape[-2], shape[-1])
+    Z = None  # the identity
+    for step in schedule.steps:
+        U = Y if Z is None else Z @ Y
+        if isinstance(step, PadeStep):
+            factor = _pade_factor(step, U)
+            Y, Z = Y @ factor, factor if Z is None else factor @ Z
+            continue
+        # q(U) = c₀ I + a T: Y q = c₀ Y + a Y T and q Z = c₀ Z + a T Z, each one fused product.
+        c0 = step.coefficients[0]
+        tail, alpha = _polynomial_tail(U, step.coefficients)
+        Y_next = torch.baddbmm(Y, Y, tail, beta=c0, alpha=alpha)
+        if Z is None:
+            Z = tail * alpha if (alpha != 1.0 or tail is U) else tail
+            Z.diagonal(dim1=-2, dim2=-1).add_(c0)
+        else:
+            Z = torch.baddbmm(Z, tail, Z, beta=c0, alpha=alpha)
+        Y = Y_next
+    if Z is None:
+        Z = eye_like(Y).expand_as(Y)
+    return Y.reshape(shape), Z.reshape(shape)
+
+
+def within_error(Y: torch.Tensor, Z: torch.Tensor, limit: float, *, inverse: bool) -> torch.Tensor:
+    """Whether the estimated relative Frobenius error of ``Y`` (``Z`` if ``inverse``) is at most ``limit``.
+
+    The estimate comes from ``R = Z Y - I``.
+
+    At convergence ``Z Y = I``. An eigenvalue ``u`` of ``Z Y`` gives ``Y`` and ``Z`` the relative error
+    ``|√u - 1| ≈ |u - 1| / 2`` in that direction, so ``‖R Y‖_F / (2 ‖Y‖_F)`` estimates the error of
+    ``Y`` with each direction weighted as in ``Y`` (likewise for ``Z``). A negative eigenvalue of ``A``
+    drives ``u`` negative and the estimate beyond 1/2; NaN or Inf anywhere fails the test; an all-zero
+    root passes it.
+
+    Shapes: ``(*, n, n)`` each → ``(*,)`` bool.
+    """
+    batch = Y.shape[:-2]
+    Y, Z = Y.reshape(-1, *Y.shape[-2:]), Z.reshape(-1, *Z.shape[-2:])
+    root = Z if inverse else Y
+    weight = 1.0 / (2.0 * limit)
+    residual = torch.baddbmm(root, Z @ Y, root, beta=-weight, alpha=weight)  # R · root / (2 limit)
+    return (torch.linalg.matrix_norm(residual) <= torch.linalg.matrix_norm(root)).reshape(batch)
+
+
+def direct_root(A_hat: torch.Tensor, *, series: str, degree: int, inverse: bool) -> torch.Tensor:
+    """The paper's approximant ``(I - Z)^(±1/2)`` at ``Z = I - Â``. Shape: ``(*, n, n)``."""
+    W = eye_like(A_hat) - A_hat
+    polynomials = matrix_polynomials(W, _series_floats(series, degree, Fraction(-1 if inverse else 1, 2)))
     if series == "taylor":
         return polynomials[0]
     P, Q = polynomials
-    return _spd_solve(Q, P, check)
-
-
-def direct_root(
-    A_hat: torch.Tensor, *, series: str, degree: int, inverse: bool, check: bool = True
-) -> torch.Tensor:
-    """The paper's approximant ``(I - Z)^(±1/2)`` at ``Z = I - Â``. Shape: ``(*, n, n)``."""
-    eye = torch.eye(A_hat.shape[-1], dtype=A_hat.dtype, device=A_hat.device)
-    return _apply_series(eye - A_hat, series, degree, _INVERSE_ROOT if inverse else _ROOT, check)
-
-
-def coupled_root(
-    A_hat: torch.Tensor, *, series: str, degree: int, steps: int, check: bool = True
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(Y, Z) ≈ (Â^(1/2), Â^(-1/2))`` after ``steps`` coupled steps. Shapes: ``(*, n, n)`` each.
-
-    Differentiable by autograd (the ``"ns"`` method relies on it); :mod:`covpool.linalg.roots` runs it
-    without a graph for the methods with a Lyapunov backward.
-    """
-    eye = torch.eye(A_hat.shape[-1], dtype=A_hat.dtype, device=A_hat.device)
-    step = _apply_series(eye - A_hat, series, degree, _INVERSE_ROOT, check)
-    Y, Z = A_hat @ step, step
-    for _ in range(steps - 1):
-        product = Z @ Y
-        W = eye - 0.5 * (product + product.mT)
-        step = _apply_series(W, series, degree, _INVERSE_ROOT, check)
-        Y, Z = Y @ step, step @ Z
-    return Y, Z
+    return _spd_solve(Q, P)

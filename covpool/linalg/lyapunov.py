@@ -1,86 +1,81 @@
-"""Solver of the Lyapunov equation ``S X + X S = G`` for SPD ``S`` and symmetric ``G``.
+"""The one solver of the Lyapunov equation ``Y X + X Y = C`` (``Y`` SPD with spectrum in about ``(0, 1]``).
 
-This is the backward of the matrix square root: if ``S = A^(1/2)`` and ``G = ∂L/∂S``, then
-``∂L/∂A = X``. Following Song, Sebe & Wang (ICLR 2022), ``X`` comes from the sign of the block matrix
-``M = [[B, C], [0, -B]]``, ``B = S / σ``, ``C = G / σ``: ``sign(M) = [[I, 2X], [0, -I]]``. The coupled
-Newton-Schulz iteration for the sign is
+This is the backward of the matrix square root: for ``S = √c Y = A^(1/2)`` and ``G = ∂L/∂S``,
+``∂L/∂A = X`` with ``C = G / √c``. Following Song, Sebe & Wang (ICLR 2022), ``X`` is read from the sign of
+``M = [[Y, C], [0, -Y]]``: ``sign(M) = [[I, 2X], [0, -I]]``. The sign is computed by composing odd
+polynomials ``p(s) = s q(s²)`` applied to ``M``, the steps of a certified schedule
+(:mod:`covpool.linalg.schedule`): the off-diagonal block of ``P(M)`` is
+``C_ij (P(b_i) + P(b_j)) / (b_i + b_j)`` in the eigenbasis of ``Y``, so the relative error of ``X`` is at most
+the schedule's bound on ``|P(b) - 1|``. The paper uses 8 fixed Newton-Schulz steps ``p(s) = s (3 - s²) / 2``
+(an instance of the same solver); a minimax step of degree 5 multiplies a small ``b`` by about 8.5 where
+Newton-Schulz multiplies it by 1.5, and the step count follows from the spectrum bound and ``tol``.
 
-    B ← B (3I - B²) / 2,   C ← (3C - B²C - C B² + B C B) / 2,
+One step on ``M``, with ``M² = [[B², D], [0, B²]]`` and ``D = B C - C B = BC - (BC)ᵀ`` (``B``, ``C``
+symmetric): ``q(M²) = [[H, K], [0, H]]`` and ``p(M) = [[B H, B K + C H], [0, -B H]]``.
 
-which converges while the eigenvalues of ``B`` lie in ``(0, √3)``; ``σ`` is a per-matrix estimate of
-``λmax(S)``. The small eigenvalues ``b`` grow only by 1.5× per iteration, so an ill-conditioned ``S`` needs
-many iterations (about 12 for ``κ(A) = 1e3``).
+- degree 1, ``q(u) = c₀ + c₁u``: ``H = c₀I + c₁B²``, ``K = c₁D``; products ``B², BC, BH, BK, CH``: 5.
+- degree 2: ``H = c₀I + c₁B² + c₂B⁴``, ``K = c₁D + c₂(B²D + DB²)`` with ``DB² = -(B²D)ᵀ``; products
+  ``B², BC, B⁴, B²D, BH, BK, CH``: 7.
 
-Two choices differ from the paper:
+Every ``c₀ I`` term and every sum is folded into a ``baddbmm`` (``beta · input + alpha · A @ B``), so a
+degree-2 step launches 9 kernels for its 7 products and no identity matrix is ever formed.
 
-- optional *scaled Newton first step*: when ``S⁻¹`` is known (the coupled forward iteration returns it),
-  one Newton step ``M ← (μM + (μM)⁻¹) / 2`` with ``μ = 1 / √(b_min b_max)`` maps the spectrum of ``B`` from
-  ``[b_min, 1]`` into ``[1, (t + 1/t) / 2]``, ``t = (1 / b_min)^(1/2)``; for ``κ(A) = 1e3`` that is
-  ``[1, 2.9]``, and about half the Newton-Schulz iterations are saved for two extra products.
-  ``b_min`` comes from a few power iterations on ``S⁻¹``.
-- optional early stop once the root-mean-square entry of ``B² - I``, ``‖B² - I‖_F / n``, falls below a
-  tolerance for every matrix of the batch.
-
-Each iteration is five batched products, ``B²``, ``BC``, ``B (BC)``, ``B (BC)ᵀ`` and ``B B²`` (symmetry of
-``C`` gives ``C B = (B C)ᵀ`` and ``C B² = (B² C)ᵀ``), and nothing is kept from one iteration to the next,
-so memory does not grow with the iteration count. The backward runs without a graph, so the updates of
-``B`` are in place.
+Nothing is kept from one step to the next, so memory does not grow with the step count.
 """
 
 from __future__ import annotations
 
 import torch
 
-from covpool.linalg.normalization import spectral_scale
+from covpool.linalg.schedule import Schedule
 
 
-def _newton_scaled_step(
-    B: torch.Tensor, C: torch.Tensor, B_inverse: torch.Tensor
+def _sign_step(
+    B: torch.Tensor, C: torch.Tensor, coefficients: tuple[float, ...], c_scale: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One scaled Newton step on ``[[B, C], [0, -B]]``, rescaled so that ``λmax(B) ≈ 1``."""
-    b_min = spectral_scale(B_inverse, "power").reciprocal().clamp(max=1.0)
-    mu = b_min.rsqrt()
-    top = 0.5 * (mu + 1.0 / mu)
-    B_next = 0.5 * (mu * B + B_inverse / mu)
-    C_next = 0.5 * (mu * C + B_inverse @ C @ B_inverse / mu)
-    return B_next / top, C_next / top
+    """One step ``M ← p(M)``, every scalar and sum fused into a product (``baddbmm``).
+
+    The new off-diagonal block is multiplied by ``c_scale`` (free: it is the last product's alpha/beta).
+    """
+    B2 = B @ B
+    BC = B @ C
+    D = BC - BC.mT
+    if len(coefficients) == 2:
+        c0, c1 = coefficients
+        # B H = c0 B + c1 B B²;  B K + C H = c1 B D + c0 C + c1 C B².
+        return (
+            torch.baddbmm(B, B, B2, beta=c0, alpha=c1),
+            torch.baddbmm(
+                torch.baddbmm(C, B, D, beta=c0, alpha=c1), C, B2, beta=c_scale, alpha=c1 * c_scale
+            ),
+        )
+    if len(coefficients) == 3:
+        c0, c1, c2 = coefficients
+        T = torch.baddbmm(B2, B2, B2, beta=c1, alpha=c2)  # H = c0 I + T
+        # K = c1 D + c2 (B²D + DB²) = c1 (F - Fᵀ) with F = BC + (c2/c1) B²D, since DB² = -(B²D)ᵀ.
+        F = torch.baddbmm(BC, B2, D, alpha=c2 / c1)
+        BK_plus_c0C = torch.baddbmm(C, B, F - F.mT, beta=c0, alpha=c1)
+        return torch.baddbmm(B, B, T, beta=c0), torch.baddbmm(BK_plus_c0C, C, T, beta=c_scale, alpha=c_scale)
+    raise ValueError(f"sign steps of degree 1 or 2 are supported, got {len(coefficients) - 1}")
 
 
-def solve_lyapunov(
-    S: torch.Tensor,
-    G: torch.Tensor,
-    *,
-    scale: torch.Tensor,
-    iters: int,
-    tol: float | None = None,
-    S_inverse: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Solve ``S X + X S = G`` for ``X``.
+def solve_lyapunov(Y: torch.Tensor, C: torch.Tensor, schedule: Schedule) -> torch.Tensor:
+    """Solve ``Y X + X Y = C`` for ``X`` by the sign iteration with the steps of ``schedule``.
 
     Args:
-        S: ``(*, n, n)`` SPD.
-        G: ``(*, n, n)`` symmetric right-hand side.
-        scale: ``(*, 1, 1)`` estimate of ``λmax(S)``; the iteration converges for ``λmax(S) < √3 · scale``.
-        iters: maximum number of Newton-Schulz iterations.
-        tol: stop early once ``‖B² - I‖_F / n`` is below ``tol`` for every matrix (one host sync per
-            iteration); ``None`` runs exactly ``iters`` iterations.
-        S_inverse: ``(*, n, n)`` ``S⁻¹`` if known; enables the scaled Newton first step.
+        Y: ``(*, n, n)`` SPD, spectrum within the schedule's interval.
+        C: ``(*, n, n)`` symmetric right-hand side.
+        schedule: polynomial steps certified on the spectrum of ``Y``.
 
     Returns:
-        ``(*, n, n)`` symmetric ``X``.
+        ``(*, n, n)`` ``X``, symmetric up to rounding; relative error at most ``schedule.error`` (in exact
+        arithmetic).
     """
-    B = S / scale
-    C = G / scale
-    if S_inverse is not None:
-        B, C = _newton_scaled_step(B, C, S_inverse * scale)
-    n = S.shape[-1]
-    eye = torch.eye(n, dtype=S.dtype, device=S.device)
-    for _ in range(iters):
-        B_square = B @ B
-        if tol is not None and bool(torch.linalg.matrix_norm(B_square - eye).amax() < tol * n):
-            break
-        BC = B @ C
-        B_square_C = B @ BC
-        C = (B @ BC.mT - B_square_C - B_square_C.mT + 3.0 * C) * 0.5
-        B = (B @ B_square).mul_(-0.5).add_(B, alpha=1.5)
-    return 0.5 * C
+    shape = Y.shape
+    B = Y.reshape(-1, shape[-2], shape[-1])
+    C = C.reshape(-1, shape[-2], shape[-1])
+    last = len(schedule.steps) - 1
+    for k, step in enumerate(schedule.steps):
+        # sign(M) has 2X in its corner: the last step halves its result.
+        B, C = _sign_step(B, C, step.coefficients, 0.5 if k == last else 1.0)
+    return C.reshape(shape)

@@ -1,73 +1,271 @@
-"""Resolved settings of one matrix-root call, with the defaults of each method in one place."""
+"""Options of the matrix roots: one object with the defaults, the validation and the resolution of a call.
+
+:class:`RootOptions` is what every layer, model and config passes, unchanged, down to
+:func:`covpool.sqrtm` / :func:`covpool.inv_sqrtm`. It is validated when it is built (on the host, the same on
+every device): a value out of range, or an option the chosen method does not use, raises at once.
+:meth:`RootOptions.plan` resolves it for one call (size, batch, device, dtype and the call's ridge) into a
+:class:`RootPlan`: the concrete method, normalisation and the certified schedules of forward and backward.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
 
-from covpool.linalg.checks import check_choice, check_positive_int
-from covpool.linalg.normalization import NORMALIZATIONS
+import numpy as np
+import torch
 
-METHODS = ("auto", "mpa", "mtp", "ns", "eigh")
+from covpool.linalg.auto import choose_method
+from covpool.linalg.checks import check_choice, check_float, check_positive_int, reads_values
+from covpool.linalg.coefficients import pade_coefficients, taylor_coefficients
+from covpool.linalg.numerics import is_tracing
+from covpool.linalg.schedule import (
+    BACKWARD_DEGREES,
+    Schedule,
+    minimax_schedule,
+    newton_schulz_schedule,
+    pade_schedule,
+)
 
-# Defaults per method: (degree, steps, normalization). Measured on SPD matrices with condition numbers up
-# to 1e3 in float32 (``python -m covpool.bench``): every default reaches a relative error below 1e-5
-# there except "ns", which keeps iSQRT-COV's five iterations and trace normalisation for comparability.
-_METHOD_DEFAULTS = {
-    "mpa": (2, 4, "power"),
-    "mtp": (8, 4, "power"),
-    "ns": (1, 5, "trace"),
-    "eigh": (0, 0, "power"),
+Method = Literal["auto", "mtp", "mpa", "ns", "eigh"]
+Normalization = Literal["schatten8", "frobenius", "trace"]
+Backward = Literal["minimax", "newton-schulz"]
+METHODS: tuple[str, ...] = ("auto", "mtp", "mpa", "ns", "eigh")
+NORMALIZATIONS: tuple[str, ...] = ("schatten8", "frobenius", "trace")
+BACKWARDS: tuple[str, ...] = ("minimax", "newton-schulz")
+
+DEFAULT_TOL = 1e-3
+DEFAULT_CONDITION = 1e3
+_SERIES_OPTIONS = frozenset(
+    {"tol", "condition", "degree", "steps", "normalization", "backward", "backward_steps", "check_input"}
+)
+_USED_BY = {
+    "auto": frozenset({"tol", "condition", "check_input"}),
+    "mtp": _SERIES_OPTIONS,
+    "mpa": _SERIES_OPTIONS,
+    "ns": frozenset({"steps", "normalization", "check_input"}),
+    "eigh": frozenset({"check_input"}),
 }
+_NORMALIZATION_SLACK = {"schatten8": 0.125, "frobenius": 0.5, "trace": 1.0}
+"""``c / λmax <= n^slack`` for the normalising constant ``c`` (Schatten-8 norm, Frobenius norm, trace)."""
+_FLOAT_SLACK = 1e-4
+"""Relative room left above the normalised spectrum for rounding."""
+_REJECT_FLOOR = 1e-2
+"""A matrix is rejected (NaN, or an error with checks) when its a-posteriori error exceeds
+``max(10 tol, 1e-2)``: far beyond what the certified schedule reaches on valid input."""
+
+
+@dataclass(frozen=True)
+class RootPlan:
+    """How one call is computed: the resolved method and its certified schedules.
+
+    Attributes:
+        method: ``"mtp"``, ``"mpa"``, ``"ns"`` or ``"eigh"``.
+        normalization: how ``A`` is scaled before an iteration (None for eigh).
+        forward: schedule of the coupled iteration (None for eigh and for a single approximant).
+        direct_degree: degree of the paper's single approximant when ``steps == 1``, else None.
+        backward: schedule of the Lyapunov sign iteration (mtp and mpa), else None.
+        lower: assumed lower end of the spectrum of ``Â^(1/2)``.
+        reject_above: a-posteriori error above which a matrix is invalid (``inf``: not checked).
+        read_values: read validity flags on the host and raise (``check_input`` resolved).
+    """
+
+    method: str
+    normalization: str | None
+    forward: Schedule | None
+    direct_degree: int | None
+    backward: Schedule | None
+    lower: float
+    reject_above: float
+    read_values: bool
+
+    @property
+    def series(self) -> str:
+        """``"pade"`` for mpa, ``"taylor"`` for mtp (the single approximant's series)."""
+        return "pade" if self.method == "mpa" else "taylor"
 
 
 @dataclass(frozen=True)
 class RootOptions:
-    """Everything that decides how a root is computed; see :func:`covpool.sqrtm` for the meaning."""
+    """Options of :func:`covpool.sqrtm` and :func:`covpool.inv_sqrtm`; every field is optional.
 
-    method: str
-    degree: int
-    steps: int
-    normalization: str
-    backward_iters: int = 20
-    backward_tol: float | None = 1e-5
-    backward_newton: bool = True
+    Args:
+        method: ``"auto"`` (default: ``"eigh"`` on CPU, where it is measured fastest; ``"mtp"`` on CUDA and
+            while tracing), ``"mtp"`` (coupled minimax-polynomial iteration, matrix products only, Lyapunov
+            backward), ``"mpa"`` (coupled scaled Padé iteration with Cholesky solves, Lyapunov backward),
+            ``"ns"`` (iSQRT-COV's Newton-Schulz iteration, autograd through the steps), ``"eigh"``
+            (eigendecomposition, exact Daleckii-Krein backward).
+        tol: relative error of forward and gradient that mtp/mpa schedules are certified for (default 1e-3).
+        condition: assumed bound on ``κ(A)`` when the call adds no ridge (``eps == 0``; default 1e3). With
+            a ridge the bound follows from it and ``condition`` only tightens it.
+        degree: polynomial degree of each mtp step (default: the cheapest for ``tol``) or Padé degree of
+            each mpa step (default 2).
+        steps: fixed number of forward steps instead of the certified count; ``1`` is the paper's single
+            Taylor (mtp) or Padé (mpa) approximant. ns: its iterations (default 5).
+        normalization: ``"schatten8"`` (default for mtp/mpa: ``(tr A⁸)^(1/8)``, within ``n^(1/8)`` of
+            ``λmax``, two products), ``"frobenius"`` (the paper's) or ``"trace"`` (iSQRT-COV's, ns default).
+        backward: ``"minimax"`` (default: certified minimax steps) or ``"newton-schulz"`` (the paper's
+            plain iteration; needs ``backward_steps``).
+        backward_steps: fixed number of backward steps instead of the certified count.
+        check_input: read validity on the host and raise on bad input (default None: yes where that needs
+            no device synchronisation, i.e. off CUDA and outside tracing). Invalid matrices give NaN either
+            way.
 
-    @property
-    def series(self) -> str:
-        """The series behind the method: ``"pade"`` for mpa, ``"taylor"`` for mtp and ns."""
-        return "pade" if self.method == "mpa" else "taylor"
+    Example:
+        >>> RootOptions(method="mtp", tol=1e-4).method
+        'mtp'
+        >>> RootOptions(method="eigh", steps=3)
+        Traceback (most recent call last):
+        ...
+        ValueError: steps is not used by method='eigh' (it uses: check_input); remove it
+    """
+
+    method: Method = "auto"
+    tol: float | None = None
+    condition: float | None = None
+    degree: int | None = None
+    steps: int | None = None
+    normalization: Normalization | None = None
+    backward: Backward | None = None
+    backward_steps: int | None = None
+    check_input: bool | None = None
+
+    def __post_init__(self) -> None:
+        check_choice(self.method, "method", METHODS)
+        given = {f.name for f in fields(self) if f.name != "method" and getattr(self, f.name) is not None}
+        unused = sorted(given - _USED_BY[self.method])
+        if unused:
+            raise ValueError(
+                f"{', '.join(unused)} {'is' if len(unused) == 1 else 'are'} not used by "
+                f"method={self.method!r} (it uses: {', '.join(sorted(_USED_BY[self.method]))}); remove it"
+            )
+        if self.tol is not None:
+            check_float(self.tol, "tol", strict=True)
+        if self.condition is not None:
+            check_float(self.condition, "condition", minimum=1.0)
+        for name in ("degree", "steps", "backward_steps"):
+            if getattr(self, name) is not None:
+                check_positive_int(getattr(self, name), name)
+        if self.normalization is not None:
+            check_choice(self.normalization, "normalization", NORMALIZATIONS)
+        if self.backward is not None:
+            check_choice(self.backward, "backward", BACKWARDS)
+        if self.backward == "newton-schulz" and self.backward_steps is None:
+            raise ValueError("backward='newton-schulz' needs backward_steps (it has no certified count)")
+        if self.tol is not None and self.steps is not None and self.backward_steps is not None:
+            raise ValueError("tol is not used when both steps and backward_steps are fixed; remove one")
+        if self.check_input is not None and not isinstance(self.check_input, bool):
+            raise ValueError(f"check_input must be None, True or False, got {self.check_input!r}")
+
+    @classmethod
+    def coerce(cls, value: RootOptions | str | dict[str, Any] | None) -> RootOptions:
+        """Options from a :class:`RootOptions`, a method name, a dict of fields (configs) or None."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            return cls(method=value)
+        if isinstance(value, dict):
+            unknown = sorted(set(value) - {f.name for f in fields(cls)})
+            if unknown:
+                raise ValueError(
+                    f"root options got unknown keys {unknown}; known: {[f.name for f in fields(cls)]}"
+                )
+            return cls(**value)
+        raise TypeError(
+            f"root must be a RootOptions, a method name, a dict or None, got {type(value).__name__}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields that differ from the defaults (for configs and ``repr``)."""
+        return {k: v for k, v in asdict(self).items() if v != getattr(RootOptions, k)}
+
+    def __repr__(self) -> str:
+        given = ", ".join(f"{k}={v!r}" for k, v in self.to_dict().items())
+        return f"RootOptions({given})"
+
+    def plan(
+        self, n: int, *, eps: float, device: torch.device, num_matrices: int, dtype: torch.dtype
+    ) -> RootPlan:
+        """Resolve for one call on ``num_matrices`` matrices of size ``n`` with relative ridge ``eps``."""
+        method = self.method
+        if method == "auto":
+            method = choose_method(device.type, self.tol or DEFAULT_TOL, dtype, is_tracing())
+        return _plan(self, method, n, float(eps), reads_values(self.check_input, device))
 
 
-def resolve_options(
-    method: str,
-    *,
-    degree: int | None,
-    steps: int | None,
-    normalization: str | None,
-    backward_iters: int,
-    backward_tol: float | None,
-    backward_newton: bool,
-) -> RootOptions:
-    """Fill the per-method defaults and validate every argument (``method`` must not be ``"auto"``)."""
-    check_choice(method, "method", METHODS[1:])
-    default_degree, default_steps, default_normalization = _METHOD_DEFAULTS[method]
-    options = RootOptions(
-        method=method,
-        degree=default_degree if degree is None else degree,
-        steps=default_steps if steps is None else steps,
-        normalization=default_normalization if normalization is None else normalization,
-        backward_iters=backward_iters,
-        backward_tol=backward_tol,
-        backward_newton=backward_newton,
-    )
-    if method in ("mpa", "mtp", "ns"):
-        check_positive_int(options.degree, "degree")
-        check_positive_int(options.steps, "steps")
-    check_choice(options.normalization, "normalization", NORMALIZATIONS)
-    check_positive_int(backward_iters, "backward_iters", minimum=0)
-    if backward_tol is not None and not backward_tol > 0.0:
-        raise ValueError(f"backward_tol must be None or a float > 0, got {backward_tol!r}")
-    return options
+@functools.cache
+def _lower_bound(normalization: str, n: int, eps: float, condition: float | None) -> float:
+    """Lower end of the spectrum of ``Â^(1/2)``: from the ridge, else from the condition bound."""
+    from_condition = 1.0 / ((condition or DEFAULT_CONDITION) * n ** _NORMALIZATION_SLACK[normalization])
+    if eps > 0:
+        # λmin(A + eps·m·I) >= eps·m and every normalising constant is <= tr(A + eps·m·I) = (n + eps)·m.
+        from_ridge = eps / (n + eps)
+        x = max(from_ridge, from_condition) if condition is not None else from_ridge
+    else:
+        x = from_condition
+    return math.sqrt(min(x, 1.0))
+
+
+def _direct_error(series: str, degree: int, lower: float) -> float:
+    """Worst relative error of the single approximant of ``(1 - z)^(-1/2)`` times ``x`` on ``[lower², 1]``."""
+    from fractions import Fraction
+
+    x = np.geomspace(lower**2, 1.0, 4000)
+    z = 1.0 - x
+    exponent = Fraction(-1, 2)
+    if series == "taylor":
+        approx = sum(float(c) * z**k for k, c in enumerate(taylor_coefficients(exponent, degree)))
+    else:
+        p, q = pade_coefficients(exponent, degree, degree)
+        approx = sum(float(c) * z**k for k, c in enumerate(p)) / sum(float(c) * z**k for k, c in enumerate(q))
+    return float(np.abs(approx * np.sqrt(x) - 1.0).max())
+
+
+@functools.cache
+@torch.compiler.assume_constant_result
+def _plan(options: RootOptions, method: str, n: int, eps: float, read_values: bool) -> RootPlan:
+    if method == "eigh":
+        return RootPlan("eigh", None, None, None, None, 0.0, math.inf, read_values)
+    if method == "ns":
+        normalization = options.normalization or "trace"
+        lower = _lower_bound(normalization, max(n, 1), eps, None)
+        forward = newton_schulz_schedule(lower, 1.0 + _FLOAT_SLACK, options.steps or 5)
+        return RootPlan("ns", normalization, forward, None, None, lower, 1.0, read_values)
+    normalization = options.normalization or "schatten8"
+    tol = options.tol or DEFAULT_TOL
+    lower = _lower_bound(normalization, max(n, 1), eps, options.condition)
+    upper = 1.0 + _FLOAT_SLACK
+    forward, direct_degree = None, None
+    if options.steps == 1:
+        direct_degree = options.degree or (5 if method == "mpa" else 8)
+        forward_error = _direct_error("pade" if method == "mpa" else "taylor", direct_degree, lower)
+        reject_above = math.inf
+    else:
+        if method == "mpa":
+            forward = pade_schedule(lower, upper, tol, degree=options.degree or 2, steps=options.steps)
+        else:
+            degrees = (options.degree,) if options.degree else (1, 2, 3, 4)
+            forward = minimax_schedule(lower, upper, tol, degrees=degrees, steps=options.steps)
+        forward_error = forward.error
+        reject_above = max(10 * tol, _REJECT_FLOOR)
+    slack = min(max(forward_error, _FLOAT_SLACK), 0.5)
+    backward_lower, backward_upper = lower * (1.0 - slack), 1.0 + slack
+    if options.backward == "newton-schulz":
+        backward = newton_schulz_schedule(backward_lower, backward_upper, options.backward_steps)
+    else:
+        backward = minimax_schedule(
+            backward_lower,
+            backward_upper,
+            tol,
+            degrees=BACKWARD_DEGREES,
+            backward=True,
+            steps=options.backward_steps,
+        )
+    return RootPlan(method, normalization, forward, direct_degree, backward, lower, reject_above, read_values)
 
 
 PAPER_CONFIG = {
@@ -75,9 +273,8 @@ PAPER_CONFIG = {
     "degree": 5,
     "steps": 1,
     "normalization": "frobenius",
-    "backward_iters": 8,
-    "backward_tol": None,
-    "backward_newton": False,
+    "backward": "newton-schulz",
+    "backward_steps": 8,
 }
 """Keyword arguments that reproduce Song, Sebe & Wang (ICLR 2022): one Padé [5/5] approximant after
 Frobenius normalisation, 8 plain Newton-Schulz iterations in the backward: ``sqrtm(A, **PAPER_CONFIG)``."""

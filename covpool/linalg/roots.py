@@ -1,209 +1,215 @@
 """Public matrix-root functions :func:`sqrtm` and :func:`inv_sqrtm`, and the autograd glue.
 
 ``"mpa"`` and ``"mtp"`` run their forward without a graph and differentiate by the Lyapunov solver
-(:mod:`covpool.linalg.lyapunov`), so the backward stores only ``S``, ``S⁻¹`` and a scale per matrix,
-whatever the number of steps. ``"ns"`` differentiates through its iterations with autograd, as
-iSQRT-COV does. ``"eigh"`` is exact (:mod:`covpool.linalg.eigh`). ``"auto"`` picks one of them by the rules
-in :mod:`covpool.linalg.auto`.
+(:mod:`covpool.linalg.lyapunov`), so the backward stores only ``Y ≈ Â^(1/2)`` (and ``Z ≈ Â^(-1/2)`` for the
+inverse root) and a scale per matrix, whatever the number of steps. ``"ns"`` differentiates through its
+iterations with autograd, as iSQRT-COV does. ``"eigh"`` is exact (:mod:`covpool.linalg.eigh`). What is
+checked where is said in :mod:`covpool.linalg.checks`.
 """
 
 from __future__ import annotations
 
-from typing import TypedDict, Unpack
+import functools
+from typing import Any, TypedDict, Unpack
 
 import torch
-from torch.autograd.function import once_differentiable
 
-from covpool.linalg.auto import choose_method
-from covpool.linalg.checks import check_choice, check_square_batch
+from covpool.linalg.checks import (
+    check_finite,
+    check_float,
+    check_square_batch,
+    raise_if_invalid,
+    refuse_double_backward,
+)
 from covpool.linalg.eigh import eigh_root
-from covpool.linalg.iteration import coupled_root, direct_root
+from covpool.linalg.iteration import coupled_root, direct_root, within_error
 from covpool.linalg.lyapunov import solve_lyapunov
-from covpool.linalg.normalization import spectral_scale
-from covpool.linalg.options import METHODS, RootOptions, resolve_options
-
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-def _normalised(A: torch.Tensor, options: RootOptions) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(Â, c)`` with ``Â = A / c`` and ``c ≈ λmax(A)``. Shapes ``(*, n, n)``, ``(*, 1, 1)``."""
-    scale = spectral_scale(A, options.normalization)
-    return A / scale, scale
+from covpool.linalg.normalization import normalise, trace
+from covpool.linalg.numerics import symmetrize, working_dtype
+from covpool.linalg.options import DEFAULT_CONDITION, RootOptions, RootPlan
 
 
 def _with_ridge(A: torch.Tensor, eps: float) -> torch.Tensor:
-    """``A + eps (tr(A) / n) I``, differentiable, so every method gets the ridge's exact gradient."""
-    if eps == 0.0:
-        return A
-    mean_eigenvalue = A.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None]
-    return A + eps * mean_eigenvalue * torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+    """``A + eps (tr(A) / n) I``; ``A`` must be a fresh tensor of the caller's (its diagonal is updated)."""
+    if eps != 0.0:
+        A.diagonal(dim1=-2, dim2=-1).add_(trace(A)[..., 0] * (eps / A.shape[-1]))
+    return A
 
 
-def _series_forward(
-    A: torch.Tensor, options: RootOptions, inverse: bool, check: bool
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """``(S, S⁻¹ or None, c)`` by the series method in ``options``; ``S⁻¹`` is None only for a direct sqrt."""
-    A_hat, scale = _normalised(A, options)
-    if options.steps == 1:
-        root = direct_root(A_hat, series=options.series, degree=options.degree, inverse=inverse, check=check)
-        Y, Z = (A_hat @ root, root) if inverse else (root, None)
-    else:
-        Y, Z = coupled_root(
-            A_hat, series=options.series, degree=options.degree, steps=options.steps, check=check
-        )
-    root_scale = scale.sqrt()
-    return Y * root_scale, None if Z is None else Z / root_scale, scale
+class MatmulRoot(torch.autograd.Function):
+    """``f(sym(A) + ridge)`` with ``f = (·)^(±1/2)`` by a coupled iteration (mtp, mpa); Lyapunov backward.
 
-
-class SeriesRoot(torch.autograd.Function):
-    """``A^(±1/2)`` by MPA/MTP in the forward and the Lyapunov equation in the backward."""
+    Symmetrisation and ridge sit inside, so that their adjoint costs nothing extra: the Lyapunov solution
+    ``X`` is symmetric, and the ridge adds ``(eps / n) tr(X) I``. Returns the root and a per-matrix
+    validity flag (``(*,)`` bool, not differentiable); an invalid matrix gets NaN.
+    """
 
     @staticmethod
-    def forward(ctx, A: torch.Tensor, inverse: bool, options: RootOptions, check: bool) -> torch.Tensor:  # noqa: D102
-        S, S_inverse, scale = _series_forward(A, options, inverse, check)
-        ctx.save_for_backward(S, S_inverse, scale)
+    def forward(  # noqa: D102
+        ctx, A: torch.Tensor, inverse: bool, plan: RootPlan, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        A_hat, scale = normalise(_with_ridge(symmetrize(A), eps), plan.normalization)
+        if plan.direct_degree is not None:
+            root = direct_root(A_hat, series=plan.series, degree=plan.direct_degree, inverse=inverse)
+            Y, Z = (A_hat @ root, root) if inverse else (root, None)
+            valid = torch.isfinite(root).flatten(-2).all(-1)
+        else:
+            Y, Z = coupled_root(A_hat, plan.forward)
+            valid = within_error(Y, Z, plan.reject_above, inverse=inverse)
+            Z = Z if inverse else None
+        root_scale = scale.sqrt()
+        # NaN for an invalid matrix, folded into the scale (a (*, 1, 1) tensor) rather than the result.
+        factor = torch.where(valid[..., None, None], root_scale, float("nan"))
+        out = Z / factor if inverse else Y * factor
+        ctx.save_for_backward(Y, Z, root_scale)
         ctx.inverse = inverse
-        ctx.options = options
-        return S_inverse if inverse else S
+        ctx.plan = plan
+        ctx.eps = eps
+        ctx.mark_non_differentiable(valid)
+        return out, valid
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: torch.Tensor):  # noqa: D102
-        S, S_inverse, scale = ctx.saved_tensors
-        options: RootOptions = ctx.options
-        G = 0.5 * (grad + grad.mT)
+    def backward(ctx, grad: torch.Tensor, _valid_grad: torch.Tensor):  # noqa: D102
+        refuse_double_backward(ctx.plan.method)
+        Y, Z, root_scale = ctx.saved_tensors
+        G = symmetrize(grad)
         if ctx.inverse:
-            # d(S⁻¹) = -S⁻¹ dS S⁻¹, so the right-hand side for dS is -S⁻¹ G S⁻¹.
-            G = -S_inverse @ G @ S_inverse
-        X = solve_lyapunov(
-            S,
-            G,
-            scale=scale.sqrt(),
-            iters=options.backward_iters,
-            tol=options.backward_tol,
-            S_inverse=S_inverse if options.backward_newton else None,
-        )
-        return X, None, None, None
+            # d(S⁻¹) = -S⁻¹ dS S⁻¹ with S⁻¹ = Z / √c: the right-hand side for dS is -Z G Z / c.
+            G = Z @ G @ Z
+            root_scale = -root_scale.pow(3)
+        # S X + X S = G with S = √c Y is Y X' + X' Y = G and X = X' / √c (the solver is linear).
+        X = solve_lyapunov(Y, G, ctx.plan.backward) / root_scale
+        return _with_ridge(X, ctx.eps), None, None, None
 
 
-def _newton_schulz(A: torch.Tensor, options: RootOptions, inverse: bool) -> torch.Tensor:
-    """iSQRT-COV: coupled Newton-Schulz on ``A / c``, differentiated by autograd through every step."""
-    A_hat, scale = _normalised(A, options)
-    Y, Z = coupled_root(A_hat, series="taylor", degree=options.degree, steps=options.steps)
-    return Z * scale.rsqrt() if inverse else Y * scale.sqrt()
+def _newton_schulz(A: torch.Tensor, plan: RootPlan, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """iSQRT-COV: coupled Newton-Schulz on ``A / c``, differentiated by autograd through every step.
+
+    Validity: only gross failures are caught (estimated error above 1: a negative eigenvalue, NaN; and an
+    all-zero matrix for the inverse root): a few Newton-Schulz steps are far from converged on
+    ill-conditioned input by design.
+    """
+    A_hat, scale = normalise(A, plan.normalization)
+    Y, Z = coupled_root(A_hat, plan.forward)
+    with torch.no_grad():
+        valid = within_error(Y, Z, plan.reject_above, inverse=inverse)
+        if inverse:
+            valid = valid & (scale[..., 0, 0] > torch.finfo(scale.dtype).tiny)
+    factor = torch.where(valid[..., None, None], scale.sqrt(), float("nan"))
+    return (Z / factor if inverse else Y * factor), valid
+
+
+def _invalid_message(plan: RootPlan, options: RootOptions, inverse: bool, n: int, eps: float) -> str:
+    definite = "definite" if inverse else "semi-definite"
+    if plan.method == "eigh":
+        return f"A must be symmetric positive {definite}: eigenvalues below the rounding level were found"
+    if plan.method == "ns":
+        return f"A must be symmetric positive {definite}: the Newton-Schulz iteration diverged"
+    bound = (
+        f"eps={eps:g} bounds κ(A) by {(n + eps) / eps:.3g}"
+        if eps > 0
+        else f"condition={options.condition or DEFAULT_CONDITION:g} is assumed"
+    )
+    return (
+        f"A must be symmetric positive {definite} with a spectrum inside the bound method={plan.method!r} "
+        f"was certified for ({bound}): the estimated relative error exceeds {plan.reject_above:g}. "
+        "Add a ridge (eps > 0), pass a larger condition=, or use method='eigh'"
+    )
 
 
 class RootOptionsKwargs(TypedDict, total=False):
-    """Keyword options of :func:`sqrtm` and :func:`inv_sqrtm` (documented there)."""
+    """Fields of :class:`covpool.RootOptions`, accepted as keywords by :func:`sqrtm` and :func:`inv_sqrtm`."""
 
     method: str
     tol: float
-    degree: int | None
-    steps: int | None
-    normalization: str | None
-    eps: float
-    backward_iters: int
-    backward_tol: float | None
-    backward_newton: bool
+    condition: float
+    degree: int
+    steps: int
+    normalization: str
+    backward: str
+    backward_steps: int
     check_input: bool
 
 
 def _root(
     A: torch.Tensor,
-    *,
     inverse: bool,
-    method: str = "auto",
-    tol: float = 1e-3,
-    degree: int | None = None,
-    steps: int | None = None,
-    normalization: str | None = None,
-    eps: float = 0.0,
-    backward_iters: int = 20,
-    backward_tol: float | None = 1e-5,
-    backward_newton: bool = True,
-    check_input: bool = True,
+    options: RootOptions | str | dict[str, Any] | None,
+    eps: float,
+    fields: dict[str, Any],
 ) -> torch.Tensor:
-    check_choice(method, "method", METHODS)
-    if not tol > 0:
-        raise ValueError(f"tol must be a float > 0, got {tol!r}")
-    if not eps >= 0:
-        raise ValueError(f"eps must be a float >= 0, got {eps!r}")
-    if check_input:
-        check_square_batch(A)
-    work_dtype = torch.float32 if A.dtype in _LOW_PRECISION else A.dtype
-    if method == "auto":
-        method = choose_method(A.device, tol, A.shape[-1], A[..., 0, 0].numel())
-    options = resolve_options(
-        method,
-        degree=degree,
-        steps=steps,
-        normalization=normalization,
-        backward_iters=backward_iters,
-        backward_tol=backward_tol,
-        backward_newton=backward_newton,
-    )
+    if options is not None and fields:
+        raise ValueError(f"pass either options= or keyword options, not both (got options and {sorted(fields)})")
+    resolved = RootOptions(**fields) if options is None else RootOptions.coerce(options)
+    check_float(eps, "eps")
+    check_square_batch(A)
+    n = A.shape[-1]
+    work_dtype = working_dtype(A.dtype)
+    plan = resolved.plan(n, eps=eps, device=A.device, num_matrices=A[..., 0:1, 0].numel(), dtype=work_dtype)
+    if A.numel() == 0:
+        return A.clone()
+    if plan.read_values:
+        check_finite(A)
     with torch.autocast(device_type=A.device.type, enabled=False):
         A_work = A.to(work_dtype)
-        A_work = _with_ridge(0.5 * (A_work + A_work.mT), eps)
-        if options.method == "eigh":
-            out = eigh_root(A_work, inverse=inverse)
-        elif options.method == "ns":
-            out = _newton_schulz(A_work, options, inverse)
+        if plan.method in ("mtp", "mpa"):
+            out, valid = MatmulRoot.apply(A_work, inverse, plan, eps)
         else:
-            out = SeriesRoot.apply(A_work, inverse, options, check_input)
+            A_work = _with_ridge(symmetrize(A_work), eps)  # differentiated by autograd
+            root = eigh_root if plan.method == "eigh" else functools.partial(_newton_schulz, plan=plan)
+            out, valid = root(A_work, inverse=inverse)
+    if plan.read_values:
+        raise_if_invalid(valid, _invalid_message(plan, resolved, inverse, n, eps))
     return out.to(A.dtype)
 
 
 _DOC = """{summary}
 
     Args:
-        A: ``(*, n, n)`` symmetric positive {definite} matrices, any number of leading batch dimensions.
-            Only the symmetric part ``(A + Aᵀ) / 2`` is used. float16/bfloat16 are computed in float32
-            and returned in their own dtype; autocast is disabled inside.
-
-    Keyword options (all optional):
-        method: ``"auto"`` (default) picks the fastest method that meets ``tol`` for the device, size and
-            batch (rules in :mod:`covpool.linalg.auto`); ``"mpa"``: coupled Padé iteration with a Lyapunov
-            backward; ``"mtp"``: coupled Taylor iteration with a Lyapunov backward; ``"ns"``: iSQRT-COV's
-            Newton-Schulz with autograd; ``"eigh"``: exact eigendecomposition, Daleckii-Krein backward.
-        tol: relative error that ``"auto"`` must meet (default 1e-3).
-        degree: degree of the Padé [degree/degree] (mpa) or Taylor (mtp) step; default 2 (mpa), 8 (mtp),
-            1 (ns).
-        steps: number of coupled steps; 1 gives the paper's single approximant. Default 4 (mpa, mtp),
-            5 (ns).
-        normalization: how ``A`` is scaled first, ``"power"`` (default: power-iteration estimate of
-            ``λmax``), ``"frobenius"`` (the paper's) or ``"trace"`` (iSQRT-COV's, the default of ns).
-        eps: relative ridge: the root of ``A + eps · (tr(A) / n) · I`` is returned, with the exact
-            gradient of that regularised function. Use it for rank-deficient covariances (e.g. 1e-4, the
-            covariance heads' default); default 0.
-        backward_iters: maximum Newton-Schulz iterations of the Lyapunov backward (mpa, mtp); default 20.
-        backward_tol: stop the backward once the RMS entry of ``B² - I`` is below it (default 1e-5;
-            ``None``: always ``backward_iters``, no host synchronisation).
-        backward_newton: start the backward with one scaled Newton step that reuses the forward's
-            inverse root (default True; halves the iterations on ill-conditioned input).
-        check_input: validate ``A`` (type, shape, dtype, finiteness) and that the Padé denominators stay
-            positive definite (host syncs; default True). Turn off in hot loops and under
-            ``torch.compile``; the options are always validated.
+        A: ``(*, n, n)`` symmetric positive {definite} matrices, any number of leading batch dimensions
+            (none, or empty batches, too). Only the symmetric part ``(A + Aᵀ) / 2`` is used.
+            float16/bfloat16 are computed in float32 and returned in their own dtype; autocast is disabled
+            inside.
+        options: a :class:`covpool.RootOptions` (or a method name, or a dict of its fields); or give its
+            fields as keywords instead (``method="mtp", tol=1e-4``), not both.
+        eps: relative ridge: the root of ``A + eps · (tr(A) / n) · I`` is returned, with the exact gradient
+            of that regularised function. For rank-deficient covariances (e.g. 1e-4, the covariance heads'
+            default); it also bounds ``κ`` by ``(n + eps) / eps``, which sizes the mtp/mpa schedules.
+            Default 0.
 
     Returns:
-        ``(*, n, n)`` tensor of ``A``'s dtype.
+        ``(*, n, n)`` tensor of ``A``'s dtype. A matrix that is not valid input (NaN/Inf, not positive
+        {definite}, or, for mtp/mpa, a spectrum beyond the bound the schedule was certified for) gets NaN;
+        with ``check_input`` (default on CPU) a ``ValueError`` names it instead.
 
     The paper's configuration is ``{name}(A, **covpool.PAPER_CONFIG)``.
 
     Example:
         >>> import torch, covpool
         >>> A = covpool.testing.random_spd(4, n=8, dtype=torch.float32)
-        >>> {name}(A, method="mpa").shape
+        >>> {name}(A, method="mtp", tol=1e-4).shape
         torch.Size([4, 8, 8])
     """
 
 
-def sqrtm(A: torch.Tensor, **options: Unpack[RootOptionsKwargs]) -> torch.Tensor:
-    return _root(A, inverse=False, **options)
+def sqrtm(
+    A: torch.Tensor,
+    options: RootOptions | str | dict[str, Any] | None = None,
+    *,
+    eps: float = 0.0,
+    **fields: Unpack[RootOptionsKwargs],
+) -> torch.Tensor:
+    return _root(A, False, options, eps, fields)
 
 
-def inv_sqrtm(A: torch.Tensor, **options: Unpack[RootOptionsKwargs]) -> torch.Tensor:
-    return _root(A, inverse=True, **options)
+def inv_sqrtm(
+    A: torch.Tensor,
+    options: RootOptions | str | dict[str, Any] | None = None,
+    *,
+    eps: float = 0.0,
+    **fields: Unpack[RootOptionsKwargs],
+) -> torch.Tensor:
+    return _root(A, True, options, eps, fields)
 
 
 sqrtm.__doc__ = _DOC.format(

@@ -122,7 +122,7 @@ def attach_head(
             (:class:`covpool.SecondOrderTokenHead`, token models only).
         num_classes: classifier outputs; defaults to the model's ``num_classes``.
         model_kwargs: keyword arguments of ``timm.create_model`` when a name is given.
-        **head_kwargs: head arguments (``reduction_dim``, ``method``, ``drop_rate``, ``eps`` ...).
+        **head_kwargs: head arguments (``reduction_dim``, ``root``, ``drop_rate``, ``eps`` ...).
 
     Returns:
         A :class:`CovPooledModel` holding the model (same module, modified in place) as ``backbone``.

@@ -26,6 +26,7 @@ from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch import nn
 
 from covpool.layers import CovPoolHead
+from covpool.linalg import RootOptions
 from covpool.models.pretrained import backbone_filter_fn, require_weight_source
 
 __all__ = ["IsqrtCovResNet"]
@@ -38,7 +39,8 @@ class IsqrtCovResNet(ResNet):
         *args: :class:`timm.models.ResNet` arguments (``block``, ``layers``).
         num_classes: classifier outputs; 0 for pre-logits features only.
         reduction_dim: channels after the head's 1x1 reduction; the covariance is ``reduction_dim`` squared.
-        head_method: matrix square root method of the head (see :func:`covpool.sqrtm`).
+        root: options of the head's matrix square root (:class:`covpool.RootOptions`, a method name or a
+            dict), passed unchanged to the head.
         drop_rate: dropout before the classifier.
         output_stride: 16 (default, last downsampling removed) or 32 (as plain ResNet) or 8.
         **kwargs: further :class:`timm.models.ResNet` arguments (``in_chans``, ``stem_type`` ...).
@@ -61,7 +63,7 @@ class IsqrtCovResNet(ResNet):
         *args: Any,
         num_classes: int = 1000,
         reduction_dim: int = 256,
-        head_method: str = "auto",
+        root: RootOptions | str | dict | None = None,
         drop_rate: float = 0.0,
         output_stride: int = 16,
         device: torch.device | str | None = None,
@@ -83,7 +85,7 @@ class IsqrtCovResNet(ResNet):
             self.num_features,
             num_classes,
             reduction_dim=reduction_dim,
-            method=head_method,
+            root=root,
             drop_rate=drop_rate,
             input_format="NCHW",
             device=device,

@@ -23,6 +23,7 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 from torch import nn
 
 from covpool.layers import SecondOrderTokenHead
+from covpool.linalg import RootOptions
 from covpool.models.pretrained import backbone_filter_fn, require_weight_source
 
 __all__ = ["SoViT"]
@@ -34,7 +35,8 @@ class SoViT(VisionTransformer):
     Args:
         num_classes: classifier outputs; 0 for pre-logits features only.
         reduction_dim: width the visual tokens are projected to before their covariance.
-        head_method: matrix square root method of the head (see :func:`covpool.sqrtm`).
+        root: options of the head's matrix square root (:class:`covpool.RootOptions`, a method name or a
+            dict), passed unchanged to the head.
         drop_rate: dropout before the classifier.
         **kwargs: further :class:`timm.models.VisionTransformer` arguments (``img_size``, ``depth`` ...).
 
@@ -55,7 +57,7 @@ class SoViT(VisionTransformer):
         *,
         num_classes: int = 1000,
         reduction_dim: int = 64,
-        head_method: str = "auto",
+        root: RootOptions | str | dict | None = None,
         drop_rate: float = 0.0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -73,7 +75,7 @@ class SoViT(VisionTransformer):
             num_classes,
             num_prefix_tokens=self.num_prefix_tokens,
             reduction_dim=reduction_dim,
-            method=head_method,
+            root=root,
             drop_rate=drop_rate,
             device=device,
             dtype=dtype,

@@ -1,0 +1,315 @@
+"""The GPU report: sync-free check, roots and layers against ``ns`` and the paper, a captured training step.
+
+``python -m covpool.bench.cuda_report [--out DIR] [--quick]`` on a machine with a CUDA device prints every
+figure the README quotes for GPUs (and writes them to ``DIR/cuda_report.json``):
+
+1. **Host synchronisations**: default-option forward+backward of the roots and of every layer under
+   ``torch.cuda.set_sync_debug_mode("error")``.
+2. **Roots**: forward+backward ms of batch 64 at n = 32 … 512 (float32, condition 1e3), eager and captured
+   in a CUDA graph, for the default (``mtp``), ``mtp`` at other tolerances, ``mpa``, ``ns`` (5 steps),
+   the paper's configuration and ``eigh``; their forward and gradient errors against float64; the
+   achieved matrix-product throughput of ``mtp``.
+3. **Heads on rank-deficient input** (7×7 and 14×14 maps, d = 64 and 256): float32 features and input
+   gradients against a float64 ``eigh`` copy.
+4. **Layers**: forward+backward ms of each layer with ``mtp``, ``ns``, ``eigh`` and the paper's settings.
+5. **A captured training step** of ``resnet18_isqrtcov``: the whole step (forward, loss, backward, SGD)
+   in one CUDA graph, against eager: ms per step, the same losses, flat memory over replays.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+
+import timm
+import torch
+
+import covpool
+from covpool.bench.trace import trace_root
+from covpool.testing import random_spd, reference_gradient, reference_root, relative_error
+
+ROOT_CONFIGS: dict[str, dict] = {
+    "mtp (default)": {},
+    "mtp tol=1e-2": {"method": "mtp", "tol": 1e-2},
+    "mtp tol=1e-5": {"method": "mtp", "tol": 1e-5},
+    "mpa": {"method": "mpa"},
+    "ns 5 steps": {"method": "ns"},
+    "paper": covpool.PAPER_CONFIG,
+    "eigh": {"method": "eigh"},
+}
+GRAPHED = ("mtp (default)", "ns 5 steps", "paper")
+
+
+def cuda_ms(step: Callable[[], object], *, warmup: int = 3, repeats: int = 20) -> float:
+    """Median wall time of ``step`` in ms, by CUDA events around each call."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def graphed(step: Callable[[], object]) -> Callable[[], None]:
+    """``step`` captured in a CUDA graph (after a warm-up on a side stream); returns the replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def check_syncs() -> dict[str, str]:
+    """Default forward+backward of roots and layers under ``set_sync_debug_mode("error")``."""
+    cases: dict[str, Callable[[], torch.Tensor]] = {}
+    A = random_spd(64, n=64, condition=1e3, dtype=torch.float32, device="cuda").requires_grad_()
+    cases["sqrtm"] = lambda: covpool.sqrtm(A)
+    cases["inv_sqrtm"] = lambda: covpool.inv_sqrtm(A)
+    head = covpool.CovPoolHead(256, 10, reduction_dim=64).cuda()
+    x_map = torch.randn(8, 256, 7, 7, device="cuda", requires_grad=True)
+    cases["CovPoolHead"] = lambda: head(x_map)
+    token_head = covpool.SecondOrderTokenHead(96, 10, reduction_dim=32).cuda()
+    tokens = torch.randn(8, 50, 96, device="cuda", requires_grad=True)
+    cases["SecondOrderTokenHead"] = lambda: token_head(tokens)
+    zca = covpool.ZCABatchNorm2d(64, group_size=16).cuda()
+    x_zca = torch.randn(16, 64, 8, 8, device="cuda", requires_grad=True)
+    cases["ZCABatchNorm2d (train)"] = lambda: zca(x_zca)
+    results = {}
+    for name, forward in cases.items():
+        forward().sum().backward()  # first call outside: caches, lazy initialisation
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            forward().sum().backward()
+            results[name] = "no sync"
+        except RuntimeError as error:
+            results[name] = f"SYNC: {str(error).splitlines()[0][:120]}"
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return results
+
+
+def bench_roots(sizes: list[int], batch: int) -> list[dict]:
+    rows = []
+    for n in sizes:
+        A64 = random_spd(batch, n=n, condition=1e3, device="cuda")
+        upstream64 = torch.randn(batch, n, n, dtype=torch.float64, device="cuda")
+        exact = reference_root(A64)
+        exact_grad = reference_gradient(A64, upstream64)
+        A = A64.float().requires_grad_()
+        upstream = upstream64.float()
+        for name, options in ROOT_CONFIGS.items():
+
+            def step(options=options) -> None:
+                out = covpool.sqrtm(A, **options)
+                out.backward(upstream)
+
+            A.grad = None
+            out = covpool.sqrtm(A, **options)
+            out.backward(upstream)
+            row = {
+                "n": n,
+                "batch": batch,
+                "config": name,
+                "forward_error": relative_error(out.detach(), exact).max().item(),
+                "gradient_error": relative_error(A.grad, exact_grad).max().item(),
+                "eager_ms": cuda_ms(step),
+            }
+            if name in GRAPHED:
+                row["graphed_ms"] = cuda_ms(graphed(step))
+            if name.startswith("mtp") or name in ("ns 5 steps", "paper"):
+                products = trace_root(lambda a, o=options: covpool.sqrtm(a, **o), n=n, batch=batch).products
+                row["products"] = products
+                best = row.get("graphed_ms", row["eager_ms"])
+                row["tflops"] = products * 2 * n**3 * batch / (best * 1e-3) / 1e12
+            rows.append(row)
+            print(
+                f"  n={n:4d} {name:14s} eager {row['eager_ms']:8.3f} ms"
+                + (f"  graphed {row['graphed_ms']:7.3f} ms" if "graphed_ms" in row else " " * 25)
+                + f"  fwd err {row['forward_error']:.1e}  grad err {row['gradient_error']:.1e}"
+                + (f"  {row['products']:.0f} products, {row['tflops']:.1f} TFLOP/s" if "tflops" in row else "")
+            )
+    return rows
+
+
+def head_accuracy() -> list[dict]:
+    rows = []
+    for d in (64, 256):
+        for side in (7, 14):
+            torch.manual_seed(0)
+            mixing = torch.randn(d, d, dtype=torch.float64) / d**0.5
+            x = torch.randn(4, side * side, d, dtype=torch.float64) @ mixing
+            x = x.transpose(1, 2).reshape(4, d, side, side).cuda()
+            for method in ("mtp", "mpa", "eigh"):
+                head = covpool.CovPoolHead(d, 0, reduction_dim=None, root=method).cuda()
+                reference = copy.deepcopy(head).double()
+                reference.root = covpool.RootOptions(method="eigh")
+                x32 = x.float().requires_grad_()
+                x64 = x.clone().requires_grad_()
+                f32, f64 = head(x32), reference(x64)
+                upstream = torch.randn_like(f64)
+                (g32,) = torch.autograd.grad(f32, x32, upstream.float())
+                (g64,) = torch.autograd.grad(f64, x64, upstream)
+                row = {
+                    "d": d,
+                    "map": f"{side}x{side}",
+                    "method": method,
+                    "feature_error": relative_error(f32[..., None], f64[..., None]).max().item(),
+                    "input_gradient_error": relative_error(g32.flatten(1)[..., None], g64.flatten(1)[..., None])
+                    .max()
+                    .item(),
+                }
+                rows.append(row)
+                print(
+                    f"  d={d:3d} {side}x{side} {method:5s} features {row['feature_error']:.1e}  "
+                    f"input gradients {row['input_gradient_error']:.1e}"
+                )
+    return rows
+
+
+LAYERS: dict[str, tuple[Callable[..., torch.nn.Module], tuple[int, ...]]] = {
+    "CovPoolHead 32x2048x7x7": (lambda root: covpool.CovPoolHead(2048, 1000, root=root), (32, 2048, 7, 7)),
+    "SecondOrderTokenHead 64x197x384": (
+        lambda root: covpool.SecondOrderTokenHead(384, 1000, root=root),
+        (64, 197, 384),
+    ),
+    "ZCABatchNorm2d-g16 32x64x32x32": (
+        lambda root: covpool.ZCABatchNorm2d(64, group_size=16, root=root),
+        (32, 64, 32, 32),
+    ),
+    "ZCABatchNorm2d-g64 32x64x32x32": (
+        lambda root: covpool.ZCABatchNorm2d(64, group_size=64, root=root),
+        (32, 64, 32, 32),
+    ),
+}
+LAYER_ROOTS = {"auto (mtp)": None, "ns": "ns", "eigh": "eigh", "paper": covpool.PAPER_CONFIG}
+
+
+def bench_layers() -> list[dict]:
+    rows = []
+    for layer_name, (build, shape) in LAYERS.items():
+        for root_name, root in LAYER_ROOTS.items():
+            torch.manual_seed(0)
+            layer = build(root).cuda().train()
+            x = torch.randn(shape, device="cuda", requires_grad=True)
+
+            def step(layer=layer, x=x) -> None:
+                layer(x).square().mean().backward()
+
+            row = {"layer": layer_name, "root": root_name, "eager_ms": cuda_ms(step, repeats=10)}
+            if root_name != "eigh":
+                row["graphed_ms"] = cuda_ms(graphed(step), repeats=10)
+            rows.append(row)
+            print(
+                f"  {layer_name:32s} {root_name:10s} eager {row['eager_ms']:8.3f} ms"
+                + (f"  graphed {row['graphed_ms']:7.3f} ms" if "graphed_ms" in row else "")
+            )
+    return rows
+
+
+def captured_training_step(steps: int = 20) -> dict:
+    """Whole training step of ``resnet18_isqrtcov`` in one CUDA graph against eager, same initial state."""
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18_isqrtcov", num_classes=10, reduction_dim=64).cuda()
+    eager_model = copy.deepcopy(model)
+    x = torch.randn(32, 3, 112, 112, device="cuda")
+    y = torch.randint(0, 10, (32,), device="cuda")
+
+    def make_step(net: torch.nn.Module) -> tuple[Callable[[], torch.Tensor], torch.optim.Optimizer]:
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+
+        def step() -> torch.Tensor:
+            optimizer.zero_grad(set_to_none=False)
+            loss = torch.nn.functional.cross_entropy(net(x), y)
+            loss.backward()
+            optimizer.step()
+            return loss
+
+        return step, optimizer
+
+    eager_step, _ = make_step(eager_model)
+    eager_losses = [eager_step().item() for _ in range(steps)]
+    graph_step, _ = make_step(model)
+    # Warm-up steps (also creating the momentum buffers) on a side stream, then capture one step.
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    warm_losses = []
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            warm_losses.append(graph_step().item())
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = graph_step()
+    graph_losses = list(warm_losses)
+    memory = []
+    for _ in range(steps - 3):
+        graph.replay()
+        graph_losses.append(static_loss.item())
+        memory.append(torch.cuda.memory_allocated())
+    eager_model_timing = copy.deepcopy(eager_model)
+    timing_step, _ = make_step(eager_model_timing)
+    result = {
+        "eager_ms_per_step": cuda_ms(timing_step, repeats=10),
+        "graphed_ms_per_step": cuda_ms(graph.replay, repeats=10),
+        "max_loss_difference": max(abs(a - b) for a, b in zip(eager_losses, graph_losses, strict=True)),
+        "first_loss": eager_losses[0],
+        "last_loss": eager_losses[-1],
+        "memory_allocated_first_last_mib": [memory[0] / 2**20, memory[-1] / 2**20],
+    }
+    print(
+        f"  eager {result['eager_ms_per_step']:.2f} ms/step, graphed {result['graphed_ms_per_step']:.2f} ms/step, "
+        f"losses {result['first_loss']:.4f} -> {result['last_loss']:.4f}, max |eager - graphed| "
+        f"{result['max_loss_difference']:.1e}, memory {result['memory_allocated_first_last_mib'][0]:.1f} -> "
+        f"{result['memory_allocated_first_last_mib'][1]:.1f} MiB over {steps - 3} replays"
+    )
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("bench_results"), help="folder for cuda_report.json")
+    parser.add_argument("--quick", action="store_true", help="n = 64 only, no layers (a smoke run)")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("cuda_report needs a CUDA device")
+    report: dict = {
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(),
+        "command": "python -m covpool.bench.cuda_report",
+    }
+    print(f"torch {report['torch']} on {report['device']}")
+    print("1. host synchronisations, default options, forward+backward:")
+    report["syncs"] = check_syncs()
+    for name, verdict in report["syncs"].items():
+        print(f"  {name:24s} {verdict}")
+    print("2. sqrtm forward+backward, batch 64, float32, condition 1e3:")
+    report["roots"] = bench_roots([64] if args.quick else [32, 64, 128, 256, 512], batch=64)
+    print("3. CovPoolHead on rank-deficient covariances (eps=1e-4), float32 against a float64 eigh copy:")
+    report["heads"] = head_accuracy()
+    if not args.quick:
+        print("4. layers, forward+backward (training mode):")
+        report["layers"] = bench_layers()
+    print("5. training step of resnet18_isqrtcov (batch 32, 112 px) captured in one CUDA graph:")
+    report["training_step"] = captured_training_step()
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "cuda_report.json").write_text(json.dumps(report, indent=1))
+    print(f"wrote {args.out / 'cuda_report.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+"""Working precision and symmetrisation: the few numerical conventions every root and layer shares."""
+
+from __future__ import annotations
+
+import torch
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def working_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype second-order statistics and roots are computed in: float64 stays, everything else is float32."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def symmetrize(A: torch.Tensor) -> torch.Tensor:
+    """``(A + Aᵀ) / 2`` over the last two dimensions, in one kernel. Shape: ``(*, n, n)``."""
+    return torch.lerp(A, A.mT, 0.5)
+
+
+def eye_like(A: torch.Tensor) -> torch.Tensor:
+    """``n × n`` identity with the dtype and device of ``A`` (shape ``(*, n, n)``); broadcasts over the batch."""
+    return torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+
+
+def is_tracing() -> bool:
+    """Whether ``torch.compile`` or ``torch.export`` is tracing: no tensor value can be read on the host."""
+    return torch.compiler.is_compiling()

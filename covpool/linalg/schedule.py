@@ -1,0 +1,212 @@
+"""Certified schedules: which steps the coupled iterations take, and the error they are guaranteed to reach.
+
+All iterations in covpool act on the eigenvalues ``s`` of ``Â^(1/2)`` one by one, through a scalar map
+``s ↦ s · q(s²)`` per step:
+
+- the coupled forward iteration ``U = Z Y``, ``Y ← Y q(U)``, ``Z ← q(U) Z`` (``Y₀ = Â``, ``Z₀ = I``) keeps
+  ``Y = Â^(1/2) S``, ``Z = Â^(-1/2) S`` where ``S`` collects the composed maps, so the relative error of every
+  eigenvalue of ``Y`` and ``Z`` is ``|s_K - 1|``;
+- the Lyapunov backward (:mod:`covpool.linalg.lyapunov`) applies the same kind of maps to the block matrix
+  ``[[B, C], [0, -B]]`` with ``B₀ = Â^(1/2)``; its off-diagonal block ends as
+  ``C_ij (P(b_i) + P(b_j)) / (b_i + b_j)`` for the composed map ``P``, so if ``P`` maps the spectrum into
+  ``[1 - E, 1 + E]`` the gradient's relative error is at most ``E`` as well.
+
+So if the spectrum of ``Â^(1/2)`` lies in ``[lower, 1]``, tracking that interval through the scalar maps
+bounds the error of forward and gradient *before* anything is computed: a schedule is chosen on the host,
+from ``lower`` and ``tol`` alone, and its step count is fixed, so nothing is read back from the device.
+
+Three kinds of step:
+
+- **minimax polynomial** steps (``mtp`` and every backward): on the current interval ``[a, b]`` the odd
+  polynomial of degree ``2d + 1`` closest to 1 (:func:`covpool.linalg.coefficients.minimax_odd_polynomial`)
+  maps it onto ``[1 - E, 1 + E]``. From a small ``a`` its slope reaches about 8.5 (degree 5) where the
+  Newton-Schulz step's is 1.5, so far fewer steps are needed.
+- **scaled Padé** steps (``mpa``): ``q(u) = μ P(1 - μ²u) / Q(1 - μ²u)`` with the diagonal Padé approximant
+  ``P/Q`` of ``(1 - w)^(-1/2)`` and ``μ = 1/√(ab)``; the step commutes with ``s ↦ 1/s`` up to inversion, so
+  that scaling balances both ends of the interval. ``μ`` is capped at 2: a larger one makes the
+  denominator ``Q(1 - μ²U)`` so ill-conditioned that its float32 Cholesky solve fails (``μ = 28`` does at
+  condition 6e5, and μ = 4 loses a digit of the gradient at condition 1e5 in float32).
+- **Newton-Schulz** steps ``q(u) = (3 - u) / 2``: iSQRT-COV's forward and the paper's backward.
+
+Products per step (``n × n`` matrix products): forward ``d + 2`` for a polynomial of degree ``d`` (``U``,
+``d - 1`` Horner products, the two updates), backward ``2d + 3`` for ``d <= 2`` (see the solver).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+
+import numpy as np
+
+from covpool.linalg.coefficients import minimax_odd_polynomial, pade_coefficients
+
+NEWTON_SCHULZ = (1.5, -0.5)
+"""``q(u) = (3 - u) / 2``: the Newton-Schulz step, ``s ↦ s (3 - s²) / 2``."""
+FORWARD_DEGREES = (1, 2, 3, 4)
+BACKWARD_DEGREES = (1, 2)
+MAX_STEPS = 40
+MAX_PADE_SCALE = 2.0
+
+
+@dataclass(frozen=True)
+class PolynomialStep:
+    """``q(u) = Σ_j coefficients[j] u^j``."""
+
+    coefficients: tuple[float, ...]
+
+    @property
+    def degree(self) -> int:
+        return len(self.coefficients) - 1
+
+
+@dataclass(frozen=True)
+class PadeStep:
+    """``q(u) = scale · P(w) / Q(w)`` at ``w = 1 - scale² u`` (coefficients of ``P`` and ``Q`` in ``w``)."""
+
+    scale: float
+    numerator: tuple[float, ...]
+    denominator: tuple[float, ...]
+
+    @property
+    def degree(self) -> int:
+        return len(self.numerator) - 1
+
+
+Step = PolynomialStep | PadeStep
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Steps of a coupled or sign iteration with the interval they were certified on.
+
+    Attributes:
+        steps: the steps, in order.
+        lower: left end of the interval of ``s`` (eigenvalues of ``Â^(1/2)``) assumed at the start.
+        upper: right end of that interval.
+        error: ``max |s_K - 1|`` over the interval after all steps: the certified relative error.
+    """
+
+    steps: tuple[Step, ...]
+    lower: float
+    upper: float
+    error: float
+
+    def forward_products(self) -> int:
+        """Matrix products of the coupled forward iteration (the first ``U = Â`` is free)."""
+        total = 0
+        for k, step in enumerate(self.steps):
+            if isinstance(step, PolynomialStep):
+                total += step.degree + 2 - (k == 0)
+            else:
+                total += 3 + _polynomial_products(step.degree) - (k == 0)
+        return total
+
+    def backward_products(self) -> int:
+        """Matrix products of the Lyapunov sign iteration with these (polynomial) steps."""
+        return sum(2 * step.degree + 3 for step in self.steps)
+
+
+def _polynomial_products(degree: int) -> int:
+    from covpool.linalg.polynomial import best_block, product_count
+
+    return product_count(degree, 2, best_block(degree, 2))
+
+
+def step_map(step: Step, s: np.ndarray) -> np.ndarray:
+    """The scalar map ``s ↦ s · q(s²)`` of one step, in float64."""
+    u = s * s
+    if isinstance(step, PolynomialStep):
+        return s * sum(c * u**j for j, c in enumerate(step.coefficients))
+    w = 1.0 - step.scale**2 * u
+    numerator = sum(c * w**j for j, c in enumerate(step.numerator))
+    denominator = sum(c * w**j for j, c in enumerate(step.denominator))
+    return s * step.scale * numerator / denominator
+
+
+def image(step: Step, lower: float, upper: float) -> tuple[float, float]:
+    """``(min, max)`` of :func:`step_map` over ``[lower, upper]`` (dense geometric and uniform grid)."""
+    grid = np.concatenate([np.geomspace(lower, upper, 4000), np.linspace(lower, upper, 4000)])
+    values = step_map(step, grid)
+    return float(values.min()), float(values.max())
+
+
+def _finish(steps: list[Step], lower: float, upper: float, a: float, b: float) -> Schedule:
+    return Schedule(tuple(steps), lower, upper, max(1.0 - a, b - 1.0))
+
+
+@functools.cache
+def minimax_schedule(
+    lower: float,
+    upper: float,
+    tol: float,
+    *,
+    degrees: tuple[int, ...] = FORWARD_DEGREES,
+    backward: bool = False,
+    steps: int | None = None,
+) -> Schedule:
+    """Cheapest sequence of minimax polynomial steps taking ``[lower, upper]`` to within ``tol`` of 1.
+
+    For each candidate main degree, steps of that degree are taken until one step of the cheapest degree
+    in ``degrees`` can finish within ``tol``; the schedule with the fewest products (forward or
+    ``backward`` count) wins. With ``steps`` given, exactly that many steps of ``max(degrees)`` are taken
+    and ``error`` says what they reach.
+    """
+    cost = (lambda d: 2 * d + 3) if backward else (lambda d: d + 2)
+    if steps is not None:
+        a, b, chosen = lower, upper, []
+        for _ in range(steps):
+            coefficients, error = minimax_odd_polynomial(a, b, max(degrees))
+            chosen.append(PolynomialStep(coefficients))
+            a, b = 1.0 - error, 1.0 + error
+        return _finish(chosen, lower, upper, a, b)
+    best: tuple[int, Schedule] | None = None
+    for main in degrees:
+        a, b, chosen, total = lower, upper, [], 0
+        for _ in range(MAX_STEPS):
+            finishing = None
+            for degree in sorted(d for d in degrees if d <= main):
+                coefficients, error = minimax_odd_polynomial(a, b, degree)
+                if error <= tol:
+                    finishing = (degree, coefficients, error)
+                    break
+            degree, coefficients, error = finishing or (main, *minimax_odd_polynomial(a, b, main))
+            chosen.append(PolynomialStep(coefficients))
+            total += cost(degree)
+            a, b = 1.0 - error, 1.0 + error
+            if finishing is not None:
+                break
+        schedule = _finish(chosen, lower, upper, a, b)
+        if schedule.error <= tol and (best is None or total < best[0]):
+            best = (total, schedule)
+    if best is None:
+        raise ValueError(f"tol={tol} cannot be reached in {MAX_STEPS} steps")
+    return best[1]
+
+
+@functools.cache
+def pade_schedule(lower: float, upper: float, tol: float, *, degree: int, steps: int | None = None) -> Schedule:
+    """Scaled Padé ``[degree/degree]`` steps from ``[lower, upper]`` until within ``tol`` of 1 (or ``steps``)."""
+    numerator, denominator = (
+        tuple(float(c) for c in table) for table in pade_coefficients(Fraction(-1, 2), degree, degree)
+    )
+    a, b, chosen = lower, upper, []
+    for _ in range(MAX_STEPS if steps is None else steps):
+        step = PadeStep(min(1.0 / math.sqrt(a * b), MAX_PADE_SCALE), numerator, denominator)
+        chosen.append(step)
+        a, b = image(step, a, b)
+        if steps is None and max(1.0 - a, b - 1.0) <= tol:
+            break
+    return _finish(chosen, lower, upper, a, b)
+
+
+@functools.cache
+def newton_schulz_schedule(lower: float, upper: float, steps: int) -> Schedule:
+    """``steps`` Newton-Schulz steps and the error they reach from ``[lower, upper]``."""
+    step = PolynomialStep(NEWTON_SCHULZ)
+    a, b = lower, upper
+    for _ in range(steps):
+        a, b = image(step, a, b)
+    return _finish([step] * steps, lower, upper, a, b)
