@@ -80,3 +80,39 @@ def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
     """Relative Frobenius error per matrix, ``‖approx - exact‖_F / ‖exact‖_F``. Shape: ``(*,)``."""
     difference = approx.double() - exact.double()
     return torch.linalg.matrix_norm(difference) / torch.linalg.matrix_norm(exact.double())
+
+
+RELATIVE_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-3, torch.bfloat16: 2e-2, torch.float16: 1e-2}
+"""Relative Frobenius error allowed per dtype against a float64 reference at the default ``tol=1e-3``.
+
+float64 is held to the same 1e-3: the schedules are certified for ``tol``, not for the dtype; tests that
+ask for a smaller ``tol`` pass it to :func:`assert_relative_close` themselves.
+"""
+
+
+def assert_relative_close(
+    actual: torch.Tensor, expected: torch.Tensor, *, rtol: float | None = None, what: str = "result"
+) -> None:
+    """Assert ``relative_error(actual, expected) <= rtol`` for every matrix, with a message saying where.
+
+    ``rtol`` defaults to :data:`RELATIVE_TOLERANCE` of ``actual``'s dtype. Shapes ``(*, n, n)``; vectors and
+    other shapes are compared as one matrix per leading entry (``(*, m)`` → ``(*, m, 1)``).
+
+    Example:
+        >>> assert_relative_close(torch.eye(2), torch.eye(2) * (1 + 1e-5), rtol=1e-4)
+    """
+    if rtol is None:
+        rtol = RELATIVE_TOLERANCE[actual.dtype]
+    if actual.shape != expected.shape:
+        raise AssertionError(f"{what}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
+    if actual.ndim < 2:
+        actual, expected = actual.reshape(1, -1, 1), expected.reshape(1, -1, 1)
+    elif actual.ndim == 2:
+        actual, expected = actual[..., None], expected[..., None]
+    errors = relative_error(actual, expected)
+    worst = errors.flatten().argmax().item() if errors.numel() else 0
+    if not bool((errors <= rtol).all()):
+        raise AssertionError(
+            f"{what}: relative error {errors.flatten()[worst].item():.3g} > {rtol:g} at batch entry {worst} "
+            f"(dtype {actual.dtype}, {int((errors > rtol).sum())} of {errors.numel()} entries over)"
+        )

@@ -1,13 +1,33 @@
-"""Shared fixtures: ``--device`` (cpu by default, cuda to run the same tests on a GPU) and tolerances."""
+"""Shared fixtures (kornia's manner): ``--device`` (cpu by default; cuda runs the same tests on a GPU),
+``--dtype`` (the float dtypes the numerical tests run in), and the session seed."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--device", default="cpu", help="device for the numerical tests (cpu or cuda)")
+    parser.addoption(
+        "--dtype", default="float32,float64", help="comma-separated dtypes of the `dtype` fixture"
+    )
+
+
+def _parametrized_names(metafunc: pytest.Metafunc) -> set[str]:
+    names: set[str] = set()
+    for mark in metafunc.definition.iter_markers("parametrize"):
+        argnames = mark.args[0]
+        names.update(n.strip() for n in argnames.split(",")) if isinstance(argnames, str) else names.update(argnames)
+    return names
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "dtype" in metafunc.fixturenames and "dtype" not in _parametrized_names(metafunc):
+        names = metafunc.config.getoption("--dtype").split(",")
+        metafunc.parametrize("dtype", [DTYPES[name] for name in names], ids=names)
 
 
 @pytest.fixture(scope="session")

@@ -60,7 +60,12 @@ def cuda_ms(step: Callable[[], object], *, warmup: int = 3, repeats: int = 20) -
 
 
 def graphed(step: Callable[[], object]) -> Callable[[], None]:
-    """``step`` captured in a CUDA graph (after a warm-up on a side stream); returns the replay."""
+    """``step`` captured in a CUDA graph (after a warm-up on a side stream); returns the replay.
+
+    The leaves ``step`` differentiates must not have been used in an eager backward on the default
+    stream before: autograd remembers the stream of a leaf's first use and would make the default
+    (legacy) stream wait on the capture, which CUDA refuses.
+    """
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -115,8 +120,8 @@ def bench_roots(sizes: list[int], batch: int) -> list[dict]:
         for name, options in ROOT_CONFIGS.items():
 
             def step(options=options) -> None:
-                out = covpool.sqrtm(A, **options)
-                out.backward(upstream)
+                # autograd.grad of a loss: no accumulation into A.grad, the initial gradient made in-graph.
+                torch.autograd.grad((covpool.sqrtm(A, **options) * upstream).sum(), A)
 
             A.grad = None
             out = covpool.sqrtm(A, **options)
@@ -130,8 +135,17 @@ def bench_roots(sizes: list[int], batch: int) -> list[dict]:
                 "eager_ms": cuda_ms(step),
             }
             if name in GRAPHED:
-                row["graphed_ms"] = cuda_ms(graphed(step))
-            if name.startswith("mtp") or name in ("ns 5 steps", "paper"):
+                A_graph = A.detach().clone().requires_grad_()  # a fresh leaf, see graphed()
+
+                def graph_step(options=options, A_graph=A_graph) -> None:
+                    torch.autograd.grad((covpool.sqrtm(A_graph, **options) * upstream).sum(), A_graph)
+
+                try:
+                    row["graphed_ms"] = cuda_ms(graphed(graph_step))
+                except RuntimeError as error:
+                    row["graph_error"] = str(error).splitlines()[0][:160]
+                    print(f"  n={n} {name}: capture failed: {row['graph_error']}")
+            if name.startswith("mtp") or name == "paper":
                 products = trace_root(lambda a, o=options: covpool.sqrtm(a, **o), n=n, batch=batch).products
                 row["products"] = products
                 best = row.get("graphed_ms", row["eager_ms"])
@@ -210,9 +224,18 @@ def bench_layers() -> list[dict]:
             def step(layer=layer, x=x) -> None:
                 layer(x).square().mean().backward()
 
+            graph_layer = copy.deepcopy(layer)  # fresh leaves for the capture, see graphed()
+            x_graph = x.detach().clone().requires_grad_()
             row = {"layer": layer_name, "root": root_name, "eager_ms": cuda_ms(step, repeats=10)}
             if root_name != "eigh":
-                row["graphed_ms"] = cuda_ms(graphed(step), repeats=10)
+
+                def graph_step(layer=graph_layer, x=x_graph) -> None:
+                    layer(x).square().mean().backward()
+
+                try:
+                    row["graphed_ms"] = cuda_ms(graphed(graph_step), repeats=10)
+                except RuntimeError as error:
+                    row["graph_error"] = str(error).splitlines()[0][:160]
             rows.append(row)
             print(
                 f"  {layer_name:32s} {root_name:10s} eager {row['eager_ms']:8.3f} ms"
@@ -287,6 +310,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("cuda_report needs a CUDA device")
+    # MAGMA's batched Cholesky (mpa, the paper's Padé solve) aborts the process after a graph capture in
+    # torch 2.11 (assertion in magma_queue::setup_ptrArray); cuSOLVER does not.
+    torch.backends.cuda.preferred_linalg_library("cusolver")
     report: dict = {
         "torch": torch.__version__,
         "device": torch.cuda.get_device_name(),
@@ -297,15 +323,31 @@ def main(argv: list[str] | None = None) -> None:
     report["syncs"] = check_syncs()
     for name, verdict in report["syncs"].items():
         print(f"  {name:24s} {verdict}")
-    print("2. sqrtm forward+backward, batch 64, float32, condition 1e3:")
-    report["roots"] = bench_roots([64] if args.quick else [32, 64, 128, 256, 512], batch=64)
-    print("3. CovPoolHead on rank-deficient covariances (eps=1e-4), float32 against a float64 eigh copy:")
-    report["heads"] = head_accuracy()
-    if not args.quick:
-        print("4. layers, forward+backward (training mode):")
-        report["layers"] = bench_layers()
+    sections = {
+        "roots": ("2. sqrtm forward+backward, batch 64, float32, condition 1e3:", lambda: bench_roots(
+            [64] if args.quick else [32, 64, 128, 256, 512], batch=64
+        )),
+        "heads": (
+            "3. CovPoolHead on rank-deficient covariances (eps=1e-4), float32 against a float64 eigh copy:",
+            head_accuracy,
+        ),
+        "layers": ("4. layers, forward+backward (training mode):", bench_layers),
+    }
+    for key, (title, run) in sections.items():
+        if args.quick and key == "layers":
+            continue
+        print(title)
+        try:
+            report[key] = run()
+        except RuntimeError as error:
+            report[key] = {"error": str(error).splitlines()[0][:200]}
+            print(f"  failed: {report[key]['error']}")
     print("5. training step of resnet18_isqrtcov (batch 32, 112 px) captured in one CUDA graph:")
-    report["training_step"] = captured_training_step()
+    try:
+        report["training_step"] = captured_training_step()
+    except RuntimeError as error:
+        report["training_step"] = {"error": str(error).splitlines()[0][:200]}
+        print(f"  capture failed: {report['training_step']['error']}")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "cuda_report.json").write_text(json.dumps(report, indent=1))
     print(f"wrote {args.out / 'cuda_report.json'}")

@@ -101,7 +101,7 @@ def check_float(value: float, name: str, *, minimum: float = 0.0, strict: bool =
         ok = value > minimum if strict else value >= minimum
     if not ok:
         relation = ">" if strict else ">="
-        raise ValueError(f"{name} must be a finite float {relation} {minimum}, got {value!r}")
+        raise ValueError(f"{name} must be a finite float {relation} {minimum:g}, got {value!r}")
 
 
 def refuse_double_backward(method: str) -> None:

@@ -91,7 +91,10 @@ def minimax_odd_polynomial(lower: float, upper: float, degree: int) -> tuple[tup
         degree: ``d >= 1``; the polynomial has ``d + 1`` coefficients.
 
     Returns:
-        ``(c_0, …, c_d)`` with ``p(s) = Σ c_j s^(2j+1)``, and the maximum error ``max |p(s) - 1|`` on the grid.
+        ``(c_0, …, c_d)`` with ``p(s) = Σ c_j s^(2j+1)``, and ``max |p(s) - 1|`` on the grid.
+
+    Raises:
+        ArithmeticError: the exchange broke down (a degree too high for a tiny ``lower``).
 
     Example:
         >>> coefficients, error = minimax_odd_polynomial(0.1, 1.0, 1)
@@ -106,7 +109,10 @@ def minimax_odd_polynomial(lower: float, upper: float, degree: int) -> tuple[tup
     signs = (-1.0) ** np.arange(points)
     for _ in range(100):
         powers = np.stack([reference ** (2 * j + 1) for j in range(degree + 1)], axis=1)
-        solution = np.linalg.solve(np.concatenate([powers, signs[:, None]], axis=1), np.ones(points))
+        try:
+            solution = np.linalg.solve(np.concatenate([powers, signs[:, None]], axis=1), np.ones(points))
+        except np.linalg.LinAlgError as error:  # reference points merged: the degree is too high here
+            raise ArithmeticError(f"Remez exchange broke down for degree {degree} on [{lower}, {upper}]") from error
         coefficients = solution[:-1]
         error = _odd_values(coefficients, grid) - 1.0
         slope = np.diff(error)

@@ -10,6 +10,7 @@ checked where is said in :mod:`covpool.linalg.checks`.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, TypedDict, Unpack
 
 import torch
@@ -59,7 +60,7 @@ class MatmulRoot(torch.autograd.Function):
             Z = Z if inverse else None
         root_scale = scale.sqrt()
         # NaN for an invalid matrix, folded into the scale (a (*, 1, 1) tensor) rather than the result.
-        factor = torch.where(valid[..., None, None], root_scale, float("nan"))
+        factor = root_scale.masked_fill(~valid[..., None, None], float("nan"))
         out = Z / factor if inverse else Y * factor
         ctx.save_for_backward(Y, Z, root_scale)
         ctx.inverse = inverse
@@ -95,7 +96,7 @@ def _newton_schulz(A: torch.Tensor, plan: RootPlan, inverse: bool) -> tuple[torc
         valid = within_error(Y, Z, plan.reject_above, inverse=inverse)
         if inverse:
             valid = valid & (scale[..., 0, 0] > torch.finfo(scale.dtype).tiny)
-    factor = torch.where(valid[..., None, None], scale.sqrt(), float("nan"))
+    factor = scale.sqrt().masked_fill(~valid[..., None, None], float("nan"))
     return (Z / factor if inverse else Y * factor), valid
 
 
@@ -145,7 +146,7 @@ def _root(
     check_square_batch(A)
     n = A.shape[-1]
     work_dtype = working_dtype(A.dtype)
-    plan = resolved.plan(n, eps=eps, device=A.device, num_matrices=A[..., 0:1, 0].numel(), dtype=work_dtype)
+    plan = resolved.plan(n, eps=eps, device=A.device, num_matrices=math.prod(A.shape[:-2]), dtype=work_dtype)
     if A.numel() == 0:
         return A.clone()
     if plan.read_values:

@@ -48,6 +48,7 @@ NEWTON_SCHULZ = (1.5, -0.5)
 FORWARD_DEGREES = (1, 2, 3, 4)
 BACKWARD_DEGREES = (1, 2)
 MAX_STEPS = 40
+_CONVERGED = 1e-12
 MAX_PADE_SCALE = 2.0
 
 
@@ -133,6 +134,25 @@ def image(step: Step, lower: float, upper: float) -> tuple[float, float]:
     return float(values.min()), float(values.max())
 
 
+def _minimax_step(a: float, b: float, degree: int) -> tuple[PolynomialStep, tuple[float, float]]:
+    """The minimax step on ``[a, b]`` and the interval it maps to; Newton-Schulz once converged.
+
+    Once the interval is within rounding of 1, the minimax problem degenerates (its reference points
+    coincide), and any step that fixes 1 to second order keeps it there: Newton-Schulz does.
+    """
+    if b - a < _CONVERGED:
+        step = PolynomialStep(NEWTON_SCHULZ)
+        return step, image(step, a, b)
+    for trial in range(degree, 0, -1):  # a high degree can break down on a tiny a; a lower one will not
+        try:
+            coefficients, error = minimax_odd_polynomial(a, b, trial)
+        except ArithmeticError:
+            continue
+        if error < 1.0:
+            return PolynomialStep(coefficients), (1.0 - error, 1.0 + error)
+    raise ArithmeticError(f"no minimax step of degree <= {degree} on [{a:g}, {b:g}]")
+
+
 def _finish(steps: list[Step], lower: float, upper: float, a: float, b: float) -> Schedule:
     return Schedule(tuple(steps), lower, upper, max(1.0 - a, b - 1.0))
 
@@ -158,26 +178,27 @@ def minimax_schedule(
     if steps is not None:
         a, b, chosen = lower, upper, []
         for _ in range(steps):
-            coefficients, error = minimax_odd_polynomial(a, b, max(degrees))
-            chosen.append(PolynomialStep(coefficients))
-            a, b = 1.0 - error, 1.0 + error
+            step, (a, b) = _minimax_step(a, b, max(degrees))
+            chosen.append(step)
         return _finish(chosen, lower, upper, a, b)
     best: tuple[int, Schedule] | None = None
     for main in degrees:
         a, b, chosen, total = lower, upper, [], 0
-        for _ in range(MAX_STEPS):
-            finishing = None
-            for degree in sorted(d for d in degrees if d <= main):
-                coefficients, error = minimax_odd_polynomial(a, b, degree)
-                if error <= tol:
-                    finishing = (degree, coefficients, error)
+        try:
+            for _ in range(MAX_STEPS):
+                finishing = None
+                for degree in sorted(d for d in degrees if d <= main):
+                    step, interval = _minimax_step(a, b, degree)
+                    if max(1.0 - interval[0], interval[1] - 1.0) <= tol:
+                        finishing = (step, interval)
+                        break
+                step, (a, b) = finishing or _minimax_step(a, b, main)
+                chosen.append(step)
+                total += cost(step.degree)
+                if finishing is not None:
                     break
-            degree, coefficients, error = finishing or (main, *minimax_odd_polynomial(a, b, main))
-            chosen.append(PolynomialStep(coefficients))
-            total += cost(degree)
-            a, b = 1.0 - error, 1.0 + error
-            if finishing is not None:
-                break
+        except ArithmeticError:
+            continue
         schedule = _finish(chosen, lower, upper, a, b)
         if schedule.error <= tol and (best is None or total < best[0]):
             best = (total, schedule)
