@@ -17,7 +17,10 @@ from covpool.bench.report import write_csv, write_json
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keeps the script docstring's layout and shows every default."""
+    """Keeps the script docstring's layout and shows every default but ``None`` (which the help explains)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def make_parser(description: str) -> argparse.ArgumentParser:
@@ -79,13 +82,13 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, time_budget: float) ->
         "--device",
         type=parse_device,
         default=torch.device("cuda" if torch.cuda.is_available() else "cpu"),
-        help="cpu, cuda, cuda:1, ... (default: cuda when available)",
+        help="cpu, cuda, cuda:1, ... (cuda when available)",
     )
     group.add_argument(
         "--time-budget", type=float, default=time_budget, help="seconds after which nothing new is started"
     )
     group.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice, all cores)"
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
     )
     group.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -274,18 +274,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     grid.add_argument("--sizes", nargs="+", type=int, default=[16, 32, 64, 128, 256, 512], help="n")
     grid.add_argument("--batches", nargs="+", type=int, default=[1, 4, 16, 64, 256], help="time vs batch")
     grid.add_argument("--batch-n", type=int, default=64, help="n of the time-vs-batch measurements")
-    grid.add_argument("--time-batch", type=int, default=None, help="batch of the time-vs-n measurements")
+    grid.add_argument(
+        "--time-batch", type=int, default=None, help="batch of the time-vs-n measurements (cpu 4, cuda 64)"
+    )
     grid.add_argument("--conditions", nargs="+", type=float, default=[10.0, 1e2, 1e3, 1e4], help="of A")
     grid.add_argument("--time-condition", type=float, default=1e3, help="condition of the timed inputs")
-    grid.add_argument("--dtypes", nargs="+", choices=("float32", "float64"), default=["float32", "float64"])
-    grid.add_argument("--functions", nargs="+", choices=tuple(FUNCTIONS), default=list(FUNCTIONS))
-    grid.add_argument("--float64-max-n", type=int, default=None, help="largest n measured in float64")
+    grid.add_argument(
+        "--dtypes", nargs="+", choices=("float32", "float64"), default=["float32", "float64"], help="dtypes"
+    )
+    grid.add_argument(
+        "--functions", nargs="+", choices=tuple(FUNCTIONS), default=list(FUNCTIONS), help="roots"
+    )
+    grid.add_argument(
+        "--float64-max-n", type=int, default=None, help="largest n measured in float64 (cpu 256, cuda 512)"
+    )
     grid.add_argument("--tols", nargs="*", type=float, default=[1e-2, 1e-5], help="tol of the mpa/mtp runs")
     grid.add_argument("--match-tol", type=float, default=1e-3, help="error that ns-matched must meet")
     grid.add_argument("--ns-max-steps", type=int, default=40, help="most ns-matched steps tried")
-    grid.add_argument("--error-batch", type=int, default=None, help="matrices per error measurement")
+    grid.add_argument(
+        "--error-batch", type=int, default=None, help="matrices per error measurement (cpu 2, cuda 8)"
+    )
     grid.add_argument("--warmup", type=int, default=1, help="untimed runs before timing")
-    grid.add_argument("--repeats", type=int, default=None, help="timed runs (the median is kept)")
+    grid.add_argument("--repeats", type=int, default=None, help="timed runs, median kept (cpu 3, cuda 5)")
     add_run_arguments(parser, time_budget=1200.0)
     args = parser.parse_args(argv)
     defaults = DEVICE_DEFAULTS["cuda" if args.device.type == "cuda" else "cpu"]
