@@ -21,8 +21,12 @@ def run_within_budget(
     label: Callable[[Item], str],
     time_budget: float = math.inf,
     progress: bool = True,
+    desc: str = "covpool.bench",
+    unit: str = "cell",
 ) -> tuple[list[dict], list[Item]]:
     """``(rows, skipped)``: ``run(item)`` for each item in order, none started after ``time_budget`` s.
+
+    The progress bar is named ``desc``, counts in ``unit`` and shows ``label(item)`` of the running item.
 
     An item whose ``run`` raises ``RuntimeError`` (out of memory, a failed decomposition, a dtype a
     kernel lacks) gives the row ``failed(item, first line of the message)`` and the run goes on.
@@ -36,7 +40,7 @@ def run_within_budget(
     rows: list[dict] = []
     skipped: list[Item] = []
     start = time.perf_counter()
-    bar = tqdm(total=len(items), desc="covpool.bench", unit="cell", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=len(items), desc=desc, unit=unit, disable=not progress, dynamic_ncols=True)
     for index, item in enumerate(items):
         if time.perf_counter() - start > time_budget:
             skipped = list(items[index:])
