@@ -52,7 +52,7 @@ ZCA_VARIANTS: dict[str, dict | None] = {
     "mtp": {"method": "mtp"},
     "mpa": {"method": "mpa"},
 }
-"""Variant name -> keyword arguments of the ZCA layer's root (``None``: plain BatchNorm, the control)."""
+"""Variant name -> the ZCA layer's ``root`` options (``None``: plain BatchNorm, the control)."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -86,7 +86,7 @@ def build_model(variant: str, args: argparse.Namespace) -> nn.Module:
     root = ZCA_VARIANTS[variant]
     if root is None:
         return net
-    return covpool.convert_zca_batchnorm(net, layers="first", group_size=args.group_size, **root)
+    return covpool.convert_zca_batchnorm(net, layers="first", group_size=args.group_size, root=root)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -57,7 +57,7 @@ import covpool
 from covpool.bench.report import format_table
 
 HEAD_ROOTS: dict[str, dict] = {"ns": {"method": "ns"}, "mpa": {"method": "mpa"}}
-"""Root name -> keyword arguments of the covariance heads' root."""
+"""Root name -> the covariance heads' ``root`` options."""
 
 FAMILIES = ("resnet", "vit")
 DEFAULT_VARIANTS = ("resnet-avgpool", "resnet-isqrtcov-ns", "vit-cls", "vit-sovit-ns", "vit-sovit-mpa")
@@ -112,7 +112,7 @@ def builder(variant: str, args: argparse.Namespace) -> Callable[[], nn.Module]:
         if head == "avgpool":
             return backbone
         return lambda: covpool.attach_head(
-            backbone(), "isqrtcov", reduction_dim=args.resnet_dim, **HEAD_ROOTS[root[0]]
+            backbone(), "isqrtcov", reduction_dim=args.resnet_dim, root=HEAD_ROOTS[root[0]]
         )
 
     def vit() -> nn.Module:
@@ -126,7 +126,7 @@ def builder(variant: str, args: argparse.Namespace) -> Callable[[], nn.Module]:
 
     if head == "cls":
         return vit
-    return lambda: covpool.attach_head(vit(), "sovit", reduction_dim=args.vit_dim, **HEAD_ROOTS[root[0]])
+    return lambda: covpool.attach_head(vit(), "sovit", reduction_dim=args.vit_dim, root=HEAD_ROOTS[root[0]])
 
 
 def pooled_positions(model: nn.Module, image_size: int) -> int:

@@ -2,7 +2,8 @@
 forward error, gradient error and forward+backward time of the matrix square root against the matrix size n
 and the batch size, per configuration, dtype and condition number.
 
-Configurations (keyword arguments of covpool.sqrtm / covpool.inv_sqrtm, with check_input=False):
+Configurations (keyword arguments of covpool.sqrtm / covpool.inv_sqrtm, with check_input=False; mtp and
+mpa are also given condition=max(condition of the matrices, 1e3), the bound their schedules certify):
 
   eigh              exact eigendecomposition, Daleckii-Krein backward (the paper's SVD baseline)
   ns5               Newton-Schulz, 5 steps, autograd backward (iSQRT-COV)
@@ -183,7 +184,12 @@ class Runner:
     def kwargs(self, cell: Cell) -> dict:
         """Keyword arguments of ``cell``'s configuration (ns-matched: its searched steps)."""
         if cell.config != MATCHED:
-            return {**self.configs[cell.config], "check_input": False}
+            config = {**self.configs[cell.config], "check_input": False}
+            if config.get("method") in ("mtp", "mpa") and "steps" not in config:
+                # The certified schedules are told the condition number of the test matrices, as a user
+                # who knows it (or adds a ridge) would; beyond the assumed bound they return NaN.
+                config["condition"] = max(float(cell.condition), 1e3)
+            return config
         found = self.matched.get((cell.function, cell.dtype, cell.condition, cell.n))
         if found is None:
             raise RuntimeError("no ns-matched steps: its error cell did not run")

@@ -112,8 +112,10 @@ class CovPoolClassifier(L.LightningModule):
         zca_kwargs: extra arguments of :func:`covpool.convert_zca_batchnorm`.
         pretrained: load timm's pretrained weights (needs them in the cache or an overlay file).
         pretrained_cfg_overlay: timm ``pretrained_cfg_overlay``, e.g. ``{"file": "weights.safetensors"}``.
-        root: options of every covpool matrix root in the model (:class:`covpool.RootOptions`, a method
-            name, or a dict of its fields, as in a YAML config); stored as a plain dict.
+        matrix_root: options of every covpool matrix root in the model (:class:`covpool.RootOptions`, a
+            method name, or a dict of its fields, as in a YAML config), passed as the layers' ``root``;
+            stored as a plain dict. (Not ``root``: data modules use that name for their folder, and Lightning
+            merges both sets of hyperparameters.)
         optimizer: ``"sgd"`` (Nesterov momentum) or ``"adamw"``.
         lr: learning rate of the backbone.
         head_lr: learning rate of the new head (the covpool head and the classifier); ``None``: ``lr``.
@@ -145,7 +147,7 @@ class CovPoolClassifier(L.LightningModule):
         zca_kwargs: dict[str, Any] | None = None,
         pretrained: bool = False,
         pretrained_cfg_overlay: dict[str, Any] | None = None,
-        root: RootOptions | str | dict[str, Any] | None = None,
+        matrix_root: RootOptions | str | dict[str, Any] | None = None,
         optimizer: Literal["sgd", "adamw"] = "sgd",
         lr: float = 0.05,
         head_lr: float | None = None,
@@ -161,7 +163,7 @@ class CovPoolClassifier(L.LightningModule):
             raise ValueError(f"`optimizer` must be 'sgd' or 'adamw', got {optimizer!r}")
         if warmup_epochs < 0:
             raise ValueError(f"`warmup_epochs` must be >= 0, got {warmup_epochs}")
-        root = RootOptions.coerce(root).to_dict() or None  # validated, and plain for the checkpoint
+        matrix_root = RootOptions.coerce(matrix_root).to_dict() or None  # validated; plain for checkpoints
         self.save_hyperparameters(ignore=["model"] if isinstance(model, nn.Module) else None)
         self.model = build_model(
             model,
@@ -174,7 +176,7 @@ class CovPoolClassifier(L.LightningModule):
             zca_kwargs=zca_kwargs,
             pretrained=pretrained,
             pretrained_cfg_overlay=pretrained_cfg_overlay,
-            root=root,
+            root=matrix_root,
         )
         top_k = min(5, num_classes)
         metrics = MetricCollection(

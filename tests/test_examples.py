@@ -215,7 +215,7 @@ class TestPaperTraining:
                 assert all(type(m) is nn.BatchNorm2d for m in norms)
                 continue
             assert isinstance(net.bn1, ZCABatchNorm2d) and net.bn1 is norms[0]
-            assert net.bn1.method == root["method"] and net.bn1.group_size == args.group_size
+            assert net.bn1.root.method == root["method"] and net.bn1.group_size == args.group_size
             assert all(type(m) is nn.BatchNorm2d for m in norms[1:])
 
     def test_dbn_quick_run(self, load, tmp_path: Path) -> None:
@@ -241,7 +241,7 @@ class TestPaperTraining:
             net = script.builder(variant, args)()
             family, head, *root = variant.split("-")
             if head in ("isqrtcov", "sovit"):
-                assert isinstance(net, CovPooledModel) and net.head.method == root[0]
+                assert isinstance(net, CovPooledModel) and net.head.root.method == root[0]
                 expected = CovPoolHead if head == "isqrtcov" else SecondOrderTokenHead
                 assert type(net.head) is expected
             assert net(torch.zeros(2, 1, args.image_size, args.image_size)).shape == (2, 10)
