@@ -29,7 +29,7 @@ Three kinds of step:
 - **Newton-Schulz** steps ``q(u) = (3 - u) / 2``: iSQRT-COV's forward and the paper's backward.
 
 Products per step (``n × n`` matrix products): forward ``d + 2`` for a polynomial of degree ``d`` (``U``,
-``d - 1`` Horner products, the two updates), backward ``2d + 3`` for ``d <= 2`` (see the solver).
+``d - 1`` for ``q(U)``, the two updates; the first step ``d``), backward ``2d + 3`` for ``d <= 2``.
 """
 
 from __future__ import annotations
@@ -96,13 +96,17 @@ class Schedule:
     error: float
 
     def forward_products(self) -> int:
-        """Matrix products of the coupled forward iteration (the first ``U = Â`` is free)."""
+        """Matrix products of the coupled forward iteration.
+
+        A polynomial step of degree ``d`` takes ``U = Z Y``, ``d - 1`` for ``q(U)`` and one for each of the
+        updates of ``Y`` and ``Z``: ``d + 2``; the first, with ``U = Â`` and ``Z = q(Â)``, only ``d``.
+        """
         total = 0
         for k, step in enumerate(self.steps):
             if isinstance(step, PolynomialStep):
-                total += step.degree + 2 - (k == 0)
+                total += step.degree + (0 if k == 0 else 2)
             else:
-                total += 3 + _polynomial_products(step.degree) - (k == 0)
+                total += _polynomial_products(step.degree) + (1 if k == 0 else 3)
         return total
 
     def backward_products(self) -> int:
@@ -129,7 +133,7 @@ def step_map(step: Step, s: np.ndarray) -> np.ndarray:
 
 def image(step: Step, lower: float, upper: float) -> tuple[float, float]:
     """``(min, max)`` of :func:`step_map` over ``[lower, upper]`` (dense geometric and uniform grid)."""
-    grid = np.concatenate([np.geomspace(lower, upper, 4000), np.linspace(lower, upper, 4000)])
+    grid = np.concatenate([np.geomspace(lower, upper, 100_000), np.linspace(lower, upper, 100_000)])
     values = step_map(step, grid)
     return float(values.min()), float(values.max())
 
