@@ -262,3 +262,42 @@ class TestConvert:
         assert isinstance(convert_zca_batchnorm(nn.BatchNorm2d(8), group_size=4), ZCABatchNorm2d)
         with pytest.raises(ValueError, match="layers must be 'first', 'all' or a callable"):
             convert_zca_batchnorm(nn.BatchNorm2d(8), layers="some")
+
+
+class TestRejectedBatches:
+    @pytest.mark.parametrize("momentum", [0.1, None])
+    def test_non_finite_batch_raises_and_changes_no_state(self, momentum, device):
+        layer = ZCABatchNorm2d(8, group_size=4, momentum=momentum, device=device)
+        layer(torch.randn(4, 8, 3, 3, device=device))
+        before = {k: v.clone() for k, v in layer.state_dict().items()}
+        x = torch.randn(4, 8, 3, 3, device=device)
+        x[1, 2, 0, 0] = float("nan")
+        with pytest.raises(ValueError, match=r"ZCABatchNorm2d: input holds NaN or Inf.*unchanged"):
+            layer(x)
+        assert all(torch.equal(before[k], v) for k, v in layer.state_dict().items())
+
+    @pytest.mark.parametrize("momentum", [0.1, None])
+    def test_without_checks_the_batch_gives_nan_and_still_changes_no_state(self, momentum, device):
+        layer = ZCABatchNorm2d(8, group_size=4, momentum=momentum, root={"check_input": False}, device=device)
+        layer(torch.randn(4, 8, 3, 3, device=device))
+        before = {k: v.clone() for k, v in layer.state_dict().items()}
+        x = torch.randn(4, 8, 3, 3, device=device)
+        x[0, 0, 0, 0] = float("inf")
+        out = layer(x)
+        assert torch.isnan(out[:, :4]).all()  # the group that saw Inf
+        assert all(torch.equal(before[k], v) for k, v in layer.state_dict().items())
+        layer.eval()
+        assert torch.isfinite(layer(torch.randn(2, 8, 3, 3, device=device))).all()
+
+    def test_integer_input_is_refused(self, device):
+        with pytest.raises(
+            TypeError, match="ZCABatchNorm2d: input must be a floating-point tensor, got torch.int64"
+        ):
+            ZCABatchNorm2d(8, group_size=4, device=device)(
+                torch.ones(2, 8, 2, 2, dtype=torch.int64, device=device)
+            )
+
+    @pytest.mark.parametrize("eps", [float("inf"), float("nan"), -1.0])
+    def test_eps_must_be_finite_and_non_negative(self, eps):
+        with pytest.raises(ValueError, match="ZCABatchNorm2d: eps must be a finite float >= 0"):
+            ZCABatchNorm2d(8, group_size=4, eps=eps)

@@ -49,7 +49,7 @@ from covpool.functional.whitening import (
     whitening_matrix,
 )
 from covpool.linalg import RootOptions
-from covpool.linalg.checks import check_positive_int
+from covpool.linalg.checks import check_float, check_positive_int, reads_values
 from covpool.linalg.numerics import working_dtype
 
 
@@ -80,8 +80,7 @@ class _ZCABatchNorm(nn.Module):
                 f"divisors of {num_features}: {divisors}"
             )
         self.root = RootOptions.coerce(root)
-        if eps < 0:
-            raise ValueError(f"eps must be >= 0, got {eps}")
+        check_float(eps, f"{type(self).__name__}: eps")
         factory = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.group_size = group_size
@@ -146,11 +145,22 @@ class _ZCABatchNorm(nn.Module):
 
     @torch.no_grad()
     def _update_running_stats(self, count: Tensor, mean: Tensor, cov: Tensor) -> None:
-        self.num_batches_tracked.add_(1)
-        factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        """Fold the batch into the running statistics, unless it holds NaN/Inf.
+
+        A non-finite batch changes nothing, not even the counter, without reading any value on the host:
+        the update is selected on the device (``torch.where``), so the layer stays capturable.
+        """
+        finite = torch.isfinite(cov).all() & torch.isfinite(mean).all()
+        self.num_batches_tracked.add_(finite.to(self.num_batches_tracked.dtype))
+        if self.momentum is None:  # cumulative average
+            factor = finite / self.num_batches_tracked.clamp_min(1).to(self.running_mean.dtype)
+        else:
+            factor = finite.to(self.running_mean.dtype) * self.momentum
         unbiased = cov * (count / (count - 1).clamp_min(1))
-        self.running_mean.lerp_(mean.reshape(-1).to(self.running_mean.dtype), factor)
-        self.running_cov.lerp_(unbiased.to(self.running_cov.dtype), factor)
+        new_mean = torch.where(finite, mean.reshape(-1).to(self.running_mean.dtype), self.running_mean)
+        new_cov = torch.where(finite, unbiased.to(self.running_cov.dtype), self.running_cov)
+        self.running_mean.lerp_(new_mean, factor)
+        self.running_cov.lerp_(new_cov, factor)
 
     def _eval_whitening(self, dtype: torch.dtype) -> Tensor:
         """``(running_cov + eps I)^(-1/2)``, recomputed only when its inputs changed."""
@@ -171,7 +181,14 @@ class _ZCABatchNorm(nn.Module):
         return self._eval_cache[1]
 
     def forward(self, x: Tensor) -> Tensor:
+        if not torch.is_floating_point(x):
+            raise TypeError(f"{type(self).__name__}: input must be a floating-point tensor, got {x.dtype}")
         rows = self._to_rows(x)
+        if reads_values(self.root.check_input, x.device) and not bool(torch.isfinite(x).all()):
+            raise ValueError(
+                f"{type(self).__name__}: input holds NaN or Inf (shape {tuple(x.shape)}); the batch was "
+                "rejected and the running statistics are unchanged"
+            )
         work = working_dtype(x.dtype)
         with torch.autocast(device_type=x.device.type, enabled=False):
             if self.training or not self.track_running_stats:

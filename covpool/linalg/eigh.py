@@ -15,7 +15,8 @@ Validity: eigenvalues down to ``-δ λmax`` with ``δ = 10 n ε`` (``ε`` the dt
 rounding and count as zero; below that the matrix is not PSD. The square root of a PSD matrix takes
 ``√max(λ, 0)``, so a singular or all-zero matrix has its exact root; only the backward's kernel uses
 eigenvalues floored at ``ε λmax``, which keeps the gradient finite where the exact one is infinite. The
-inverse root needs every eigenvalue above ``δ λmax``. An invalid matrix gets NaN.
+inverse root of a matrix that is singular within rounding uses the same floor (the inverse root of the
+matrix with its eigenvalues raised to ``ε λmax``); an all-zero matrix has none. An invalid matrix gets NaN.
 """
 
 from __future__ import annotations
@@ -40,15 +41,17 @@ class EighRoot(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, A: torch.Tensor, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: D102
+        # LAPACK refuses NaN/Inf; such a matrix is swapped for the identity and marked invalid below.
+        finite = torch.isfinite(A).flatten(-2).all(-1)
+        A = torch.where(finite[..., None, None], A, torch.eye(A.shape[-1], dtype=A.dtype, device=A.device))
         scale = _max_abs(A)
         eigenvalues, vectors = torch.linalg.eigh(A / scale)
         top = eigenvalues[..., -1:].clamp_min(0)
         rounding = _RELATIVE_ROUNDING * A.shape[-1] * torch.finfo(A.dtype).eps * top
         smallest = eigenvalues[..., 0]
+        valid = finite & (smallest >= -rounding[..., 0])
         if inverse:
-            valid = (smallest > rounding[..., 0]) & (top[..., 0] > 0)
-        else:
-            valid = smallest >= -rounding[..., 0]
+            valid = valid & (top[..., 0] > 0)
         # The backward's kernel only needs positive eigenvalues: floor at machine precision, not at the
         # (larger) rounding level of the validity test, which would change the gradient of a ridged matrix.
         floor = (torch.finfo(A.dtype).eps * top).clamp_min(torch.finfo(A.dtype).tiny)

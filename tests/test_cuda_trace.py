@@ -1,0 +1,38 @@
+"""The CUDA code path traced on any machine (fake CUDA tensors): host syncs, products, kernels."""
+
+from __future__ import annotations
+
+import pytest
+
+import covpool
+from covpool.bench.trace import trace_root
+
+ROOTS = {"sqrtm": covpool.sqrtm, "inv_sqrtm": covpool.inv_sqrtm}
+
+
+@pytest.mark.parametrize("name", ROOTS)
+@pytest.mark.parametrize(
+    "options", [{}, {"method": "mtp", "eps": 1e-4}, {"method": "mpa"}, covpool.PAPER_CONFIG], ids=str
+)
+def test_default_cuda_path_never_synchronises(name, options):
+    assert trace_root(lambda a: ROOTS[name](a, **options), n=32, batch=8).syncs == 0
+
+
+def test_checks_requested_on_cuda_synchronise_and_say_so():
+    assert trace_root(lambda a: covpool.sqrtm(a, check_input=True), n=8, batch=2).syncs == 1
+
+
+def test_products_and_kernels_of_the_default_square_root():
+    result = trace_root(covpool.sqrtm, n=64, batch=64)
+    assert result.products <= 80
+    # Per product: 1 kernel per polynomial product, ~1.3 in the sign steps, plus a fixed overhead
+    # (normalisation, validity, scaling) of about 27 kernels per call; measured 1.59.
+    assert result.kernels_per_product <= 1.65
+    assert result.forward.ops["aten.eye"] == 0 and result.backward.ops["aten.eye"] == 0
+
+
+def test_looser_tolerance_traces_fewer_products():
+    def products(tol):
+        return trace_root(lambda a: covpool.sqrtm(a, tol=tol), n=64, batch=4).products
+
+    assert products(1e-2) < products(1e-3) < products(1e-5)
