@@ -20,7 +20,9 @@ def _parametrized_names(metafunc: pytest.Metafunc) -> set[str]:
     names: set[str] = set()
     for mark in metafunc.definition.iter_markers("parametrize"):
         argnames = mark.args[0]
-        names.update(n.strip() for n in argnames.split(",")) if isinstance(argnames, str) else names.update(argnames)
+        names.update(n.strip() for n in argnames.split(",")) if isinstance(argnames, str) else names.update(
+            argnames
+        )
     return names
 
 

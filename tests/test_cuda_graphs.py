@@ -32,7 +32,10 @@ def test_captured_training_step_matches_eager_with_flat_memory(name):
     kwargs = {"reduction_dim": 32} if "resnet" in name else {"img_size": 64}
     model = timm.create_model(name, num_classes=10, **kwargs).cuda()
     eager = copy.deepcopy(model)
-    batches = [(torch.randn(8, 3, 64, 64, device="cuda"), torch.randint(0, 10, (8,), device="cuda")) for _ in range(8)]
+    batches = [
+        (torch.randn(8, 3, 64, 64, device="cuda"), torch.randint(0, 10, (8,), device="cuda"))
+        for _ in range(8)
+    ]
 
     eager_optimizer = torch.optim.SGD(eager.parameters(), lr=0.01, momentum=0.9)
     eager_losses = [_step(eager, eager_optimizer, x, y).item() for x, y in batches]

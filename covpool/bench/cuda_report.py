@@ -119,7 +119,7 @@ def bench_roots(sizes: list[int], batch: int) -> list[dict]:
         upstream = upstream64.float()
         for name, options in ROOT_CONFIGS.items():
 
-            def step(options=options) -> None:
+            def step(options=options, A=A, upstream=upstream) -> None:
                 # autograd.grad of a loss: no accumulation into A.grad, the initial gradient made in-graph.
                 torch.autograd.grad((covpool.sqrtm(A, **options) * upstream).sum(), A)
 
@@ -137,7 +137,7 @@ def bench_roots(sizes: list[int], batch: int) -> list[dict]:
             if name in GRAPHED:
                 A_graph = A.detach().clone().requires_grad_()  # a fresh leaf, see graphed()
 
-                def graph_step(options=options, A_graph=A_graph) -> None:
+                def graph_step(options=options, A_graph=A_graph, upstream=upstream) -> None:
                     torch.autograd.grad((covpool.sqrtm(A_graph, **options) * upstream).sum(), A_graph)
 
                 try:
@@ -155,7 +155,11 @@ def bench_roots(sizes: list[int], batch: int) -> list[dict]:
                 f"  n={n:4d} {name:14s} eager {row['eager_ms']:8.3f} ms"
                 + (f"  graphed {row['graphed_ms']:7.3f} ms" if "graphed_ms" in row else " " * 25)
                 + f"  fwd err {row['forward_error']:.1e}  grad err {row['gradient_error']:.1e}"
-                + (f"  {row['products']:.0f} products, {row['tflops']:.1f} TFLOP/s" if "tflops" in row else "")
+                + (
+                    f"  {row['products']:.0f} products, {row['tflops']:.1f} TFLOP/s"
+                    if "tflops" in row
+                    else ""
+                )
             )
     return rows
 
@@ -183,7 +187,9 @@ def head_accuracy() -> list[dict]:
                     "map": f"{side}x{side}",
                     "method": method,
                     "feature_error": relative_error(f32[..., None], f64[..., None]).max().item(),
-                    "input_gradient_error": relative_error(g32.flatten(1)[..., None], g64.flatten(1)[..., None])
+                    "input_gradient_error": relative_error(
+                        g32.flatten(1)[..., None], g64.flatten(1)[..., None]
+                    )
                     .max()
                     .item(),
                 }
@@ -295,7 +301,8 @@ def captured_training_step(steps: int = 20) -> dict:
         "memory_allocated_first_last_mib": [memory[0] / 2**20, memory[-1] / 2**20],
     }
     print(
-        f"  eager {result['eager_ms_per_step']:.2f} ms/step, graphed {result['graphed_ms_per_step']:.2f} ms/step, "
+        f"  eager {result['eager_ms_per_step']:.2f} ms/step, "
+        f"graphed {result['graphed_ms_per_step']:.2f} ms/step, "
         f"losses {result['first_loss']:.4f} -> {result['last_loss']:.4f}, max |eager - graphed| "
         f"{result['max_loss_difference']:.1e}, memory {result['memory_allocated_first_last_mib'][0]:.1f} -> "
         f"{result['memory_allocated_first_last_mib'][1]:.1f} MiB over {steps - 3} replays"
@@ -324,9 +331,10 @@ def main(argv: list[str] | None = None) -> None:
     for name, verdict in report["syncs"].items():
         print(f"  {name:24s} {verdict}")
     sections = {
-        "roots": ("2. sqrtm forward+backward, batch 64, float32, condition 1e3:", lambda: bench_roots(
-            [64] if args.quick else [32, 64, 128, 256, 512], batch=64
-        )),
+        "roots": (
+            "2. sqrtm forward+backward, batch 64, float32, condition 1e3:",
+            lambda: bench_roots([64] if args.quick else [32, 64, 128, 256, 512], batch=64),
+        ),
         "heads": (
             "3. CovPoolHead on rank-deficient covariances (eps=1e-4), float32 against a float64 eigh copy:",
             head_accuracy,

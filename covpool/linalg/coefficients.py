@@ -112,7 +112,8 @@ def minimax_odd_polynomial(lower: float, upper: float, degree: int) -> tuple[tup
         try:
             solution = np.linalg.solve(np.concatenate([powers, signs[:, None]], axis=1), np.ones(points))
         except np.linalg.LinAlgError as error:  # reference points merged: the degree is too high here
-            raise ArithmeticError(f"Remez exchange broke down for degree {degree} on [{lower}, {upper}]") from error
+            message = f"Remez exchange broke down for degree {degree} on [{lower}, {upper}]"
+            raise ArithmeticError(message) from error
         coefficients = solution[:-1]
         error = _odd_values(coefficients, grid) - 1.0
         slope = np.diff(error)

@@ -1,4 +1,4 @@
-"""Forward evaluation of ``Â^(1/2)`` and ``Â^(-1/2)`` for a normalised SPD matrix ``Â`` (spectrum in ``(0, 1]``).
+"""Forward evaluation of ``Â^(1/2)`` and ``Â^(-1/2)`` for a normalised SPD ``Â`` (spectrum in ``(0, 1]``).
 
 - :func:`coupled_root` runs a schedule (:mod:`covpool.linalg.schedule`) of the coupled iteration
   ``U = Z Y``, ``Y ← Y q(U)``, ``Z ← q(U) Z`` from ``Y₀ = Â``, ``Z₀ = I`` (Higham, "Stable iterations for the

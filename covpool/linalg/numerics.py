@@ -18,7 +18,7 @@ def symmetrize(A: torch.Tensor) -> torch.Tensor:
 
 
 def eye_like(A: torch.Tensor) -> torch.Tensor:
-    """``n × n`` identity with the dtype and device of ``A`` (shape ``(*, n, n)``); broadcasts over the batch."""
+    """``n × n`` identity with the dtype and device of ``A`` (``(*, n, n)``); broadcasts over the batch."""
     return torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
 
 

@@ -140,7 +140,9 @@ def _root(
     fields: dict[str, Any],
 ) -> torch.Tensor:
     if options is not None and fields:
-        raise ValueError(f"pass either options= or keyword options, not both (got options and {sorted(fields)})")
+        raise ValueError(
+            f"pass either options= or keyword options, not both (got options and {sorted(fields)})"
+        )
     resolved = RootOptions(**fields) if options is None else RootOptions.coerce(options)
     check_float(eps, "eps")
     check_square_batch(A)

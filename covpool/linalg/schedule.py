@@ -212,8 +212,10 @@ def minimax_schedule(
 
 
 @functools.cache
-def pade_schedule(lower: float, upper: float, tol: float, *, degree: int, steps: int | None = None) -> Schedule:
-    """Scaled Padé ``[degree/degree]`` steps from ``[lower, upper]`` until within ``tol`` of 1 (or ``steps``)."""
+def pade_schedule(
+    lower: float, upper: float, tol: float, *, degree: int, steps: int | None = None
+) -> Schedule:
+    """Scaled Padé steps from ``[lower, upper]`` to within ``tol`` of 1 (or ``steps`` of them)."""
     numerator, denominator = (
         tuple(float(c) for c in table) for table in pade_coefficients(Fraction(-1, 2), degree, degree)
     )
