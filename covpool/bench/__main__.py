@@ -17,6 +17,7 @@ import covpool.bench
 from covpool.bench.configs import CONFIGS
 from covpool.bench.grid import FUNCTIONS, Cell, describe_skipped, plan_grid, run_grid
 from covpool.bench.layers import LAYER_CASES, LAYER_METHODS, run_layers
+from covpool.bench.trace import trace_root
 from covpool.bench.plot import plot_pareto
 from covpool.bench.report import format_table, write_csv, write_json
 
@@ -150,6 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"root methods per layer (default {' '.join(LAYER_METHODS)})",
     )
 
+    trace = parser.add_argument_group("trace")
+    trace.add_argument(
+        "--trace",
+        action="store_true",
+        help="count host syncs, matrix products and kernels of the CUDA path on fake tensors (no GPU needed)",
+    )
+
     common = parser.add_argument_group("both parts")
     common.add_argument(
         "--devices",
@@ -254,6 +262,29 @@ def run_roots(args: argparse.Namespace) -> None:
     )
 
 
+def run_trace(args: argparse.Namespace) -> None:
+    """Print syncs, products and kernels of every configuration's CUDA path, forward+backward."""
+    print("configuration       function    n  batch  syncs  products  kernels  kernels/product")
+    for name in args.configs:
+        config = CONFIGS[name]
+        for function in FUNCTIONS if args.function == "both" else [args.function]:
+            inverse = function == "inv_sqrtm"
+            if inverse and not config.has_inverse:
+                continue
+            for n in args.sizes:
+                for batch in args.batches:
+                    try:
+                        result = trace_root(lambda a, c=config, i=inverse: c.root(a, i), n=n, batch=batch)
+                    except Exception as error:  # noqa: BLE001 - a peer that cannot be traced is reported
+                        print(f"{name:18s}  {function:9s} {n:4d}  {batch:5d}  cannot be traced: {error}")
+                        continue
+                    kernels = result.forward.kernels + result.backward.kernels
+                    print(
+                        f"{name:18s}  {function:9s} {n:4d}  {batch:5d}  {result.syncs:5d}  "
+                        f"{result.products:8.0f}  {kernels:7d}  {result.kernels_per_product:15.2f}"
+                    )
+
+
 def _print_left_out(unsupported: Sequence[Cell], skipped: Sequence[Cell], budget: float) -> None:
     if unsupported:
         names = sorted({cell.config for cell in unsupported})
@@ -305,7 +336,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(f"--time-budget must be > 0 seconds, got {args.time_budget}")
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    (run_layer_benchmark if args.layers else run_roots)(args)
+    if args.trace:
+        run_trace(args)
+    else:
+        (run_layer_benchmark if args.layers else run_roots)(args)
     print(f"total wall time {time.perf_counter() - start:.1f} s")
 
 

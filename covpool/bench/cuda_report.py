@@ -145,7 +145,7 @@ def bench_roots(sizes: list[int], batch: int) -> list[dict]:
                 except RuntimeError as error:
                     row["graph_error"] = str(error).splitlines()[0][:160]
                     print(f"  n={n} {name}: capture failed: {row['graph_error']}")
-            if name.startswith("mtp") or name == "paper":
+            if name.startswith("mtp") or name in ("ns 5 steps", "paper"):
                 products = trace_root(lambda a, o=options: covpool.sqrtm(a, **o), n=n, batch=batch).products
                 row["products"] = products
                 best = row.get("graphed_ms", row["eager_ms"])

@@ -146,6 +146,10 @@ def _walk_backward(output: torch.Tensor, grad: torch.Tensor, counter: _Counter) 
         for (child, slot), value in zip(node.next_functions, results, strict=False):
             if child is None or value is None:
                 continue
+            shape = tuple(child._input_metadata[slot].shape)
+            if tuple(value.shape) != shape:  # the engine reduces broadcast gradients; so must this walk
+                with counter:
+                    value = value.sum_to_size(shape)
             previous = pending[child].get(slot)
             pending[child][slot] = value if previous is None else previous + value
 
