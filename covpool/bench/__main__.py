@@ -17,9 +17,9 @@ import covpool.bench
 from covpool.bench.configs import CONFIGS
 from covpool.bench.grid import FUNCTIONS, Cell, describe_skipped, plan_grid, run_grid
 from covpool.bench.layers import LAYER_CASES, LAYER_METHODS, run_layers
-from covpool.bench.trace import trace_root
 from covpool.bench.plot import plot_pareto
 from covpool.bench.report import format_table, write_csv, write_json
+from covpool.bench.trace import trace_root
 
 FULL_SIZES = (32, 64, 128, 256, 512)
 FULL_BATCHES = (1, 16, 64, 256)
