@@ -6,6 +6,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+import covpool
 
 from lightning_modules import CovarianceSpectrumMonitor, DigitsDataModule, ImageFolderDataModule
 from lightning_modules.cli import main
@@ -41,8 +44,30 @@ def test_fit_fast_dev_run_from_config(tmp_path):
     )
     assert cli.trainer.global_step == 1
     assert isinstance(cli.datamodule, DigitsDataModule) and cli.model.hparams.num_classes == 10
+    assert cli.model.model.head.root == covpool.RootOptions(method="auto", tol=1e-3)
     assert any(isinstance(c, CovarianceSpectrumMonitor) for c in cli.trainer.callbacks)
     assert any(k.startswith("spectrum/") for k in cli.trainer.callback_metrics)
+
+
+def test_root_options_from_the_command_line_reach_every_layer(tmp_path):
+    cli = main(
+        [
+            "--model.model=resnet18",
+            "--model.head=isqrtcov",
+            "--model.zca=first",
+            "--model.matrix_root={method: mtp, tol: 0.0001}",
+            "--model.head_kwargs={reduction_dim: 8}",
+        ],
+        run=False,
+    )
+    expected = covpool.RootOptions(method="mtp", tol=1e-4)
+    roots = [m.root for m in cli.model.modules() if hasattr(m, "root") and isinstance(m, torch.nn.Module)]
+    assert len(roots) == 2 and all(root == expected for root in roots)
+
+
+def test_unused_root_options_are_refused_at_construction():
+    with pytest.raises(ValueError, match="steps is not used by method='eigh'"):
+        main(["--model.matrix_root={method: eigh, steps: 3}"], run=False)
 
 
 def test_num_classes_comes_from_the_data(tmp_path):
