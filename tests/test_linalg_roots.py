@@ -217,7 +217,7 @@ class TestShapesAndDtypes:
 
     @pytest.mark.parametrize("method", ["mpa", "mtp", "eigh"])
     def test_one_by_one(self, method):
-        assert covpool.inv_sqrtm(torch.tensor([[4.0]]), method=method).item() == pytest.approx(0.5, rel=1e-4)
+        assert covpool.inv_sqrtm(torch.tensor([[4.0]]), method=method).item() == pytest.approx(0.5, rel=1e-3)
 
     @pytest.mark.parametrize("low", [torch.float16, torch.bfloat16])
     @pytest.mark.parametrize("name", ROOTS)

@@ -49,7 +49,7 @@ FORWARD_DEGREES = (1, 2, 3, 4)
 BACKWARD_DEGREES = (1, 2)
 MAX_STEPS = 40
 SAFETY = 0.01
-"""Relative room above each minimax step's interval for rounding (see :func:`_minimax_step`)."""
+"""Room above each minimax step's interval, relative to its width, for rounding (see :func:`_minimax_step`)."""
 _CONVERGED = 1e-12
 MAX_PADE_SCALE = 2.0
 
@@ -143,10 +143,11 @@ def image(step: Step, lower: float, upper: float) -> tuple[float, float]:
 def _minimax_step(a: float, b: float, degree: int) -> tuple[PolynomialStep, tuple[float, float]]:
     """The minimax step for ``[a, b]`` and the interval it maps to; Newton-Schulz once converged.
 
-    The polynomial is designed on ``[a, b (1 + SAFETY)]``: a minimax step rises steeply just past its
+    The polynomial is designed on ``[a, b + SAFETY (b - a)]``: a minimax step rises steeply just past its
     interval (slope about 26 at the top of the first degree-5 step), so an eigenvalue that rounding has
     pushed slightly above ``b`` would otherwise be amplified step after step (seen in float32: a whitening
-    matrix's top eigenvalue 1.3e-4 above its bound diverged by the sixth backward step).
+    matrix's top eigenvalue 1.3e-4 above its bound diverged by the sixth backward step). The room scales
+    with the interval's width: near convergence the steps are flat at the top and amplify nothing.
 
     Once the interval is within rounding of 1, the minimax problem degenerates (its reference points
     coincide), and any step that fixes 1 to second order keeps it there: Newton-Schulz does.
@@ -154,7 +155,7 @@ def _minimax_step(a: float, b: float, degree: int) -> tuple[PolynomialStep, tupl
     if b - a < _CONVERGED:
         step = PolynomialStep(NEWTON_SCHULZ)
         return step, image(step, a, b)
-    b = b * (1.0 + SAFETY)
+    b = b + SAFETY * (b - a)
     for trial in range(degree, 0, -1):  # a high degree can break down on a tiny a; a lower one will not
         try:
             coefficients, error = minimax_odd_polynomial(a, b, trial)
