@@ -71,6 +71,24 @@ class TestBuild:
         with pytest.raises(ValueError, match=match):
             CovPoolClassifier("test_resnet", **{"num_classes": 10, **kwargs})
 
+    def test_default_digits_give_a_covariance_head_2x2_maps(self):
+        # resnet18 has output stride 32; the digits' default 64 px gives 2 x 2 positions, and the head's
+        # output depends on the image.
+        data = DigitsDataModule(batch_size=4)
+        data.setup("fit")
+        images, _ = next(iter(data.train_dataloader()))
+        clf = CovPoolClassifier("resnet18", head="isqrtcov").eval()
+        assert clf.model.forward_features(images).shape == (4, 512, 2, 2)
+        pooled = clf.model.forward_head(clf.model.forward_features(images), pre_logits=True)
+        assert torch.pdist(pooled).min() > 1e-3  # no two images pool alike
+
+    def test_1x1_maps_fail_at_the_first_batch(self, tmp_path, digits):
+        clf = CovPoolClassifier("resnet18", head="isqrtcov")  # 32 px digits, stride 32: 1 x 1 maps
+        with pytest.raises(
+            ValueError, match=r"CovPoolHead needs .*got shape \(16, 512, 1, 1\).*larger images"
+        ):
+            quick_trainer(tmp_path, fast_dev_run=1).fit(clf, digits)
+
     def test_pretrained_needs_a_name(self):
         with pytest.raises(ValueError, match="pretrained"):
             CovPoolClassifier(nn.Linear(4, 2), num_classes=2, pretrained=True)

@@ -22,6 +22,9 @@ from torch import Tensor
 
 from covpool.linalg import sqrtm
 
+MIN_POSITIONS = 2
+"""Fewest positions (samples) a covariance pooling accepts: the covariance of one position is zero."""
+
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Working dtype for second-order statistics: float64 stays float64, everything else is float32."""
@@ -99,7 +102,8 @@ def sqrt_covariance_pool(
     result is returned in the autocast dtype under autocast, else in the input dtype.
 
     Args:
-        tokens: ``(N, M, d)`` features of ``M`` positions per sample.
+        tokens: ``(N, M, d)`` features of ``M >= 2`` positions per sample (the covariance of one position
+            is zero, so its pooled vector would not depend on the input: ``M = 1`` raises).
         method: root method passed to :func:`covpool.sqrtm`.
         eps: *relative* ridge passed to :func:`covpool.sqrtm` (``Σ + eps (tr Σ / d) I``). When ``M <= d``
             the covariance is singular (rank at most ``M - 1``) and the root's gradient grows like
@@ -116,5 +120,11 @@ def sqrt_covariance_pool(
     """
     if tokens.ndim != 3:
         raise ValueError(f"tokens must have shape (N, M, d), got shape {tuple(tokens.shape)}")
+    if tokens.shape[1] < MIN_POSITIONS:
+        raise ValueError(
+            f"tokens must hold at least {MIN_POSITIONS} positions per sample (N, M >= {MIN_POSITIONS}, d): "
+            f"the covariance of one position is zero, so the pooled vector would be the same for every "
+            f"input; got shape {tuple(tokens.shape)}"
+        )
     root = sqrtm(covariance(tokens), method=method, eps=eps)
     return triu_vectorize(root, off_diagonal_scale=off_diagonal_scale).to(output_dtype(tokens))
