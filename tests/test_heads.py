@@ -117,7 +117,8 @@ class TestCovPoolHead:
             (
                 "NCHW",
                 (2, 8, 1, 1),
-                r"feature maps of at least 2 positions \(H \* W >= 2\), got shape \(2, 8, 1, 1\).*output_stride",
+                r"feature maps of at least 2 positions \(H \* W >= 2\), "
+                r"got shape \(2, 8, 1, 1\).*output_stride",
             ),
             ("NLC", (2, 1, 8), r"at least 2 tokens \(N, L >= 2, C\), got shape \(2, 1, 8\)"),
         ],
