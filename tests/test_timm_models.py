@@ -255,6 +255,16 @@ class TestAttachHead:
         torch.testing.assert_close(model(x), model.head(tokens))
         assert model.no_weight_decay() == {f"backbone.{n}" for n in vit.no_weight_decay()}
 
+    def test_vit_with_registers_and_no_class_token(self) -> None:
+        kwargs = dict(img_size=32, depth=1, reg_tokens=2, class_token=False, global_pool="avg")
+        with pytest.raises(ValueError, match=r"VisionTransformer has none: its num_prefix_tokens=2 prefix"):
+            covpool.attach_head("vit_tiny_patch16_224", head="sovit", model_kwargs=kwargs)
+        vit = timm.create_model("vit_tiny_patch16_224", **kwargs).eval()
+        x = torch.randn(2, 3, 32, 32)
+        tokens = vit.forward_features(x)
+        model = covpool.attach_head(vit, head="isqrtcov", num_classes=3, reduction_dim=8).eval()
+        torch.testing.assert_close(model(x), model.head(tokens[:, 2:]))  # both registers dropped
+
     def test_vit_isqrtcov_drops_prefix_tokens(self) -> None:
         vit = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1).eval()
         x = torch.randn(2, 3, 32, 32)

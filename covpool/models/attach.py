@@ -130,8 +130,9 @@ def attach_head(
 
     Raises:
         ValueError: unknown ``head``, a model that already has a covariance head, ``head="sovit"`` on a
-            CNN, features that are neither (N, C, H, W) nor (N, L, C) with C = ``num_features``, or a
-            token model with fewer than 2 visual tokens at its image size.
+            CNN or on a token model without a class token (e.g. register tokens only), features that are
+            neither (N, C, H, W) nor (N, L, C) with C = ``num_features``, or a token model with fewer than
+            2 visual tokens at its image size.
 
     Example:
         >>> import timm, torch
@@ -180,6 +181,13 @@ def attach_head(
                 f"head='sovit' needs token features (N, L, C) with a class token (num_prefix_tokens >= 1); "
                 f"{type(model).__name__} returns {seen}: use head='isqrtcov'"
             )
+        if not _has_class_token(model):
+            raise ValueError(
+                f"head='sovit' classifies from the class token, but {type(model).__name__} has none: its "
+                f"num_prefix_tokens={prefix} prefix tokens are register or distillation tokens. Use "
+                f"head='isqrtcov' (it drops the prefix tokens and pools the visual ones), or create the "
+                f"model with a class token (timm: class_token=True)"
+            )
         new_head = SecondOrderTokenHead(
             width, num_classes, num_prefix_tokens=prefix, **head_kwargs, **factory
         )
@@ -188,6 +196,16 @@ def attach_head(
     return CovPooledModel(
         model, new_head, num_classes=num_classes, drop_prefix_tokens=prefix if layout == "NLC" else 0
     )
+
+
+def _has_class_token(model: nn.Module) -> bool:
+    """Whether the first prefix token is a class token: timm's ``has_class_token`` where a model sets it,
+    else a ``cls_token`` that is not None; models with prefix tokens and neither attribute are taken to
+    lead with a class token (timm's order: class, then register or distillation tokens)."""
+    has_class_token = getattr(model, "has_class_token", None)
+    if has_class_token is not None:
+        return bool(has_class_token)
+    return getattr(model, "cls_token", True) is not None
 
 
 def _remove_classifier(model: nn.Module) -> None:
