@@ -89,6 +89,10 @@ class TestBuild:
         ):
             quick_trainer(tmp_path, fast_dev_run=1).fit(clf, digits)
 
+    def test_zca_without_batchnorm_raises(self):
+        with pytest.raises(ValueError, match="zca.*found no nn.BatchNorm1d or nn.BatchNorm2d in Sequential"):
+            CovPoolClassifier(nn.Sequential(nn.Flatten(), nn.Linear(12, 3)), num_classes=3, zca="first")
+
     def test_pretrained_needs_a_name(self):
         with pytest.raises(ValueError, match="pretrained"):
             CovPoolClassifier(nn.Linear(4, 2), num_classes=2, pretrained=True)
