@@ -92,8 +92,9 @@ class CovPoolClassifier(L.LightningModule):
 
     Args:
         model: a timm model name (``"resnet18"``, ``"resnet18_isqrtcov"``, ...) or an ``nn.Module``
-            that maps images to logits (it is not stored in the hyperparameters; pass it again to
-            ``load_from_checkpoint``).
+            that maps images to logits. A module is not stored in the hyperparameters (they record
+            ``model=None``): pass it again, ``CovPoolClassifier.load_from_checkpoint(path, model=net)``;
+            without it, loading raises a ``ValueError`` that says so.
         num_classes: number of classes.
         in_chans: number of image channels (timm model names only).
         model_kwargs: further ``timm.create_model`` arguments (``output_stride``, ``reduction_dim`` ...).
@@ -123,7 +124,7 @@ class CovPoolClassifier(L.LightningModule):
 
     def __init__(
         self,
-        model: str | nn.Module = "resnet18",
+        model: str | nn.Module | None = "resnet18",
         *,
         num_classes: int = 10,
         in_chans: int = 3,
@@ -143,13 +144,24 @@ class CovPoolClassifier(L.LightningModule):
         label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
+        if model is None:
+            raise ValueError(
+                "`model` is None: this is a CovPoolClassifier built around an nn.Module, which checkpoints "
+                "do not store (its hyperparameters record model=None). Pass the same architecture again, "
+                "e.g. CovPoolClassifier.load_from_checkpoint(path, model=MyNet(...)); the checkpoint's "
+                "weights are then loaded into it"
+            )
         if num_classes < 2:
             raise ValueError(f"`num_classes` must be at least 2, got {num_classes}")
         if optimizer not in ("sgd", "adamw"):
             raise ValueError(f"`optimizer` must be 'sgd' or 'adamw', got {optimizer!r}")
         if warmup_epochs < 0:
             raise ValueError(f"`warmup_epochs` must be >= 0, got {warmup_epochs}")
-        self.save_hyperparameters(ignore=["model"] if isinstance(model, nn.Module) else None)
+        if isinstance(model, nn.Module):
+            self.save_hyperparameters(ignore=["model"])
+            self.hparams["model"] = None  # so that loading a checkpoint without model= raises clearly
+        else:
+            self.save_hyperparameters()
         self.model = build_model(
             model,
             num_classes=num_classes,

@@ -55,7 +55,7 @@ class TestBuild:
     def test_module_is_not_a_hyperparameter(self):
         net = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
         clf = CovPoolClassifier(net, num_classes=3)
-        assert "model" not in clf.hparams and clf.model is net
+        assert clf.hparams["model"] is None and clf.model is net
         assert "model" in CovPoolClassifier("test_resnet", num_classes=3).hparams
 
     @pytest.mark.parametrize(
@@ -143,6 +143,20 @@ class TestMetrics:
 
 
 class TestCheckpoint:
+    def test_module_must_be_passed_again(self, tmp_path, digits):
+        def network() -> nn.Module:
+            return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
+
+        clf = CovPoolClassifier(network(), num_classes=10)
+        trainer = quick_trainer(tmp_path, max_steps=1, limit_val_batches=0)
+        trainer.fit(clf, digits)
+        path = tmp_path / "module.ckpt"
+        trainer.save_checkpoint(path)
+        with pytest.raises(ValueError, match=r"`model` is None.*load_from_checkpoint\(path, model=MyNet"):
+            CovPoolClassifier.load_from_checkpoint(path)
+        loaded = CovPoolClassifier.load_from_checkpoint(path, model=network())
+        assert all(torch.equal(a, b) for a, b in zip(clf.parameters(), loaded.parameters(), strict=True))
+
     def test_save_load_and_resume(self, tmp_path, digits):
         L.seed_everything(0)
         clf = small_classifier()
