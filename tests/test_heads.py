@@ -129,6 +129,23 @@ class TestCovPoolHead:
         with pytest.raises(ValueError, match=f"CovPoolHead needs {match}"):
             head(torch.randn(shape))
 
+    @pytest.mark.parametrize("input_format", ["NCHW", "NLC"])
+    def test_gradients_have_the_parameters_strides(self, input_format):
+        # A channels-last input (ViT tokens, ConvNeXt maps) must not give the 1x1 conv a channels-last weight
+        # gradient: DDP compares strides exactly ("Grad strides do not match bucket view strides").
+        head = CovPoolHead(8, 3, reduction_dim=4, input_format=input_format)
+        x = torch.randn(2, 3, 3, 8).permute(0, 3, 1, 2)  # channels-last (N, C, H, W)
+        if input_format == "NLC":
+            x = torch.randn(2, 9, 8)  # the head's (N, C, L, 1) view of it is channels-last
+        threads = torch.get_num_threads()
+        torch.set_num_threads(2)  # the CPU convolution that keeps the input's layout needs > 1 thread
+        try:
+            head(x).sum().backward()
+        finally:
+            torch.set_num_threads(threads)
+        for name, param in head.named_parameters():
+            assert param.grad.stride() == param.stride(), name
+
     def test_errors(self):
         with pytest.raises(ValueError, match=r"\(N, 8, H, W\), got shape \(2, 6, 3, 3\)"):
             CovPoolHead(8, 3, reduction_dim=4)(torch.randn(2, 6, 3, 3))

@@ -120,7 +120,9 @@ class CovPoolHead(CovarianceHead):
         return rearrange(x, "n l c -> n c l 1")
 
     def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        x = self.reduce(self._feature_map(x))
+        # A channels-last input (token view, ConvNeXt maps) gives the 1x1 conv a weight gradient with
+        # channels-last strides, which DDP reports as "Grad strides do not match bucket view strides".
+        x = self.reduce(self._feature_map(x).contiguous())
         pooled = sqrt_covariance_pool(rearrange(x, "n c h w -> n (h w) c"), method=self.method, eps=self.eps)
         pooled = self.drop(pooled)
         return pooled if pre_logits else self.fc(pooled)
