@@ -112,6 +112,10 @@ class CovPoolClassifier(L.LightningModule):
         warmup_epochs: epochs of linear warm-up before the cosine decay (may be fractional).
         label_smoothing: label smoothing of the cross-entropy.
 
+    Metrics, logged per stage as ``{stage}/acc1`` and ``{stage}/acc5`` with ``{stage}/loss``: top-1 and
+    top-5 accuracy; with fewer than 5 classes ``acc5`` keeps its name and is the top-``num_classes``
+    accuracy, which is 1.
+
     Shape:
         - input: (B, in_chans, H, W)
         - output: (B, num_classes)
@@ -174,11 +178,11 @@ class CovPoolClassifier(L.LightningModule):
             pretrained=pretrained,
             pretrained_cfg_overlay=pretrained_cfg_overlay,
         )
-        top_k = min(5, num_classes)
+        # "acc5" whatever num_classes, so that monitors on val/acc5 work; it is top-min(5, num_classes).
         metrics = MetricCollection(
             {
                 "acc1": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
-                f"acc{top_k}": MulticlassAccuracy(num_classes, top_k=top_k, average="micro"),
+                "acc5": MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro"),
             }
         )
         # ModuleDict keys may not shadow nn.Module attributes ("train"), hence the suffix.
