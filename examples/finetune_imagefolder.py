@@ -42,7 +42,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--image-size", type=int, default=224, help="side of the training crops")
     parser.add_argument("--batch-size", type=int, default=32, help="images per batch")
-    parser.add_argument("--num-workers", type=int, default=4, help="data loader processes")
+    parser.add_argument(
+        "--num-workers", type=int, default=None, help="data loader processes (default: the CPUs, at most 4)"
+    )
     parser.add_argument("--lr", type=float, default=1e-3, help="backbone learning rate")
     parser.add_argument("--head-lr", type=float, default=1e-2, help="head learning rate")
     add_trainer_arguments(parser, epochs=20)

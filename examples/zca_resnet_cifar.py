@@ -63,7 +63,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     data.add_argument("--download", action="store_true", help="download CIFAR-10 into --data-dir (internet)")
     data.add_argument("--synthetic", action="store_true", help="generated stand-in data, for smoke tests")
     data.add_argument("--batch-size", type=int, default=128, help="images per batch")
-    data.add_argument("--num-workers", type=int, default=4, help="data loader processes")
+    data.add_argument(
+        "--num-workers", type=int, default=None, help="data loader processes (default: the CPUs, at most 4)"
+    )
     model = parser.add_argument_group("model")
     model.add_argument("--model", default="resnet18", help="timm ResNet name")
     model.add_argument(

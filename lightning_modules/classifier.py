@@ -101,8 +101,9 @@ class CovPoolClassifier(L.LightningModule):
 
     Args:
         model: a timm model name (``"resnet18"``, ``"resnet18_isqrtcov"``, ...) or an ``nn.Module``
-            that maps images to logits (it is not stored in the hyperparameters; pass it again to
-            ``load_from_checkpoint``).
+            that maps images to logits. A module is not stored in the hyperparameters (they record
+            ``model=None``): pass it again, ``CovPoolClassifier.load_from_checkpoint(path, model=net)``;
+            without it, loading raises a ``ValueError`` that says so.
         num_classes: number of classes.
         in_chans: number of image channels (timm model names only).
         model_kwargs: further ``timm.create_model`` arguments (``output_stride``, ``reduction_dim`` ...).
@@ -124,6 +125,10 @@ class CovPoolClassifier(L.LightningModule):
         warmup_epochs: epochs of linear warm-up before the cosine decay (may be fractional).
         label_smoothing: label smoothing of the cross-entropy.
 
+    Metrics, logged per stage as ``{stage}/acc1`` and ``{stage}/acc5`` with ``{stage}/loss``: top-1 and
+    top-5 accuracy; with fewer than 5 classes ``acc5`` keeps its name and is the top-``num_classes``
+    accuracy, which is 1.
+
     Shape:
         - input: (B, in_chans, H, W)
         - output: (B, num_classes)
@@ -136,7 +141,7 @@ class CovPoolClassifier(L.LightningModule):
 
     def __init__(
         self,
-        model: str | nn.Module = "resnet18",
+        model: str | nn.Module | None = "resnet18",
         *,
         num_classes: int = 10,
         in_chans: int = 3,
@@ -157,6 +162,13 @@ class CovPoolClassifier(L.LightningModule):
         label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
+        if model is None:
+            raise ValueError(
+                "`model` is None: this is a CovPoolClassifier built around an nn.Module, which checkpoints "
+                "do not store (its hyperparameters record model=None). Pass the same architecture again, "
+                "e.g. CovPoolClassifier.load_from_checkpoint(path, model=MyNet(...)); the checkpoint's "
+                "weights are then loaded into it"
+            )
         if num_classes < 2:
             raise ValueError(f"`num_classes` must be at least 2, got {num_classes}")
         if optimizer not in ("sgd", "adamw"):
@@ -164,7 +176,11 @@ class CovPoolClassifier(L.LightningModule):
         if warmup_epochs < 0:
             raise ValueError(f"`warmup_epochs` must be >= 0, got {warmup_epochs}")
         matrix_root = RootOptions.coerce(matrix_root).to_dict() or None  # validated; plain for checkpoints
-        self.save_hyperparameters(ignore=["model"] if isinstance(model, nn.Module) else None)
+        if isinstance(model, nn.Module):
+            self.save_hyperparameters(ignore=["model"])
+            self.hparams["model"] = None  # so that loading a checkpoint without model= raises clearly
+        else:
+            self.save_hyperparameters()
         self.model = build_model(
             model,
             num_classes=num_classes,
@@ -178,11 +194,11 @@ class CovPoolClassifier(L.LightningModule):
             pretrained_cfg_overlay=pretrained_cfg_overlay,
             root=matrix_root,
         )
-        top_k = min(5, num_classes)
+        # "acc5" whatever num_classes, so that monitors on val/acc5 work; it is top-min(5, num_classes).
         metrics = MetricCollection(
             {
                 "acc1": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
-                f"acc{top_k}": MulticlassAccuracy(num_classes, top_k=top_k, average="micro"),
+                "acc5": MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro"),
             }
         )
         # ModuleDict keys may not shadow nn.Module attributes ("train"), hence the suffix.

@@ -12,6 +12,8 @@ data module.
 
 from __future__ import annotations
 
+import sys
+
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lightning_modules.classifier import CovPoolClassifier
@@ -26,7 +28,7 @@ class CovPoolCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
 
 
-def main(args: list[str] | None = None, *, run: bool = True) -> CovPoolCLI:
+def create_cli(args: list[str] | None = None, *, run: bool = True) -> CovPoolCLI:
     """Run the CLI on ``args`` (``sys.argv[1:]`` when ``None``); returns the CLI object.
 
     With ``run=False`` the arguments take no subcommand and the model, data module and trainer are only
@@ -43,5 +45,14 @@ def main(args: list[str] | None = None, *, run: bool = True) -> CovPoolCLI:
     )
 
 
+def main(args: list[str] | None = None) -> None:
+    """Console entry point ``covpool-train``: returns nothing, so the process exits with status 0.
+
+    The console script calls ``sys.exit(main())``: a returned object would be printed and exit with
+    status 1. Errors propagate (status 1), and bad arguments exit with jsonargparse's status 2.
+    """
+    create_cli(args)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -97,7 +97,7 @@ def test_finetune_imagefolder(load, tmp_path: Path) -> None:
     torch.save(timm.create_model("resnet18").state_dict(), weights)
 
     script = load("finetune_imagefolder")
-    argv = [str(root), "--weights", str(weights), "--reduction-dim", "8", "--image-size", "32"]
+    argv = [str(root), "--weights", str(weights), "--reduction-dim", "8", "--image-size", "64"]
     trainer = script.main([*argv, "--batch-size", "4", "--num-workers", "0", *common_args(tmp_path)])
     net = trainer.lightning_module.model
     assert isinstance(net, CovPooledModel) and net.get_classifier().out_features == 2

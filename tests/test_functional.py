@@ -97,6 +97,10 @@ class TestSqrtCovariancePool:
         x = _correlated(2, 8, 3, device=device).requires_grad_()
         assert gradcheck(lambda t: sqrt_covariance_pool(t, eps=0.0, root="eigh"), (x,))
 
+    def test_rejects_a_single_position(self):
+        with pytest.raises(ValueError, match=r"at least 2 positions .*got shape \(3, 1, 5\)"):
+            sqrt_covariance_pool(torch.randn(3, 1, 5))
+
     def test_autocast_bfloat16(self, device):
         x = _correlated(2, 49, 8, dtype=torch.float32, device=device)
         with torch.autocast(device.type, dtype=torch.bfloat16):

@@ -99,6 +99,53 @@ class TestCovPoolHead:
         with pytest.raises(ValueError, match="pool_type must be None"):
             head.reset(3, pool_type="avg")
 
+    @pytest.mark.parametrize("shape", [(1, 2), (2, 1)])
+    def test_two_positions_give_the_exact_root(self, shape, device):
+        # Two positions: Σ = v vᵀ / 4 with v = x₁ - x₂, so Σ^(1/2) = v vᵀ / (2 ‖v‖) exactly.
+        head = CovPoolHead(
+            4, 2, reduction_dim=None, eps=0.0, root="eigh", device=device, dtype=torch.float64
+        )
+        x = torch.randn(3, 4, *shape, dtype=torch.float64, device=device)
+        v = rearrange(x, "n c h w -> n (h w) c")
+        v = v[:, 0] - v[:, 1]
+        root = v[:, :, None] * v[:, None, :] / (2 * v.norm(dim=-1))[:, None, None]
+        assert torch.allclose(head(x, pre_logits=True), triu_vectorize(root), atol=1e-10)
+
+    @pytest.mark.parametrize(
+        ("input_format", "shape", "match"),
+        [
+            (
+                "NCHW",
+                (2, 8, 1, 1),
+                r"feature maps of at least 2 positions \(H \* W >= 2\), "
+                r"got shape \(2, 8, 1, 1\).*output_stride",
+            ),
+            ("NLC", (2, 1, 8), r"at least 2 tokens \(N, L >= 2, C\), got shape \(2, 1, 8\)"),
+        ],
+    )
+    def test_rejects_a_single_position(self, input_format, shape, match):
+        # The covariance of one position is zero: the head's output would not depend on the input.
+        head = CovPoolHead(8, 3, reduction_dim=4, input_format=input_format)
+        with pytest.raises(ValueError, match=f"CovPoolHead needs {match}"):
+            head(torch.randn(shape))
+
+    @pytest.mark.parametrize("input_format", ["NCHW", "NLC"])
+    def test_gradients_have_the_parameters_strides(self, input_format):
+        # A channels-last input (ViT tokens, ConvNeXt maps) must not give the 1x1 conv a channels-last weight
+        # gradient: DDP compares strides exactly ("Grad strides do not match bucket view strides").
+        head = CovPoolHead(8, 3, reduction_dim=4, input_format=input_format)
+        x = torch.randn(2, 3, 3, 8).permute(0, 3, 1, 2)  # channels-last (N, C, H, W)
+        if input_format == "NLC":
+            x = torch.randn(2, 9, 8)  # the head's (N, C, L, 1) view of it is channels-last
+        threads = torch.get_num_threads()
+        torch.set_num_threads(2)  # the CPU convolution that keeps the input's layout needs > 1 thread
+        try:
+            head(x).sum().backward()
+        finally:
+            torch.set_num_threads(threads)
+        for name, param in head.named_parameters():
+            assert param.grad.stride() == param.stride(), name
+
     def test_errors(self):
         with pytest.raises(ValueError, match=r"\(N, 8, H, W\), got shape \(2, 6, 3, 3\)"):
             CovPoolHead(8, 3, reduction_dim=4)(torch.randn(2, 6, 3, 3))
@@ -168,7 +215,14 @@ class TestSecondOrderTokenHead:
         assert torch.equal(head(x), head(x, pre_logits=True))
         head.reset(6)
         assert head(x).shape == (2, 6)
-        with pytest.raises(ValueError, match=r"L > num_prefix_tokens=1, got shape \(2, 1, 8\)"):
-            head(torch.randn(2, 1, 8, device=device))
+        with pytest.raises(ValueError, match=r"\(N, L, 8\), got shape \(2, 5, 6\)"):
+            head(torch.randn(2, 5, 6, device=device))
+        for length in (1, 2):  # one visual token has a zero covariance
+            with pytest.raises(
+                ValueError,
+                match=rf"at least 2 visual tokens .*num_prefix_tokens=1 .*\(L >= 3\), got shape "
+                rf"\(2, {length}, 8\) \({length - 1} visual tokens\)",
+            ):
+                head(torch.randn(2, length, 8, device=device))
         with pytest.raises(ValueError, match="num_prefix_tokens must be an integer >= 1"):
             SecondOrderTokenHead(8, 3, num_prefix_tokens=0)

@@ -55,7 +55,7 @@ class TestBuild:
     def test_module_is_not_a_hyperparameter(self):
         net = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
         clf = CovPoolClassifier(net, num_classes=3)
-        assert "model" not in clf.hparams and clf.model is net
+        assert clf.hparams["model"] is None and clf.model is net
         assert "model" in CovPoolClassifier("test_resnet", num_classes=3).hparams
 
     @pytest.mark.parametrize(
@@ -70,6 +70,28 @@ class TestBuild:
     def test_bad_arguments(self, kwargs, match):
         with pytest.raises(ValueError, match=match):
             CovPoolClassifier("test_resnet", **{"num_classes": 10, **kwargs})
+
+    def test_default_digits_give_a_covariance_head_2x2_maps(self):
+        # resnet18 has output stride 32; the digits' default 64 px gives 2 x 2 positions, and the head's
+        # output depends on the image.
+        data = DigitsDataModule(batch_size=4)
+        data.setup("fit")
+        images, _ = next(iter(data.train_dataloader()))
+        clf = CovPoolClassifier("resnet18", head="isqrtcov").eval()
+        assert clf.model.forward_features(images).shape == (4, 512, 2, 2)
+        pooled = clf.model.forward_head(clf.model.forward_features(images), pre_logits=True)
+        assert torch.pdist(pooled).min() > 1e-3  # no two images pool alike
+
+    def test_1x1_maps_fail_at_the_first_batch(self, tmp_path, digits):
+        clf = CovPoolClassifier("resnet18", head="isqrtcov")  # 32 px digits, stride 32: 1 x 1 maps
+        with pytest.raises(
+            ValueError, match=r"CovPoolHead needs .*got shape \(16, 512, 1, 1\).*larger images"
+        ):
+            quick_trainer(tmp_path, fast_dev_run=1).fit(clf, digits)
+
+    def test_zca_without_batchnorm_raises(self):
+        with pytest.raises(ValueError, match="zca.*found no nn.BatchNorm1d or nn.BatchNorm2d in Sequential"):
+            CovPoolClassifier(nn.Sequential(nn.Flatten(), nn.Linear(12, 3)), num_classes=3, zca="first")
 
     def test_pretrained_needs_a_name(self):
         with pytest.raises(ValueError, match="pretrained"):
@@ -113,14 +135,28 @@ class TestMetrics:
     def test_top_k_clipped_to_num_classes(self):
         clf = CovPoolClassifier(nn.Flatten(), num_classes=3)
         metrics = clf.metrics["val_metrics"]
-        assert sorted(metrics.keys()) == ["val/acc1", "val/acc3"]
+        assert sorted(metrics.keys()) == ["val/acc1", "val/acc5"]  # a stable name: top-3 of 3 classes
         logits = torch.tensor([[3.0, 2.0, 1.0], [1.0, 3.0, 2.0], [3.0, 1.0, 2.0], [1.0, 2.0, 3.0]])
         metrics.update(logits, torch.tensor([0, 2, 1, 2]))
         values = metrics.compute()
-        assert values["val/acc1"] == pytest.approx(0.5) and values["val/acc3"] == pytest.approx(1.0)
+        assert values["val/acc1"] == pytest.approx(0.5) and values["val/acc5"] == pytest.approx(1.0)
 
 
 class TestCheckpoint:
+    def test_module_must_be_passed_again(self, tmp_path, digits):
+        def network() -> nn.Module:
+            return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
+
+        clf = CovPoolClassifier(network(), num_classes=10)
+        trainer = quick_trainer(tmp_path, max_steps=1, limit_val_batches=0)
+        trainer.fit(clf, digits)
+        path = tmp_path / "module.ckpt"
+        trainer.save_checkpoint(path)
+        with pytest.raises(ValueError, match=r"`model` is None.*load_from_checkpoint\(path, model=MyNet"):
+            CovPoolClassifier.load_from_checkpoint(path)
+        loaded = CovPoolClassifier.load_from_checkpoint(path, model=network())
+        assert all(torch.equal(a, b) for a, b in zip(clf.parameters(), loaded.parameters(), strict=True))
+
     def test_save_load_and_resume(self, tmp_path, digits):
         L.seed_everything(0)
         clf = small_classifier()

@@ -1,8 +1,10 @@
-"""covpool-train (LightningCLI): help, a fast_dev_run from a shipped config, num_classes linking."""
+"""covpool-train (LightningCLI): help, fast_dev_run from a config, num_classes linking, exit status."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -11,9 +13,10 @@ import torch
 import covpool
 
 from lightning_modules import CovarianceSpectrumMonitor, DigitsDataModule, ImageFolderDataModule
-from lightning_modules.cli import main
+from lightning_modules.cli import create_cli, main
 
-CONFIGS = Path(__file__).resolve().parents[1] / "lightning_modules" / "configs"
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "lightning_modules" / "configs"
 
 
 @pytest.fixture(autouse=True)
@@ -30,7 +33,7 @@ def test_help(capsys):
 
 
 def test_fit_fast_dev_run_from_config(tmp_path):
-    cli = main(
+    cli = create_cli(
         [
             "fit",
             "--config",
@@ -73,7 +76,7 @@ def test_unused_root_options_are_refused_at_construction():
 def test_num_classes_comes_from_the_data(tmp_path):
     for name in ("a", "b", "c"):
         (tmp_path / name).mkdir()
-    cli = main(
+    cli = create_cli(
         [
             "--data=lightning_modules.ImageFolderDataModule",
             f"--data.root={tmp_path}",
@@ -91,3 +94,47 @@ def test_shipped_configs_parse(config, capsys):
         main(["fit", "--config", str(config), "--print_config"])
     assert exit_info.value.code == 0
     assert "class_path" in capsys.readouterr().out
+
+
+# What the installed ``covpool-train`` script runs (setuptools' wrapper), and ``python -m``.
+CONSOLE_SCRIPT = ("-c", "import sys; from lightning_modules.cli import main; sys.exit(main())")
+MODULE = ("-m", "lightning_modules.cli")
+
+
+def run_cli(entry: tuple[str, str], *args: str) -> subprocess.CompletedProcess:
+    """Run the CLI in a new process from the repository root, as a user would."""
+    return subprocess.run(
+        [sys.executable, *entry, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def test_entry_point_is_main():
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["covpool-train"] == "lightning_modules.cli:main"
+
+
+def test_exit_status_0_after_a_run_and_nonzero_on_failure(tmp_path):
+    fit = [
+        "fit",
+        "--config",
+        str(CONFIGS / "digits_resnet18_isqrtcov.yaml"),
+        "--trainer.fast_dev_run=true",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.callbacks=[]",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--data.init_args.image_size=32",
+        "--data.init_args.batch_size=8",
+        "--model.model_kwargs={reduction_dim: 4, output_stride: 16}",
+    ]
+    for entry in (CONSOLE_SCRIPT, MODULE):
+        done = run_cli(entry, *fit)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "CovPoolCLI" not in done.stdout + done.stderr  # the CLI object is not printed
+    # 1 x 1 feature maps: the head raises at the first batch, the process exits with status 1
+    failed = run_cli(MODULE, *fit, "--model.model_kwargs={reduction_dim: 4, output_stride: 32}")
+    assert failed.returncode == 1 and "CovPoolHead needs" in failed.stderr

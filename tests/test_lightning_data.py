@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torchvision.datasets.cifar
+import yaml
 from PIL import Image
 from sklearn.datasets import load_digits
 
 from lightning_modules import CIFARDataModule, DigitsDataModule, ImageFolderDataModule
-from lightning_modules.data import stratified_split
+from lightning_modules.data import default_num_workers, stratified_split
+
+CONFIGS = Path(__file__).resolve().parents[1] / "lightning_modules" / "configs"
 
 
 def all_samples(dataset) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,6 +40,31 @@ class TestSplit:
     def test_bad_fractions(self):
         with pytest.raises(ValueError, match="fractions"):
             stratified_split([0, 1] * 5, [0.6, 0.5], seed=0)
+
+
+class TestWorkers:
+    @pytest.mark.parametrize(("cpus", "expected"), [(1, 1), (2, 2), (16, 4)])
+    def test_default_is_the_cpus_at_most_4(self, cpus, expected, monkeypatch, tmp_path):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
+        assert default_num_workers() == expected
+        write_pngs(tmp_path, ["a", "b"], 1)
+        assert ImageFolderDataModule(tmp_path).num_workers == expected
+        assert CIFARDataModule(tmp_path).num_workers == expected
+        assert ImageFolderDataModule(tmp_path, num_workers=0).num_workers == 0
+
+    def test_without_affinity_uses_cpu_count(self, monkeypatch):
+        monkeypatch.delattr(os, "sched_getaffinity", raising=False)
+        monkeypatch.setattr(os, "cpu_count", lambda: 3)
+        assert default_num_workers() == 3
+
+    def test_negative_rejected(self, tmp_path):
+        with pytest.raises(ValueError, match=r"`num_workers` must be >= 0 or None, got -1"):
+            CIFARDataModule(tmp_path, num_workers=-1)
+
+    @pytest.mark.parametrize("config", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
+    def test_shipped_configs_leave_workers_to_the_default(self, config):
+        data = yaml.safe_load(config.read_text())["data"]
+        assert "num_workers" not in data.get("init_args", {})
 
 
 class TestDigits:
@@ -61,7 +91,7 @@ class TestDigits:
         assert torch.equal(torch.as_tensor(reference.target)[match], y)
 
     def test_split_is_deterministic(self):
-        first, second, other = (DigitsDataModule(seed=s) for s in (7, 7, 8))
+        first, second, other = (DigitsDataModule(image_size=16, seed=s) for s in (7, 7, 8))
         for dm in (first, second, other):
             dm.setup()
         assert torch.equal(first.val_set.tensors[1], second.val_set.tensors[1])

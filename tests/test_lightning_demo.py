@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from lightning_modules.finetune_demo import MODELS, main
 
@@ -29,6 +30,7 @@ def test_fast_dev_run_writes_results_and_is_deterministic(tmp_path):
     second = json.loads((tmp_path / "b" / "results.json").read_text())
     assert (tmp_path / "a" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert set(first["models"]) == set(MODELS)
+    assert first["torch_version"] == torch.__version__ and first["cpu"]
     for name, result in first["models"].items():
         assert result["steps"] == 2 and len(result["train_loss"]) == 2
         assert (

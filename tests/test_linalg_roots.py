@@ -272,6 +272,10 @@ class TestShapesAndDtypes:
             torch.set_num_threads(threads)
         assert_relative_close(out, reference_root(A64, inverse=True).float())
 
+    @pytest.mark.skipif(
+        torch.torch_version.TorchVersion(torch.__version__) < "2.12",
+        reason="dynamo before torch 2.12 cannot pass the series' Fraction exponent to a constant function",
+    )
     @pytest.mark.parametrize("method", ["mpa", "mtp", "ns", "eigh", "auto"])
     def test_torch_compile_captures_one_graph_with_default_options(self, method):
         A = random_spd(2, n=8, condition=10, dtype=torch.float32).requires_grad_(True)

@@ -111,6 +111,15 @@ class TestRegisteredModels:
         with pytest.raises(ValueError, match="global_pool='token'"):
             tiny("vit_small_patch16_224_sovit", global_pool="avg")
 
+    def test_sovit_rejects_a_single_visual_token(self) -> None:
+        with pytest.raises(ValueError, match=r"img_size=\(16, 16\) and patch_size=\(16, 16\) has 1 visual"):
+            tiny("vit_small_patch16_224_sovit", img_size=16)
+
+    def test_isqrtcov_resnet_rejects_1x1_maps(self) -> None:
+        model = tiny("resnet18_isqrtcov", output_stride=32)
+        with pytest.raises(ValueError, match=r"CovPoolHead needs .*got shape \(2, 512, 1, 1\)"):
+            model(torch.randn(2, 1, 32, 32))
+
 
 class TestPretrained:
     @pytest.mark.parametrize(
@@ -235,7 +244,7 @@ class TestAttachHead:
         model = covpool.attach_head("resnet18", reduction_dim=8, model_kwargs=dict(num_classes=7))
         assert model.get_classifier().out_features == 7
         model.reset_classifier(2)
-        assert model.num_classes == 2 and model(torch.randn(2, 3, 32, 32)).shape == (2, 2)
+        assert model.num_classes == 2 and model(torch.randn(2, 3, 64, 64)).shape == (2, 2)
 
     def test_vit_sovit(self) -> None:
         vit = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1, reg_tokens=2).eval()
@@ -245,6 +254,16 @@ class TestAttachHead:
         assert model.head.num_prefix_tokens == 3
         torch.testing.assert_close(model(x), model.head(tokens))
         assert model.no_weight_decay() == {f"backbone.{n}" for n in vit.no_weight_decay()}
+
+    def test_vit_with_registers_and_no_class_token(self) -> None:
+        kwargs = dict(img_size=32, depth=1, reg_tokens=2, class_token=False, global_pool="avg")
+        with pytest.raises(ValueError, match=r"VisionTransformer has none: its num_prefix_tokens=2 prefix"):
+            covpool.attach_head("vit_tiny_patch16_224", head="sovit", model_kwargs=kwargs)
+        vit = timm.create_model("vit_tiny_patch16_224", **kwargs).eval()
+        x = torch.randn(2, 3, 32, 32)
+        tokens = vit.forward_features(x)
+        model = covpool.attach_head(vit, head="isqrtcov", num_classes=3, reduction_dim=8).eval()
+        torch.testing.assert_close(model(x), model.head(tokens[:, 2:]))  # both registers dropped
 
     def test_vit_isqrtcov_drops_prefix_tokens(self) -> None:
         vit = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1).eval()
@@ -268,6 +287,16 @@ class TestAttachHead:
             ("resnet18", dict(head="cov"), "head must be one of"),
             ("resnet18", dict(head="sovit"), r"head='sovit' needs token features.*\(N, C, H, W\)"),
             ("resnet18_isqrtcov", dict(), "already has a covariance head"),
+            (
+                "vit_tiny_patch16_224",
+                dict(head="sovit", model_kwargs=dict(img_size=16, depth=1)),
+                r"returns 1 visual token\(s\) \(features of shape \(2, 2, 192\) with 1 prefix",
+            ),
+            (
+                "vit_tiny_patch16_224",
+                dict(model_kwargs=dict(img_size=16, depth=1)),
+                r"returns 1 visual token\(s\)",
+            ),
             (nn.Linear(2, 2), dict(), "lacks 'forward_features'"),
         ],
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from einops import rearrange
+from timm.layers import BatchNormAct2d
 from torch import nn
 from torch.autograd import gradcheck
 
@@ -257,6 +258,21 @@ class TestConvert:
         )
         assert type(net[1]) is nn.BatchNorm2d and isinstance(net[4], ZCABatchNorm2d)
         assert net[4].root.method == "eigh" and net[4].momentum == 0.3
+
+    @pytest.mark.parametrize("layers", ["first", "all", lambda name, bn: True])
+    def test_nothing_to_convert_raises(self, layers):
+        net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.LayerNorm(4))
+        with pytest.raises(ValueError, match=r"found no nn.BatchNorm1d or nn.BatchNorm2d in Sequential"):
+            convert_zca_batchnorm(net, layers=layers)
+        fused = BatchNormAct2d(4)  # a subclass: skipped, and said so
+        with pytest.raises(ValueError, match=r"subclasses \['BatchNormAct2d'\] are not converted"):
+            convert_zca_batchnorm(nn.Sequential(fused), layers=layers)
+
+    def test_predicate_selecting_nothing_warns(self, device):
+        net = self._trained_net(device)
+        with pytest.warns(UserWarning, match=r"selected none of the 3 BatchNorm layers .*'1', '4', '7'"):
+            convert_zca_batchnorm(net, layers=lambda name, bn: bn.num_features == 5)
+        assert not any(isinstance(m, ZCABatchNorm1d | ZCABatchNorm2d) for m in net.modules())
 
     def test_top_level_and_bad_selector(self):
         assert isinstance(convert_zca_batchnorm(nn.BatchNorm2d(8), group_size=4), ZCABatchNorm2d)

@@ -23,6 +23,9 @@ from torch import Tensor
 from covpool.linalg import RootOptions, sqrtm
 from covpool.linalg.numerics import working_dtype
 
+MIN_POSITIONS = 2
+"""Fewest positions (samples) a covariance pooling accepts: the covariance of one position is zero."""
+
 
 def output_dtype(x: Tensor) -> torch.dtype:
     """Dtype a second-order layer returns: the autocast dtype under autocast, else the input dtype."""
@@ -95,7 +98,8 @@ def sqrt_covariance_pool(
     result is returned in the autocast dtype under autocast, else in the input dtype.
 
     Args:
-        tokens: ``(N, M, d)`` features of ``M`` positions per sample.
+        tokens: ``(N, M, d)`` features of ``M >= 2`` positions per sample (the covariance of one position
+            is zero, so its pooled vector would not depend on the input: ``M = 1`` raises).
         root: options of :func:`covpool.sqrtm` (a :class:`covpool.RootOptions`, a method name or a dict).
         eps: *relative* ridge passed to :func:`covpool.sqrtm` (``Σ + eps (tr Σ / d) I``). When ``M <= d``
             the covariance is singular (rank at most ``M - 1``) and the root's gradient grows like
@@ -112,5 +116,11 @@ def sqrt_covariance_pool(
     """
     if tokens.ndim != 3:
         raise ValueError(f"tokens must have shape (N, M, d), got shape {tuple(tokens.shape)}")
+    if tokens.shape[1] < MIN_POSITIONS:
+        raise ValueError(
+            f"tokens must hold at least {MIN_POSITIONS} positions per sample (N, M >= {MIN_POSITIONS}, d): "
+            f"the covariance of one position is zero, so the pooled vector would be the same for every "
+            f"input; got shape {tuple(tokens.shape)}"
+        )
     pooled = sqrtm(covariance(tokens), root, eps=eps)
     return triu_vectorize(pooled, off_diagonal_scale=off_diagonal_scale).to(output_dtype(tokens))

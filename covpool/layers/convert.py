@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -87,6 +88,13 @@ def convert_zca_batchnorm(
     Returns:
         ``module`` with the selected layers replaced (a new layer if ``module`` itself was converted).
 
+    Raises:
+        ValueError: ``module`` holds no ``nn.BatchNorm1d`` / ``nn.BatchNorm2d`` (whatever ``layers``), or
+            ``layers`` is not a valid selector.
+
+    Warns:
+        UserWarning: a callable ``layers`` selected none of the BatchNorm layers.
+
     Example:
         >>> net = nn.Sequential(nn.Conv2d(3, 32, 3), nn.BatchNorm2d(32), nn.ReLU())
         >>> net = convert_zca_batchnorm(net, group_size=16)
@@ -94,7 +102,26 @@ def convert_zca_batchnorm(
         ('ZCABatchNorm2d', 16)
     """
     candidates = [(name, m) for name, m in module.named_modules() if type(m) in _REPLACEMENTS]
-    for name, bn in _selected(layers, candidates):
+    selected = _selected(layers, candidates)
+    if not candidates:
+        subclasses = sorted(
+            {type(m).__name__ for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+        )
+        skipped = f"; its BatchNorm subclasses {subclasses} are not converted" if subclasses else ""
+        raise ValueError(
+            f"convert_zca_batchnorm(layers={layers!r}) found no nn.BatchNorm1d or nn.BatchNorm2d in "
+            f"{type(module).__name__}, so there is nothing to convert{skipped}. Use a model with "
+            f"BatchNorm layers or leave ZCA off (zca=None)"
+        )
+    if not selected:
+        warnings.warn(
+            f"convert_zca_batchnorm: the layers predicate selected none of the {len(candidates)} BatchNorm "
+            f"layers of {type(module).__name__} ({', '.join(repr(name) for name, _ in candidates[:5])}"
+            f"{', ...' if len(candidates) > 5 else ''}); nothing was converted",
+            UserWarning,
+            stacklevel=2,
+        )
+    for name, bn in selected:
         zca = _zca_from_batchnorm(bn, zca_kwargs)
         if name == "":
             return zca

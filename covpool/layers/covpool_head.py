@@ -25,7 +25,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from covpool.functional.covariance import sqrt_covariance_pool
+from covpool.functional.covariance import MIN_POSITIONS, sqrt_covariance_pool
 from covpool.layers.head_base import CovarianceHead
 from covpool.linalg import RootOptions
 from covpool.linalg.checks import check_choice
@@ -50,8 +50,12 @@ class CovPoolHead(CovarianceHead):
         num_features: width of the pre-logits features, ``d (d + 1) / 2``.
         in_features: ``C``.
 
+    Raises:
+        ValueError: in ``forward``, input of fewer than 2 positions (``H * W < 2`` or ``L < 2``), whose
+            covariance is zero whatever the input.
+
     Shape:
-        - input: :math:`(N, C, H, W)` or :math:`(N, L, C)`
+        - input: :math:`(N, C, H, W)` or :math:`(N, L, C)`, ``H * W >= 2`` or ``L >= 2``
         - output: :math:`(N, d (d + 1) / 2)` with ``pre_logits=True``, else :math:`(N, \\text{num_classes})`
 
     Example:
@@ -95,16 +99,32 @@ class CovPoolHead(CovarianceHead):
                     f"CovPoolHead(input_format='NCHW') expects input of shape (N, {self.in_features}, H, W), "
                     f"got shape {tuple(x.shape)}"
                 )
+            if x.shape[2] * x.shape[3] < MIN_POSITIONS:
+                raise ValueError(
+                    f"CovPoolHead needs feature maps of at least {MIN_POSITIONS} positions (H * W >= "
+                    f"{MIN_POSITIONS}), got shape {tuple(x.shape)}: the covariance of one position is zero, "
+                    f"so the head would give the same output for every image. Feed larger images, or use a "
+                    f"backbone with a smaller output stride (timm's output_stride=16 or 8; a ResNet at "
+                    f"output_stride=32 needs images of at least 64 px)"
+                )
             return x
         if x.ndim != 3 or x.shape[2] != self.in_features:
             raise ValueError(
                 f"CovPoolHead(input_format='NLC') expects input of shape (N, L, {self.in_features}), "
                 f"got shape {tuple(x.shape)}"
             )
+        if x.shape[1] < MIN_POSITIONS:
+            raise ValueError(
+                f"CovPoolHead needs at least {MIN_POSITIONS} tokens (N, L >= {MIN_POSITIONS}, C), got shape "
+                f"{tuple(x.shape)}: the covariance of one token is zero, so the head would give the same "
+                f"output for every input. Feed larger images or use a smaller patch size"
+            )
         return rearrange(x, "n l c -> n c l 1")
 
     def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        x = self.reduce(self._feature_map(x))
+        # A channels-last input (token view, ConvNeXt maps) gives the 1x1 conv a weight gradient with
+        # channels-last strides, which DDP reports as "Grad strides do not match bucket view strides".
+        x = self.reduce(self._feature_map(x).contiguous())
         pooled = sqrt_covariance_pool(rearrange(x, "n c h w -> n (h w) c"), root=self.root, eps=self.eps)
         pooled = self.drop(pooled)
         return pooled if pre_logits else self.fc(pooled)

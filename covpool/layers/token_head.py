@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from covpool.functional.covariance import sqrt_covariance_pool
+from covpool.functional.covariance import MIN_POSITIONS, sqrt_covariance_pool
 from covpool.layers.head_base import CovarianceHead
 from covpool.linalg import RootOptions
 from covpool.linalg.checks import check_positive_int
@@ -44,8 +44,11 @@ class SecondOrderTokenHead(CovarianceHead):
         num_features: width of the pre-logits features, ``C + d (d + 1) / 2``.
         in_features: ``C``.
 
+    Raises:
+        ValueError: in ``forward``, fewer than 2 visual tokens, whose covariance is zero whatever the input.
+
     Shape:
-        - input: :math:`(N, L, C)` with ``num_prefix_tokens`` leading prefix tokens
+        - input: :math:`(N, L, C)` with ``num_prefix_tokens`` leading prefix tokens and at least 2 visual ones
         - output: :math:`(N, C + d (d + 1) / 2)` with ``pre_logits=True``,
           else :math:`(N, \\text{num_classes})`
 
@@ -78,10 +81,20 @@ class SecondOrderTokenHead(CovarianceHead):
         self._build_classifier(in_features + dim * (dim + 1) // 2, num_classes, drop_rate)
 
     def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        if x.ndim != 3 or x.shape[2] != self.in_features or x.shape[1] <= self.num_prefix_tokens:
+        if x.ndim != 3 or x.shape[2] != self.in_features:
             raise ValueError(
-                f"SecondOrderTokenHead expects tokens of shape (N, L, {self.in_features}) with "
-                f"L > num_prefix_tokens={self.num_prefix_tokens}, got shape {tuple(x.shape)}"
+                f"SecondOrderTokenHead expects tokens of shape (N, L, {self.in_features}), "
+                f"got shape {tuple(x.shape)}"
+            )
+        visual_tokens = x.shape[1] - self.num_prefix_tokens
+        if visual_tokens < MIN_POSITIONS:
+            raise ValueError(
+                f"SecondOrderTokenHead needs at least {MIN_POSITIONS} visual tokens after the "
+                f"num_prefix_tokens={self.num_prefix_tokens} prefix tokens "
+                f"(L >= {self.num_prefix_tokens + MIN_POSITIONS}), got shape {tuple(x.shape)} "
+                f"({max(visual_tokens, 0)} visual tokens): the covariance of one token is zero, so the "
+                f"second-order branch would be the same for every input. Feed larger "
+                f"images or use a smaller patch size"
             )
         visual = self.reduce(x[:, self.num_prefix_tokens :])
         pooled = sqrt_covariance_pool(visual, root=self.root, eps=self.eps)

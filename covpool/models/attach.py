@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from covpool.functional.covariance import MIN_POSITIONS
 from covpool.layers import CovPoolHead, SecondOrderTokenHead
 from covpool.models.isqrtcov_resnet import IsqrtCovResNet
 from covpool.models.pretrained import create_timm_model
@@ -129,7 +130,9 @@ def attach_head(
 
     Raises:
         ValueError: unknown ``head``, a model that already has a covariance head, ``head="sovit"`` on a
-            CNN, or features that are neither (N, C, H, W) nor (N, L, C) with C = ``num_features``.
+            CNN or on a token model without a class token (e.g. register tokens only), features that are
+            neither (N, C, H, W) nor (N, L, C) with C = ``num_features``, or a token model with fewer than
+            2 visual tokens at its image size.
 
     Example:
         >>> import timm, torch
@@ -159,17 +162,31 @@ def attach_head(
 
     num_classes = model.num_classes if num_classes is None else num_classes
     _remove_classifier(model)
-    layout = _probe_layout(model)
+    layout, probe_shape = _probe_layout(model)
     width = model.num_features
     param = next(model.parameters())
     factory = dict(device=param.device, dtype=param.dtype)
     prefix = getattr(model, "num_prefix_tokens", 0)
+    if layout == "NLC" and probe_shape[1] - prefix < MIN_POSITIONS:
+        raise ValueError(
+            f"{type(model).__name__} returns {probe_shape[1] - prefix} visual token(s) (features of shape "
+            f"{probe_shape} with {prefix} prefix tokens) at its image size; a covariance head needs at least "
+            f"{MIN_POSITIONS} (the covariance of one token is zero): create it with a larger img_size or a "
+            f"smaller patch_size"
+        )
     if head == "sovit":
         if layout != "NLC" or prefix < 1:
             seen = "tokens without one" if layout == "NLC" else "(N, C, H, W) maps"
             raise ValueError(
                 f"head='sovit' needs token features (N, L, C) with a class token (num_prefix_tokens >= 1); "
                 f"{type(model).__name__} returns {seen}: use head='isqrtcov'"
+            )
+        if not _has_class_token(model):
+            raise ValueError(
+                f"head='sovit' classifies from the class token, but {type(model).__name__} has none: its "
+                f"num_prefix_tokens={prefix} prefix tokens are register or distillation tokens. Use "
+                f"head='isqrtcov' (it drops the prefix tokens and pools the visual ones), or create the "
+                f"model with a class token (timm: class_token=True)"
             )
         new_head = SecondOrderTokenHead(
             width, num_classes, num_prefix_tokens=prefix, **head_kwargs, **factory
@@ -179,6 +196,16 @@ def attach_head(
     return CovPooledModel(
         model, new_head, num_classes=num_classes, drop_prefix_tokens=prefix if layout == "NLC" else 0
     )
+
+
+def _has_class_token(model: nn.Module) -> bool:
+    """Whether the first prefix token is a class token: timm's ``has_class_token`` where a model sets it,
+    else a ``cls_token`` that is not None; models with prefix tokens and neither attribute are taken to
+    lead with a class token (timm's order: class, then register or distillation tokens)."""
+    has_class_token = getattr(model, "has_class_token", None)
+    if has_class_token is not None:
+        return bool(has_class_token)
+    return getattr(model, "cls_token", True) is not None
 
 
 def _remove_classifier(model: nn.Module) -> None:
@@ -203,8 +230,9 @@ def _probe_input(model: nn.Module) -> torch.Tensor:
     return torch.zeros(2, in_chans, *img_size, device=param.device, dtype=param.dtype)
 
 
-def _probe_layout(model: nn.Module) -> str:
-    """Run ``forward_features`` once: return "NCHW" or "NLC", freeze parameters it does not reach."""
+def _probe_layout(model: nn.Module) -> tuple[str, tuple[int, ...]]:
+    """Run ``forward_features`` once: return "NCHW" or "NLC" and the features' shape; freeze parameters
+    it does not reach."""
     was_training = model.training
     model.eval()
     try:
@@ -219,9 +247,9 @@ def _probe_layout(model: nn.Module) -> str:
                 param.requires_grad_(False)
     width = model.num_features
     if features.ndim == 4 and features.shape[1] == width:
-        return "NCHW"
+        return "NCHW", tuple(features.shape)
     if features.ndim == 3 and features.shape[-1] == width:
-        return "NLC"
+        return "NLC", tuple(features.shape)
     raise ValueError(
         f"{type(model).__name__}.forward_features returns shape {tuple(features.shape)}; attach_head "
         f"supports (N, C, H, W) feature maps and (N, L, C) tokens with C = num_features = {width} "

@@ -22,6 +22,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
+from covpool.functional.covariance import MIN_POSITIONS
 from covpool.layers import SecondOrderTokenHead
 from covpool.linalg import RootOptions
 from covpool.models.pretrained import backbone_filter_fn, require_weight_source
@@ -69,6 +70,13 @@ class SoViT(VisionTransformer):
                 f"got {kwargs['global_pool']!r}"
             )
         super().__init__(num_classes=0, device=device, dtype=dtype, **kwargs)
+        if self.patch_embed.num_patches < MIN_POSITIONS:
+            raise ValueError(
+                f"SoViT with img_size={self.patch_embed.img_size} and patch_size="
+                f"{self.patch_embed.patch_size} has {self.patch_embed.num_patches} visual token(s); its "
+                f"second-order head needs at least {MIN_POSITIONS} (the covariance of one token is zero): "
+                f"use a larger img_size or a smaller patch_size"
+            )
         self.num_classes = num_classes
         self.head = SecondOrderTokenHead(
             self.embed_dim,

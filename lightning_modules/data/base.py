@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import lightning as L
@@ -39,22 +40,41 @@ def stratified_split(targets: Sequence[int], fractions: Sequence[float], *, seed
     return [np.sort(rest), *parts]
 
 
+def default_num_workers() -> int:
+    """Loader workers when none are asked for: the CPUs this process may use, at most 4.
+
+    More workers than cores only compete with the training process for them.
+
+    Example:
+        >>> 1 <= default_num_workers() <= 4
+        True
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no CPU affinity
+        cpus = os.cpu_count() or 1
+    return min(4, cpus)
+
+
 class ClassificationDataModule(L.LightningDataModule):
     """Base class: holds ``train_set``, ``val_set``, ``test_set`` (filled by ``setup``) and builds loaders.
 
     Args:
         batch_size: samples per batch (per process under DDP).
-        num_workers: loader worker processes.
+        num_workers: loader worker processes; ``None``: :func:`default_num_workers`.
         image_size: side of the square images the model sees.
         seed: seed of the train/val/test split.
     """
 
     num_classes: int
 
-    def __init__(self, *, batch_size: int, num_workers: int, image_size: int, seed: int) -> None:
+    def __init__(self, *, batch_size: int, num_workers: int | None, image_size: int, seed: int) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"`batch_size` must be >= 1, got {batch_size}")
+        num_workers = default_num_workers() if num_workers is None else num_workers
+        if num_workers < 0:
+            raise ValueError(f"`num_workers` must be >= 0 or None, got {num_workers}")
         if image_size < 1:
             raise ValueError(f"`image_size` must be >= 1, got {image_size}")
         self.batch_size = batch_size

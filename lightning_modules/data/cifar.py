@@ -28,7 +28,7 @@ class CIFARDataModule(ClassificationDataModule):
         variant: 10 or 100.
         download: download the archive if missing (needs internet).
         batch_size: samples per batch.
-        num_workers: loader worker processes.
+        num_workers: loader worker processes; ``None``: the CPUs this process may use, at most 4.
         image_size: side of the images the model sees (CIFAR is 32; other sizes resize bilinearly).
         val_fraction: fraction of the training set held out for validation.
         seed: seed of that split.
@@ -47,7 +47,7 @@ class CIFARDataModule(ClassificationDataModule):
         variant: Literal[10, 100] = 10,
         download: bool = False,
         batch_size: int = 128,
-        num_workers: int = 2,
+        num_workers: int | None = None,
         image_size: int = 32,
         val_fraction: float = 0.1,
         seed: int = 0,

@@ -45,7 +45,8 @@ class DigitsDataModule(ClassificationDataModule):
     Args:
         batch_size: samples per batch.
         num_workers: loader workers (0 is fastest: the whole set is one small tensor).
-        image_size: side of the upsampled images.
+        image_size: side of the upsampled images. The default 64 gives a ResNet's stride-32 feature map
+            2×2 positions, the fewest a covariance head accepts (32 px would give 1×1).
         in_chans: 1 (grey) or 3 (grey repeated, for ImageNet-style backbones).
         val_fraction: fraction of the images in the validation split.
         test_fraction: fraction of the images in the test split.
@@ -69,7 +70,7 @@ class DigitsDataModule(ClassificationDataModule):
         *,
         batch_size: int = 64,
         num_workers: int = 0,
-        image_size: int = 32,
+        image_size: int = 64,
         in_chans: int = 3,
         val_fraction: float = 0.15,
         test_fraction: float = 0.15,

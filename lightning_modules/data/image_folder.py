@@ -24,7 +24,7 @@ class ImageFolderDataModule(ClassificationDataModule):
     Args:
         root: folder with ``train/`` and ``val/`` (optionally ``test/``) class folders, or class folders.
         batch_size: samples per batch.
-        num_workers: loader worker processes.
+        num_workers: loader worker processes; ``None``: the CPUs this process may use, at most 4.
         image_size: side of the crops the model sees.
         val_fraction: fraction of the training images held out when there is no ``val/`` folder.
         seed: seed of that split.
@@ -48,7 +48,7 @@ class ImageFolderDataModule(ClassificationDataModule):
         root: str | Path,
         *,
         batch_size: int = 32,
-        num_workers: int = 2,
+        num_workers: int | None = None,
         image_size: int = 224,
         val_fraction: float = 0.1,
         seed: int = 0,
