@@ -1,6 +1,7 @@
 """covpool: second-order (covariance) layers for vision models, on a fast differentiable matrix root."""
 
 from covpool import testing
+from covpool.export import export_onnx
 from covpool.layers import (
     CovPoolHead,
     SecondOrderTokenHead,
@@ -21,6 +22,7 @@ __all__ = [
     "ZCABatchNorm2d",
     "attach_head",
     "convert_zca_batchnorm",
+    "export_onnx",
     "inv_sqrtm",
     "sqrtm",
     "testing",

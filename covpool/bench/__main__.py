@@ -15,6 +15,7 @@ import torch
 import covpool
 import covpool.bench
 from covpool.bench.configs import CONFIGS
+from covpool.bench.deploy import DEPLOY_BATCHES, DEPLOY_MODELS, run_deploy
 from covpool.bench.grid import FUNCTIONS, Cell, describe_skipped, plan_grid, run_grid
 from covpool.bench.layers import LAYER_CASES, LAYER_METHODS, run_layers
 from covpool.bench.plot import plot_pareto
@@ -158,7 +159,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="count host syncs, matrix products and kernels of the CUDA path on fake tensors (no GPU needed)",
     )
 
-    common = parser.add_argument_group("both parts")
+    deploy = parser.add_argument_group("deployment")
+    deploy.add_argument(
+        "--deploy",
+        action="store_true",
+        help="export a model to ONNX and time ONNX Runtime against eager PyTorch on CPU "
+        f"(needs covpool[export]; --batches default {' '.join(map(str, DEPLOY_BATCHES))})",
+    )
+    deploy.add_argument(
+        "--deploy-model",
+        choices=DEPLOY_MODELS,
+        default=DEPLOY_MODELS[0],
+        help=f"registered model to export (default {DEPLOY_MODELS[0]}, 1000 classes, its default input size)",
+    )
+
+    common = parser.add_argument_group("all parts")
     common.add_argument(
         "--devices",
         type=_device,
@@ -324,9 +339,37 @@ def run_layer_benchmark(args: argparse.Namespace) -> None:
     print(f"wrote {args.out / 'layers.csv'} and {args.out / 'layers.json'}")
 
 
+def run_deploy_benchmark(args: argparse.Namespace) -> None:
+    """ONNX Runtime against eager PyTorch: table on stdout, ``deploy.csv``, ``deploy.json`` in ``--out``."""
+    rows, facts = run_deploy(
+        model_name=args.deploy_model,
+        batches=args.batches,
+        out=args.out,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        seed=args.seed,
+    )
+    write_csv(rows, args.out / "deploy.csv")
+    write_json(
+        {"environment": _environment(), "settings": _settings(args), "facts": facts, "rows": rows},
+        args.out / "deploy.json",
+    )
+    print(
+        f"{args.deploy_model}, input {facts['input']}, {facts['threads']} threads, "
+        f"ONNX export {facts['export_s']:.0f} s"
+    )
+    print(format_table(rows, list(rows[0])))
+    print(f"wrote {facts['onnx_file']}, {args.out / 'deploy.csv'} and {args.out / 'deploy.json'}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """Parse ``argv`` and run the matrix-root grid, or the layer benchmark with ``--layers``."""
+    """Parse ``argv`` and run the matrix-root grid, the layer benchmark (``--layers``) or the deployment
+    benchmark (``--deploy``)."""
     args = build_parser().parse_args(argv)
+    if args.deploy and (args.layers or args.quick):
+        raise SystemExit("--deploy runs alone: drop --layers and --quick")
+    if args.deploy:
+        args.batches = args.batches or list(DEPLOY_BATCHES)
     args.sizes = args.sizes or list(QUICK_SIZES if args.quick else FULL_SIZES)
     args.batches = args.batches or list(QUICK_BATCHES if args.quick else FULL_BATCHES)
     args.repeats = args.repeats or (QUICK_REPEATS if args.quick else FULL_REPEATS)
@@ -338,6 +381,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     start = time.perf_counter()
     if args.trace:
         run_trace(args)
+    elif args.deploy:
+        run_deploy_benchmark(args)
     else:
         (run_layer_benchmark if args.layers else run_roots)(args)
     print(f"total wall time {time.perf_counter() - start:.1f} s")

@@ -22,7 +22,9 @@ Design choices:
   and show that the choice matters for inference accuracy.
 - **Cache invalidation.** The cached evaluation matrix is keyed on the storage and version counter of
   ``running_cov`` together with ``eps`` and ``root``, and is also dropped on ``train()``/``eval()``,
-  ``load_state_dict`` and :meth:`reset_running_stats`. It is not part of the ``state_dict``.
+  ``load_state_dict`` and :meth:`reset_running_stats`. It is not part of the ``state_dict``. Under
+  tracing (``torch.compile``, ``torch.export``, ONNX export) there is no cache: the whitening matrix is
+  computed in the graph from ``running_cov``, so an exported model carries the buffer, not a snapshot.
 - **eps is absolute**, like BatchNorm's: ``Σ + eps I``. (The ``eps`` of :func:`covpool.inv_sqrtm` is
   relative to the mean eigenvalue and is left at 0 here.) With fewer samples than ``g`` the batch
   covariance is singular and ``eps`` is what keeps the whitening finite.
@@ -163,8 +165,15 @@ class _ZCABatchNorm(nn.Module):
         self.running_cov.lerp_(new_cov, factor)
 
     def _eval_whitening(self, dtype: torch.dtype) -> Tensor:
-        """``(running_cov + eps I)^(-1/2)``, recomputed only when its inputs changed."""
+        """``(running_cov + eps I)^(-1/2)``, recomputed only when its inputs changed.
+
+        Traced (``torch.compile``, ``torch.export``, ``torch.jit.trace`` and the ONNX exporters), it is
+        computed in the graph from ``running_cov`` instead: a tracer cannot read the storage pointer and
+        version counter that key the cache, and the graph then follows the buffer whatever its value.
+        """
         cov = self.running_cov
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return whitening_matrix(cov.to(dtype), eps=self.eps, method=self.method)
         key = (
             cov.data_ptr(),
             cov._version,
