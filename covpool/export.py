@@ -40,7 +40,7 @@ DEFAULT_OPSET = 18
 
 def _layer_method(layer: nn.Module) -> str:
     """Root method of a covpool layer."""
-    return layer.method
+    return layer.root.method
 
 
 def onnx_blockers(model: nn.Module) -> list[str]:
@@ -48,9 +48,9 @@ def onnx_blockers(model: nn.Module) -> list[str]:
 
     Example:
         >>> import covpool
-        >>> onnx_blockers(covpool.CovPoolHead(8, 2, reduction_dim=4, method="mtp"))
+        >>> onnx_blockers(covpool.CovPoolHead(8, 2, reduction_dim=4, root="mtp"))
         []
-        >>> onnx_blockers(nn.Sequential(covpool.ZCABatchNorm1d(4, group_size=2, method="eigh")))
+        >>> onnx_blockers(nn.Sequential(covpool.ZCABatchNorm1d(4, group_size=2, root="eigh")))
         ["layer '0' (ZCABatchNorm1d) has method='eigh': ONNX has no eigendecomposition operator"]
     """
     lines = []
@@ -123,8 +123,9 @@ def export_onnx(
             f"{type(model).__name__} cannot be exported to ONNX:\n  "
             + "\n  ".join(blockers)
             + "\nUse method='mtp' (matrix products only; relative error about 3e-6 in float32 against the "
-            "exact root) for these layers: build them with method='mtp' (timm models: head_method='mtp'), "
-            "or on a trained model set `model.get_submodule(name).method = 'mtp'` before exporting."
+            "exact root) for these layers: build them with root='mtp' (timm models too: root='mtp'), "
+            "or on a trained model set `model.get_submodule(name).root = covpool.RootOptions(method='mtp')` "
+            "before exporting."
         )
     examples = _as_tuple(example)
     dynamic_shapes = None

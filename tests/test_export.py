@@ -22,15 +22,6 @@ from covpool.testing import random_spd
 TOLERANCE = 1e-4  # exported graph against eager PyTorch with the same root method, relative
 AUTO_TOLERANCE = 1e-3  # method "auto": eigh in eager on CPU, a matmul method when traced; auto's default tol
 
-# The input checks of the matrix roots read tensor values on the host (a data-dependent guard under
-# torch.export), and "auto" picks eigh on CPU; the root rewrite skips those checks under tracing and resolves
-# "auto" to a matmul method there. Remove this marker when it lands.
-NEEDS_TRACEABLE_ROOT = pytest.mark.xfail(
-    strict=True,
-    reason="needs the matrix-root rewrite: no input checks and 'auto' -> matmul method under tracing",
-)
-
-
 def _relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
     """``‖approx - exact‖ / ‖exact‖`` over all entries, in float64."""
     return float((approx.double() - exact.double()).norm() / exact.double().norm())
@@ -43,7 +34,7 @@ def _dynamic_batch() -> tuple[dict[int, torch.export.Dim]]:
 
 def _trained_zca(method: str) -> ZCABatchNorm2d:
     """ZCA layer in eval whose running statistics are a random SPD covariance and a nonzero mean."""
-    layer = ZCABatchNorm2d(8, group_size=4, method=method)
+    layer = ZCABatchNorm2d(8, group_size=4, root=method)
     with torch.no_grad():
         layer.running_cov.copy_(random_spd(2, n=4, condition=10.0, dtype=torch.float32))
         layer.running_mean.uniform_(-1.0, 1.0)
@@ -53,12 +44,12 @@ def _trained_zca(method: str) -> ZCABatchNorm2d:
 
 EXPORT_CASES = {  # name: (model in eval, input shape without the batch, tolerance)
     "CovPoolHead-mtp": (
-        lambda: CovPoolHead(32, 10, reduction_dim=8, method="mtp").eval(),
+        lambda: CovPoolHead(32, 10, reduction_dim=8, root="mtp").eval(),
         (32, 7, 7),
         TOLERANCE,
     ),
     "SecondOrderTokenHead-mpa": (
-        lambda: SecondOrderTokenHead(32, 10, reduction_dim=8, method="mpa").eval(),
+        lambda: SecondOrderTokenHead(32, 10, reduction_dim=8, root="mpa").eval(),
         (1 + 49, 32),
         TOLERANCE,
     ),
@@ -73,7 +64,6 @@ EXPORT_CASES = {  # name: (model in eval, input shape without the batch, toleran
 
 
 class TestTorchExport:
-    @NEEDS_TRACEABLE_ROOT
     @pytest.mark.parametrize("case", list(EXPORT_CASES))
     def test_eval_export_with_dynamic_batch(self, case: str) -> None:
         build, shape, tolerance = EXPORT_CASES[case]
@@ -83,9 +73,8 @@ class TestTorchExport:
         with torch.no_grad():
             assert _relative_error(program.module()(x), model(x)) <= tolerance
 
-    @NEEDS_TRACEABLE_ROOT
     def test_zca_graph_follows_running_cov(self) -> None:
-        layer = ZCABatchNorm2d(8, group_size=4, eps=0.0, method="mtp").eval()
+        layer = ZCABatchNorm2d(8, group_size=4, eps=0.0, root={"method": "mtp", "tol": 1e-6}).eval()
         x = torch.randn(2, 8, 5, 5)
         exported = torch.export.export(layer, (x,)).module()
         assert layer._eval_cache is None  # tracing neither reads nor fills the eager cache
@@ -97,9 +86,9 @@ class TestTorchExport:
 class TestOnnxRefusals:
     def test_names_the_layers_that_cannot_export(self, tmp_path) -> None:
         model = convert_zca_batchnorm(
-            torchvision.models.resnet18(num_classes=10), layers="first", group_size=16, method="mpa"
+            torchvision.models.resnet18(num_classes=10), layers="first", group_size=16, root="mpa"
         )
-        model.fc = CovPoolHead(512, 10, reduction_dim=8, method="eigh", input_format="NLC")
+        model.fc = CovPoolHead(512, 10, reduction_dim=8, root="eigh", input_format="NLC")
         assert onnx_blockers(model) == [
             "layer 'bn1' (ZCABatchNorm2d) has method='mpa': ONNX has no Cholesky operator "
             "(the Padé step solves with one)",
@@ -107,19 +96,19 @@ class TestOnnxRefusals:
         ]
         with pytest.raises(ValueError, match=r"(?s)'bn1'.*'fc'.*method='mtp'") as raised:
             export_onnx(model.eval(), torch.randn(2, 3, 32, 32), tmp_path / "m.onnx")
-        assert "head_method='mtp'" in str(raised.value)
+        assert "root='mtp'" in str(raised.value)
         assert not (tmp_path / "m.onnx").exists()
 
     def test_matmul_methods_pass(self) -> None:
         for method in ("auto", "mtp", "ns"):
             model = nn.Sequential(
-                ZCABatchNorm2d(8, group_size=4, method=method),
-                CovPoolHead(8, 2, reduction_dim=4, method=method),
+                ZCABatchNorm2d(8, group_size=4, root=method),
+                CovPoolHead(8, 2, reduction_dim=4, root=method),
             )
             assert onnx_blockers(model) == []
 
     def test_training_mode_and_batch_of_one(self, tmp_path) -> None:
-        head = CovPoolHead(8, 2, reduction_dim=4, method="mtp")
+        head = CovPoolHead(8, 2, reduction_dim=4, root="mtp")
         with pytest.raises(ValueError, match=r"model\.eval\(\)"):
             export_onnx(head, torch.randn(2, 8, 3, 3), tmp_path / "m.onnx")
         with pytest.raises(ValueError, match=r"at least 2.*\[\(1, 8, 3, 3\)\]"):
@@ -132,7 +121,7 @@ class TestOnnxRefusals:
         monkeypatch.setattr(
             importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else real(name, *a)
         )
-        head = CovPoolHead(8, 2, reduction_dim=4, method="mtp").eval()
+        head = CovPoolHead(8, 2, reduction_dim=4, root="mtp").eval()
         with pytest.raises(ModuleNotFoundError, match=r"onnxscript.*covpool\[export\]"):
             export_onnx(head, torch.randn(2, 8, 3, 3), tmp_path / "m.onnx")
 
@@ -152,7 +141,7 @@ def _zca_torchvision() -> nn.Module:
 ONNX_CASES = {  # name: (model in eval, input shape without the batch)
     "resnet18_isqrtcov-mtp": (
         lambda: timm.create_model(
-            "resnet18_isqrtcov", num_classes=10, reduction_dim=8, head_method="mtp"
+            "resnet18_isqrtcov", num_classes=10, reduction_dim=8, root="mtp"
         ).eval(),
         (3, 64, 64),
     ),
@@ -163,7 +152,7 @@ ONNX_CASES = {  # name: (model in eval, input shape without the batch)
             img_size=64,
             depth=1,
             reduction_dim=8,
-            head_method="mtp",
+            root="mtp",
         ).eval(),
         (3, 64, 64),
     ),
@@ -172,7 +161,6 @@ ONNX_CASES = {  # name: (model in eval, input shape without the batch)
 
 
 class TestOnnx:
-    @NEEDS_TRACEABLE_ROOT
     @pytest.mark.parametrize("case", list(ONNX_CASES))
     def test_onnxruntime_matches_eager(self, case: str, tmp_path) -> None:
         onnx = pytest.importorskip("onnx")

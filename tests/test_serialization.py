@@ -118,8 +118,8 @@ def test_lightning_checkpoint_loads_with_weights_only(tmp_path) -> None:
         head="isqrtcov",
         zca="first",
         model_kwargs={"output_stride": 8},
-        head_kwargs={"reduction_dim": 8, "method": "mtp"},
-        zca_kwargs={"group_size": 8, "method": "eigh"},
+        head_kwargs={"reduction_dim": 8, "root": "mtp"},
+        zca_kwargs={"group_size": 8, "root": "eigh"},
     )
     trainer = L.Trainer(
         accelerator="cpu",

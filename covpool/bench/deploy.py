@@ -3,9 +3,9 @@
 A registered covpool model (random weights, ``num_classes=1000``, eval) is exported with
 :func:`covpool.export_onnx` (dynamic batch) and run on the same random images at each batch size by:
 
-- ``pytorch``: eager PyTorch under :func:`torch.inference_mode`, the model as built (``head_method="auto"``,
+- ``pytorch``: eager PyTorch under :func:`torch.inference_mode`, the model as built (``root="auto"``,
   which is ``eigh`` on CPU);
-- ``pytorch-mtp``: the same weights with ``head_method="mtp"``, the root method the exported graph computes
+- ``pytorch-mtp``: the same weights with ``root="mtp"``, the root method the exported graph computes
   (``"auto"`` resolves to a matmul method when traced), so that the runtime and the method can be told apart;
 - ``onnxruntime``: an ONNX Runtime CPU session of the exported file.
 
@@ -74,7 +74,7 @@ def run_deploy(
         ) from error
     torch.manual_seed(seed)
     model = timm.create_model(model_name).eval()
-    matmul_model = timm.create_model(model_name, head_method="mtp").eval()
+    matmul_model = timm.create_model(model_name, root="mtp").eval()
     matmul_model.load_state_dict(model.state_dict())
     image_shape = model.pretrained_cfg["input_size"]
     threads = torch.get_num_threads()

@@ -173,7 +173,7 @@ class _ZCABatchNorm(nn.Module):
         """
         cov = self.running_cov
         if torch.compiler.is_compiling() or torch.jit.is_tracing():
-            return whitening_matrix(cov.to(dtype), eps=self.eps, method=self.method)
+            return whitening_matrix(cov.to(dtype), eps=self.eps, root=self.root)
         key = (
             cov.data_ptr(),
             cov._version,

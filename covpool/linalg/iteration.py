@@ -22,7 +22,7 @@ from fractions import Fraction
 import torch
 
 from covpool.linalg.coefficients import pade_coefficients, taylor_coefficients
-from covpool.linalg.numerics import eye_like, symmetrize
+from covpool.linalg.numerics import add_to_diagonal, eye_like, symmetrize
 from covpool.linalg.polynomial import matrix_polynomials
 from covpool.linalg.schedule import PadeStep, Schedule
 
@@ -93,9 +93,9 @@ def coupled_root(A_hat: torch.Tensor, schedule: Schedule) -> tuple[torch.Tensor,
         c0 = step.coefficients[0]
         tail, alpha = _polynomial_tail(U, step.coefficients)
         Y_next = torch.baddbmm(Y, Y, tail, beta=c0, alpha=alpha)
-        if Z is None:
-            Z = tail * alpha if (alpha != 1.0 or tail is U) else tail
-            Z.diagonal(dim1=-2, dim2=-1).add_(c0)
+        if Z is None:  # q(Â) itself, in a fresh tensor: ``tail`` may be saved for autograd (ns)
+            Z = add_to_diagonal(tail, c0 / alpha)
+            Z = Z * alpha if alpha != 1.0 else Z
         else:
             Z = torch.baddbmm(Z, tail, Z, beta=c0, alpha=alpha)
         Y = Y_next

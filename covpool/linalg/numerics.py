@@ -25,3 +25,15 @@ def eye_like(A: torch.Tensor) -> torch.Tensor:
 def is_tracing() -> bool:
     """Whether ``torch.compile`` or ``torch.export`` is tracing: no tensor value can be read on the host."""
     return torch.compiler.is_compiling()
+
+
+def add_to_diagonal(A: torch.Tensor, values: torch.Tensor | float) -> torch.Tensor:
+    """``A + diag(values)`` as ``A + values · I``: purely functional, so traced graphs export to ONNX (an
+    in-place or scattered diagonal update decomposes to a copy into a view, which the exporter refuses).
+
+    Shapes: ``A (*, n, n)``, ``values`` a float or a ``(*,)`` tensor (one value per matrix).
+    """
+    eye = eye_like(A)
+    if isinstance(values, torch.Tensor):
+        return torch.addcmul(A, values[..., None, None], eye)
+    return torch.add(A, eye, alpha=values)

@@ -26,14 +26,14 @@ from covpool.linalg.eigh import eigh_root
 from covpool.linalg.iteration import coupled_root, direct_root, within_error
 from covpool.linalg.lyapunov import solve_lyapunov
 from covpool.linalg.normalization import normalise, trace
-from covpool.linalg.numerics import symmetrize, working_dtype
+from covpool.linalg.numerics import add_to_diagonal, symmetrize, working_dtype
 from covpool.linalg.options import DEFAULT_CONDITION, RootOptions, RootPlan
 
 
 def _with_ridge(A: torch.Tensor, eps: float) -> torch.Tensor:
-    """``A + eps (tr(A) / n) I``; ``A`` must be a fresh tensor of the caller's (its diagonal is updated)."""
+    """``A + eps (tr(A) / n) I``."""
     if eps != 0.0:
-        A.diagonal(dim1=-2, dim2=-1).add_(trace(A)[..., 0] * (eps / A.shape[-1]))
+        A = add_to_diagonal(A, trace(A)[..., 0, 0] * (eps / A.shape[-1]))
     return A
 
 
