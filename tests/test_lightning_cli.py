@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import covpool
-
 from lightning_modules import CovarianceSpectrumMonitor, DigitsDataModule, ImageFolderDataModule
 from lightning_modules.cli import create_cli, main
 

@@ -49,7 +49,7 @@ FORWARD_DEGREES = (1, 2, 3, 4)
 BACKWARD_DEGREES = (1, 2)
 MAX_STEPS = 40
 SAFETY = 0.01
-"""Room above each minimax step's interval, relative to its width, for rounding (see :func:`_minimax_step`)."""
+"""Room above each minimax step's interval, relative to its width, for rounding (:func:`_minimax_step`)."""
 _CONVERGED = 1e-12
 MAX_PADE_SCALE = 2.0
 
