@@ -248,7 +248,7 @@ class TestConvert:
         assert [type(net[i]) for i in (1, 4, 7)] == [ZCABatchNorm2d, ZCABatchNorm2d, ZCABatchNorm1d]
         assert [net[i].group_size for i in (1, 4, 7)] == [6, 8, 6]
         assert not net[1].training
-        assert torch.allclose(net(x), expected, atol=1e-10)
+        torch.testing.assert_close(net(x), expected, rtol=1e-9, atol=1e-9)
 
     def test_callable_and_kwargs(self, device):
         net = convert_zca_batchnorm(
