@@ -129,6 +129,10 @@ class TestSchedules:
         assert cost(0.03, 1e-2) < cost(0.03, 1e-8)
         assert cost(0.3, 1e-4) < cost(0.03, 1e-4) < cost(6e-4, 1e-4)
 
+    @pytest.mark.skipif(
+        torch.torch_version.TorchVersion(torch.__version__) < "2.11",
+        reason="fake CUDA tensors abort the process before torch 2.11 (seen with 2.4)",
+    )
     def test_product_counts_are_the_products_made(self):
         from covpool.bench.trace import trace_root
         from covpool.linalg.options import RootOptions
