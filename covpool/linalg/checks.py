@@ -96,7 +96,7 @@ def check_positive_int(value: int, name: str, minimum: int = 1) -> None:
 
 def check_float(value: float, name: str, *, minimum: float = 0.0, strict: bool = False) -> None:
     """Raise ``ValueError`` unless ``value`` is a finite real ``> minimum`` (strict) or ``>= minimum``."""
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if ok:
         ok = value > minimum if strict else value >= minimum
     if not ok:
