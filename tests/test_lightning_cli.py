@@ -52,7 +52,7 @@ def test_fit_fast_dev_run_from_config(tmp_path):
 
 
 def test_root_options_from_the_command_line_reach_every_layer(tmp_path):
-    cli = main(
+    cli = create_cli(
         [
             "--model.model=resnet18",
             "--model.head=isqrtcov",
@@ -69,7 +69,7 @@ def test_root_options_from_the_command_line_reach_every_layer(tmp_path):
 
 def test_unused_root_options_are_refused_at_construction():
     with pytest.raises(ValueError, match="steps is not used by method='eigh'"):
-        main(["--model.matrix_root={method: eigh, steps: 3}"], run=False)
+        create_cli(["--model.matrix_root={method: eigh, steps: 3}"], run=False)
 
 
 def test_num_classes_comes_from_the_data(tmp_path):
