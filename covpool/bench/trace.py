@@ -179,7 +179,7 @@ def trace_root(function: Callable[[torch.Tensor], torch.Tensor], *, n: int, batc
 
     Example:
         >>> import covpool
-        >>> result = trace_root(covpool.sqrtm, n=16, batch=4)  # doctest: +SKIP (aborts before torch 2.11)
+        >>> result = trace_root(covpool.sqrtm, n=16, batch=4)  # doctest: +SKIP
         >>> result.syncs  # doctest: +SKIP
         0
     """
