@@ -191,7 +191,7 @@ class TestGradients:
 
         def products(tol: float) -> int:
             plan = RootOptions(method="mtp", tol=tol).plan(
-                64, eps=0.0, device=torch.device("cpu"), num_matrices=64, dtype=torch.float32
+                64, eps=0.0, device=torch.device("cpu"), dtype=torch.float32
             )
             return plan.forward.forward_products() + plan.backward.backward_products()
 

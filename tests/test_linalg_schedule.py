@@ -138,7 +138,7 @@ class TestSchedules:
         from covpool.linalg.options import RootOptions
 
         options = RootOptions(method="mtp")
-        plan = options.plan(32, eps=0.0, device=torch.device("cuda"), num_matrices=4, dtype=torch.float32)
+        plan = options.plan(32, eps=0.0, device=torch.device("cuda"), dtype=torch.float32)
         result = trace_root(lambda a: covpool.sqrtm(a, options), n=32, batch=4)
         # + 2 for the Schatten-8 normalisation, + 2 for the validity estimate.
         assert result.forward.product_units == plan.forward.forward_products() + 4

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from covpool.linalg.checks import refuse_double_backward
+from covpool.linalg.numerics import eye_like
 
 _RELATIVE_ROUNDING = 10.0
 
@@ -43,7 +44,7 @@ class EighRoot(torch.autograd.Function):
     def forward(ctx, A: torch.Tensor, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: D102
         # LAPACK refuses NaN/Inf; such a matrix is swapped for the identity and marked invalid below.
         finite = torch.isfinite(A).flatten(-2).all(-1)
-        A = torch.where(finite[..., None, None], A, torch.eye(A.shape[-1], dtype=A.dtype, device=A.device))
+        A = torch.where(finite[..., None, None], A, eye_like(A))
         scale = _max_abs(A)
         eigenvalues, vectors = torch.linalg.eigh(A / scale)
         top = eigenvalues[..., -1:].clamp_min(0)

@@ -188,9 +188,9 @@ class RootOptions:
         return f"RootOptions({given})"
 
     def plan(
-        self, n: int, *, eps: float, device: torch.device, num_matrices: int, dtype: torch.dtype
+        self, n: int, *, eps: float, device: torch.device, dtype: torch.dtype
     ) -> RootPlan:
-        """Resolve for one call on ``num_matrices`` matrices of size ``n`` with relative ridge ``eps``."""
+        """Resolve for one call on matrices of size ``n`` with relative ridge ``eps``."""
         method = self.method
         if method == "auto":
             method = choose_method(device.type, self.tol or DEFAULT_TOL, dtype, is_tracing())

@@ -10,7 +10,6 @@ checked where is said in :mod:`covpool.linalg.checks`.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, TypedDict, Unpack
 
 import torch
@@ -148,7 +147,7 @@ def _root(
     check_square_batch(A)
     n = A.shape[-1]
     work_dtype = working_dtype(A.dtype)
-    plan = resolved.plan(n, eps=eps, device=A.device, num_matrices=math.prod(A.shape[:-2]), dtype=work_dtype)
+    plan = resolved.plan(n, eps=eps, device=A.device, dtype=work_dtype)
     if A.numel() == 0:
         return A.clone()
     if plan.read_values:

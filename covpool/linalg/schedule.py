@@ -42,6 +42,7 @@ from fractions import Fraction
 import numpy as np
 
 from covpool.linalg.coefficients import minimax_odd_polynomial, pade_coefficients
+from covpool.linalg.polynomial import best_block, product_count
 
 NEWTON_SCHULZ = (1.5, -0.5)
 """``q(u) = (3 - u) / 2``: the Newton-Schulz step, ``s ↦ s (3 - s²) / 2``."""
@@ -117,8 +118,6 @@ class Schedule:
 
 
 def _polynomial_products(degree: int) -> int:
-    from covpool.linalg.polynomial import best_block, product_count
-
     return product_count(degree, 2, best_block(degree, 2))
 
 
