@@ -25,10 +25,11 @@ import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
-from common import mean_std
+from common import mean_std, write_results
 from torch import Tensor, nn
 
 from covpool.bench.budget import run_within_budget
+from covpool.bench.report import format_table
 from lightning_modules.data import DigitsDataModule
 
 NUM_CLASSES = 10
@@ -408,3 +409,29 @@ def _band(ax, x: np.ndarray, values: np.ndarray, colour: str, label: str, marker
     if len(values) > 1:
         std = values.std(axis=0, ddof=1)
         ax.fill_between(x, mean - std, mean + std, color=colour, alpha=0.2, linewidth=0)
+
+
+def report(
+    out: Path,
+    stem: str,
+    runs: Sequence[dict],
+    summary: Sequence[dict],
+    payload: dict,
+    *,
+    groups: dict[str, Sequence[str]],
+    title: str,
+    skipped: Sequence[str],
+    time_budget: float,
+) -> dict:
+    """Write the runs and summary (CSV, JSON with curves) and the curves plot; print the summary table.
+
+    Returns the JSON payload with the tables, as the training scripts' ``main`` does.
+    """
+    tables = {"runs": [{key: run[key] for key in RUN_COLUMNS} for run in runs], "summary": list(summary)}
+    write_results(out, stem, tables, {**payload, "curves": list(runs)})
+    plot_curves(runs, groups, out / f"{stem}_curves.png", window=10, title=title)
+    print(format_table(summary, SUMMARY_COLUMNS))
+    if skipped:
+        print(f"time budget of {time_budget:.0f} s spent; not run: {', '.join(skipped)}")
+    print(f"total {payload['total_time_s']:.0f} s; wrote {stem}_* into {Path(out)}")
+    return {**payload, **tables}

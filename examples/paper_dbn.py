@@ -26,24 +26,20 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
-from common import add_run_arguments, apply_run_arguments, environment, make_parser, write_results
+from common import add_run_arguments, apply_run_arguments, environment, make_parser
 from digits_training import (
-    RUN_COLUMNS,
-    SUMMARY_COLUMNS,
     SmallResNet,
     TrainSettings,
     Variant,
     load_digits,
-    plot_curves,
+    report,
     run_variants,
     summarize,
 )
 from torch import nn
 
 import covpool
-from covpool.bench.report import format_table
 
 ZCA_VARIANTS: dict[str, dict | None] = {
     "bn": None,
@@ -130,20 +126,17 @@ def main(argv: list[str] | None = None) -> dict:
         "total_time_s": time.perf_counter() - start,
         "skipped": skipped,
     }
-    tables = {"runs": [{key: run[key] for key in RUN_COLUMNS} for run in runs], "summary": summary}
-    write_results(args.out, stem, tables, {**payload, "curves": runs})
-    plot_curves(
+    return report(
+        args.out,
+        stem,
         runs,
-        {"": args.variants},
-        args.out / f"{stem}_curves.png",
-        window=10,
+        summary,
+        payload,
+        groups={"": args.variants},
         title=f"ZCA whitening of the first BatchNorm, small ResNet on digits ({args.device.type})",
+        skipped=skipped,
+        time_budget=args.time_budget,
     )
-    print(format_table(summary, SUMMARY_COLUMNS))
-    if skipped:
-        print(f"time budget of {args.time_budget:.0f} s spent; not run: {', '.join(skipped)}")
-    print(f"total {payload['total_time_s']:.0f} s; wrote {stem}_* into {Path(args.out)}")
-    return {**payload, **tables}
 
 
 if __name__ == "__main__":

@@ -35,18 +35,15 @@ import argparse
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
-from common import add_run_arguments, apply_run_arguments, environment, make_parser, write_results
+from common import add_run_arguments, apply_run_arguments, environment, make_parser
 from digits_training import (
-    RUN_COLUMNS,
-    SUMMARY_COLUMNS,
     SmallResNet,
     TrainSettings,
     Variant,
     load_digits,
-    plot_curves,
+    report,
     run_variants,
     summarize,
     tiny_vit,
@@ -54,7 +51,6 @@ from digits_training import (
 from torch import nn
 
 import covpool
-from covpool.bench.report import format_table
 
 HEAD_ROOTS: dict[str, dict] = {"ns": {"method": "ns"}, "mpa": {"method": "mpa"}}
 """Root name -> the covariance heads' ``root`` options."""
@@ -202,21 +198,18 @@ def main(argv: list[str] | None = None) -> dict:
         "total_time_s": time.perf_counter() - start,
         "skipped": skipped,
     }
-    tables = {"runs": [{key: run[key] for key in RUN_COLUMNS} for run in runs], "summary": summary}
-    write_results(args.out, stem, tables, {**payload, "curves": runs})
     groups = {family: [name for name in args.variants if name.startswith(family)] for family in FAMILIES}
-    plot_curves(
+    return report(
+        args.out,
+        stem,
         runs,
-        {family: names for family, names in groups.items() if names},
-        args.out / f"{stem}_curves.png",
-        window=10,
+        summary,
+        payload,
+        groups={family: names for family, names in groups.items() if names},
         title=f"Second-order heads against first-order pooling, digits ({args.device.type})",
+        skipped=skipped,
+        time_budget=args.time_budget,
     )
-    print(format_table(summary, SUMMARY_COLUMNS))
-    if skipped:
-        print(f"time budget of {args.time_budget:.0f} s spent; not run: {', '.join(skipped)}")
-    print(f"total {payload['total_time_s']:.0f} s; wrote {stem}_* into {Path(args.out)}")
-    return {**payload, **tables}
 
 
 if __name__ == "__main__":
