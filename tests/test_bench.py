@@ -139,3 +139,20 @@ def test_layer_run_measures_one_layer(tmp_path):
     )
     # The whitened rows (N·H·W × C float32) alone are 8 MiB, and autograd must keep them for the affine.
     assert row["forward_backward_ms"] > 0 and row["saved_mib"] >= 8.0
+
+
+def test_rounding_run_shows_each_backward_where_it_is_the_accurate_one(tmp_path, capsys):
+    main(["--rounding", "--sizes", "32", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "rounding.json").read_text())["rows"]
+    assert len(rows) == 8  # two sample counts × four ridges
+    assert "largest lyapunov / (u kappa)" in capsys.readouterr().out
+    by_case = {(row["samples"], row["eps"]): row for row in rows}
+    # Rank-deficient (8 positions) with a small ridge: the Lyapunov gradient is off by about the model's
+    # figure, the unrolled one (the default there) is not.
+    deficient = by_case[(8, 1e-5)]
+    assert deficient["default"] == "adjoint"
+    assert deficient["unrolled_range"] < 1e-3 < deficient["lyapunov_range"] <= deficient["model"]
+    # Rounding grows with κ: below 1e5 the Lyapunov gradient meets tol and stays the default.
+    assert all(
+        row["lyapunov_range"] < 1e-3 and row["default"] == "lyapunov" for row in rows if row["eps"] >= 1e-3
+    )

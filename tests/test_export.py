@@ -22,6 +22,7 @@ from covpool.testing import random_spd
 TOLERANCE = 1e-4  # exported graph against eager PyTorch with the same root method, relative
 AUTO_TOLERANCE = 1e-3  # method "auto": eigh in eager on CPU, a matmul method when traced; auto's default tol
 
+
 def _relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
     """``‖approx - exact‖ / ‖exact‖`` over all entries, in float64."""
     return float((approx.double() - exact.double()).norm() / exact.double().norm())
@@ -147,9 +148,7 @@ def _zca_torchvision() -> nn.Module:
 
 ONNX_CASES = {  # name: (model in eval, input shape without the batch)
     "resnet18_isqrtcov-mtp": (
-        lambda: timm.create_model(
-            "resnet18_isqrtcov", num_classes=10, reduction_dim=8, root="mtp"
-        ).eval(),
+        lambda: timm.create_model("resnet18_isqrtcov", num_classes=10, reduction_dim=8, root="mtp").eval(),
         (3, 64, 64),
     ),
     "vit_small_patch16_224_sovit-mtp": (

@@ -34,9 +34,7 @@ class TestCovPoolHead:
         assert head(x, pre_logits=True).shape == (3, head.num_features)
 
     def test_pre_logits_reference_and_formats_agree(self, device):
-        head = CovPoolHead(
-            5, 3, reduction_dim=None, eps=0.0, root="eigh", device=device, dtype=torch.float64
-        )
+        head = CovPoolHead(5, 3, reduction_dim=None, eps=0.0, root="eigh", device=device, dtype=torch.float64)
         x = torch.randn(2, 5, 6, 6, dtype=torch.float64, device=device)
         tokens = rearrange(x, "n c h w -> n (h w) c")
         features = head(x, pre_logits=True)
@@ -72,9 +70,7 @@ class TestCovPoolHead:
         assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 
     def test_gradcheck(self, device):
-        head = CovPoolHead(
-            3, 2, reduction_dim=None, eps=0.0, root="eigh", device=device, dtype=torch.float64
-        )
+        head = CovPoolHead(3, 2, reduction_dim=None, eps=0.0, root="eigh", device=device, dtype=torch.float64)
         x = torch.randn(2, 3, 3, 3, dtype=torch.float64, device=device, requires_grad=True)
         assert gradcheck(head, (x,))
 
@@ -102,9 +98,7 @@ class TestCovPoolHead:
     @pytest.mark.parametrize("shape", [(1, 2), (2, 1)])
     def test_two_positions_give_the_exact_root(self, shape, device):
         # Two positions: Σ = v vᵀ / 4 with v = x₁ - x₂, so Σ^(1/2) = v vᵀ / (2 ‖v‖) exactly.
-        head = CovPoolHead(
-            4, 2, reduction_dim=None, eps=0.0, root="eigh", device=device, dtype=torch.float64
-        )
+        head = CovPoolHead(4, 2, reduction_dim=None, eps=0.0, root="eigh", device=device, dtype=torch.float64)
         x = torch.randn(3, 4, *shape, dtype=torch.float64, device=device)
         v = rearrange(x, "n c h w -> n (h w) c")
         v = v[:, 0] - v[:, 1]

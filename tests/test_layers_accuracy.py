@@ -51,10 +51,6 @@ def flat(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(1)[..., None]
 
 
-# Measured worst cases over the suite's seeds, with a margin; the README quotes the H200 figures.
-HEAD_GRADIENT_LIMIT = {("mtp", 64): 1e-3, ("mtp", 256): 4e-3, ("mpa", 64): 2e-2, ("mpa", 256): 5e-2}
-
-
 class TestHeads:
     @pytest.mark.parametrize("method", ["mtp", "mpa", "eigh", "auto"])
     @pytest.mark.parametrize(("channels", "side"), [(64, 7), (256, 7), (256, 14)])
@@ -64,9 +60,7 @@ class TestHeads:
         head = covpool.CovPoolHead(channels, 0, reduction_dim=None, root=method).to(device)
         out, out_ref, grad, grad_ref = compare(head, head_input(4, channels, side, device))
         assert_relative_close(flat(out), flat(out_ref), rtol=1e-3, what=f"{method} pooled features")
-        resolved = "mtp" if method == "auto" and device.type == "cuda" else method
-        limit = HEAD_GRADIENT_LIMIT.get((resolved, channels), 1e-3)
-        assert_relative_close(flat(grad), flat(grad_ref), rtol=limit, what=f"{method} input gradients")
+        assert_relative_close(flat(grad), flat(grad_ref), rtol=1e-3, what=f"{method} input gradients")
 
     @pytest.mark.parametrize("method", ["mtp", "mpa", "eigh", "auto"])
     def test_token_head_with_fewer_tokens_than_dimensions(self, method, device):
@@ -75,7 +69,7 @@ class TestHeads:
         tokens = torch.cat([torch.randn(4, 1, 48, dtype=torch.float64, device=device), tokens], dim=1)
         out, out_ref, grad, grad_ref = compare(head, tokens)
         assert_relative_close(flat(out), flat(out_ref), rtol=1e-3, what=f"{method} features")
-        assert_relative_close(flat(grad), flat(grad_ref), rtol=2e-2 if method == "mpa" else 1e-3)
+        assert_relative_close(flat(grad), flat(grad_ref), rtol=1e-3, what=f"{method} input gradients")
 
     def test_newton_schulz_head_matches_its_float64_self(self, device):
         head = covpool.CovPoolHead(32, 0, reduction_dim=None, root="ns").to(device)

@@ -186,16 +186,125 @@ class TestGradients:
         assert saved_bytes(steps=2) == saved_bytes(steps=8) > 0
         assert saved_bytes(steps=2, backward_steps=3) == saved_bytes(steps=2, backward_steps=12)
 
-    def test_smaller_tolerance_costs_more_products(self):
-        from covpool.linalg.options import RootOptions
-
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+    def test_smaller_tolerance_costs_more_products(self, dtype):
         def products(tol: float) -> int:
-            plan = RootOptions(method="mtp", tol=tol).plan(
-                64, eps=0.0, device=torch.device("cpu"), dtype=torch.float32
+            return (
+                covpool.RootOptions(method="mtp", tol=tol)
+                .plan(64, eps=0.0, device=torch.device("cpu"), dtype=dtype)
+                .products()
             )
-            return plan.forward.forward_products() + plan.backward.backward_products()
 
         assert products(1e-2) < products(1e-5) < products(1e-8)
+
+
+def head_covariances(n: int, samples: int = 49, batch: int = 4) -> torch.Tensor:
+    """What a covariance head pools: fewer positions than channels, so rank ``samples - 1``."""
+    return random_covariance(batch, n=n, samples=samples, generator=torch.Generator().manual_seed(n))
+
+
+def on_range(grad: torch.Tensor, A: torch.Tensor, rank: int) -> torch.Tensor:
+    """``grad`` applied to the range of the rank-``rank`` PSD ``A``: all of a gradient that reaches features.
+
+    For ``A = X Xᵀ / N`` the features get ``(G + Gᵀ) X / N`` and the columns of ``X`` lie in that range;
+    the rest of ``G`` (its null-space block, the largest entries, set by the ridge's eigenvalues, which
+    rounding ``A`` to float32 already moves by 1e-3) reaches nothing.
+    """
+    basis = torch.linalg.eigh(A.double())[1][..., -rank:]
+    return grad.double() @ basis
+
+
+class TestUnrolledBackward:
+    """``backward="unrolled"``: reverse mode through the steps (fused adjoint for mtp, autograd for mpa)."""
+
+    @pytest.mark.parametrize("degrees", [(1,), (2,), (3,), (4,), (1, 2, 3, 4)])
+    @pytest.mark.parametrize("receives", ["Y", "Z", "both"])
+    def test_fused_adjoint_is_autograd_through_the_same_steps(self, degrees, receives):
+        from covpool.linalg.iteration import coupled_root
+        from covpool.linalg.schedule import differentiable_schedule, minimax_schedule
+        from covpool.linalg.unrolled import coupled_root_adjoint
+
+        A_hat = random_spd(3, n=12, condition=100)
+        A_hat = A_hat / torch.linalg.matrix_norm(A_hat, ord=2, keepdim=True)
+        schedule = differentiable_schedule(minimax_schedule(0.1, 1.0001, 1e-4, degrees=degrees), 1e-4)
+        grad_Y = torch.randn_like(A_hat) if receives in ("Y", "both") else None
+        grad_Z = torch.randn_like(A_hat) if receives in ("Z", "both") else None
+        leaf = A_hat.clone().requires_grad_(True)
+        Y, Z = coupled_root(leaf, schedule)
+        pairs = [(Y, grad_Y), (Z, grad_Z)]
+        (expected,) = torch.autograd.grad(sum((out * g).sum() for out, g in pairs if g is not None), leaf)
+        record: list[torch.Tensor] = []
+        coupled_root(A_hat, schedule, record)
+        got = coupled_root_adjoint(schedule, tuple(record), grad_Y, grad_Z)
+        assert_relative_close(got, expected, rtol=1e-12, what="fused adjoint")
+
+    @pytest.mark.parametrize("name", ROOTS)
+    @pytest.mark.parametrize("method", ["mtp", "mpa"])
+    @pytest.mark.parametrize("tol", [1e-3, 1e-6])
+    def test_gradient_meets_tol_on_ridged_rank_deficient_covariances(self, name, method, tol):
+        fn, inverse = ROOTS[name]
+        A, eps = head_covariances(64), 1e-4
+        upstream = torch.randn_like(A)
+        _, grad = forward_and_gradient(fn, A, upstream, method=method, tol=tol, eps=eps, backward="unrolled")
+        expected = ridge_adjoint(reference_gradient(ridged(A, eps), upstream, inverse=inverse), eps)
+        assert_relative_close(grad, expected, rtol=tol, what=f"{method} unrolled gradient")
+
+    @pytest.mark.parametrize("name", ROOTS)
+    @pytest.mark.parametrize("method", ["mtp", "mpa"])
+    def test_float32_default_gradient_on_a_heads_covariance(self, name, method):
+        fn, inverse = ROOTS[name]
+        A, eps = head_covariances(128), 1e-4
+        plan = covpool.RootOptions(method=method).plan(
+            128, eps=eps, device=torch.device("cpu"), dtype=torch.float32
+        )
+        assert plan.gradient == ("adjoint" if method == "mtp" else "autograd")
+        A, upstream = A.float(), torch.randn_like(A).float()
+        _, grad = forward_and_gradient(fn, A, upstream, method=method, eps=eps)
+        # Against the root of the rounded input: rounding A to float32 alone moves the null space's
+        # eigenvalues, and with them the largest entries of the gradient, by more than 1e-3.
+        expected = ridge_adjoint(reference_gradient(ridged(A.double(), eps), upstream, inverse=inverse), eps)
+        # The inverse root's gradient is κ^(1/2) times more sensitive: float32 eigh itself is 4e-3 off
+        # here, the Lyapunov backward 3e-2.
+        rtol = 5e-3 if inverse else 1e-3
+        assert_relative_close(
+            on_range(grad, A, 48), on_range(expected, A, 48), rtol=rtol, what=f"float32 {method} gradient"
+        )
+
+    @pytest.mark.parametrize(("n", "samples", "eps"), [(32, 8, 1e-2), (64, 16, 1e-4), (128, 32, 1e-5)])
+    def test_lyapunov_rounding_model_bounds_the_float32_error(self, n, samples, eps):
+        from covpool.linalg.lyapunov import rounding_error
+
+        A = head_covariances(n, samples)
+        A, upstream = A.float(), torch.randn_like(A).float()
+        _, grad = forward_and_gradient(covpool.sqrtm, A, upstream, method="mtp", eps=eps, backward="minimax")
+        expected = ridge_adjoint(reference_gradient(ridged(A.double(), eps), upstream), eps)
+        plan = covpool.RootOptions(method="mtp").plan(
+            n, eps=eps, device=torch.device("cpu"), dtype=torch.float32
+        )
+        bound = rounding_error(plan.lower, torch.finfo(torch.float32).eps) + 1e-3
+        rank = samples - 1
+        assert_relative_close(
+            on_range(grad, A, rank), on_range(expected, A, rank), rtol=bound, what="float32 Lyapunov gradient"
+        )
+
+    def test_default_backward_follows_the_rounding_model(self):
+        def gradient(dtype, eps, method="mtp"):
+            return (
+                covpool.RootOptions(method=method)
+                .plan(256, eps=eps, device=torch.device("cuda"), dtype=dtype)
+                .gradient
+            )
+
+        assert gradient(torch.float32, 0.0) == "lyapunov"  # condition 1e3
+        assert gradient(torch.float32, 1e-4) == "adjoint"  # a head's ridge: κ up to 2.6e6
+        assert gradient(torch.float64, 1e-4) == "lyapunov"
+        assert gradient(torch.float32, 1e-4, "mpa") == "autograd"
+
+    def test_fused_backward_refuses_double_backward(self):
+        A = head_covariances(16, samples=8).float().requires_grad_(True)
+        out = covpool.sqrtm(A, method="mtp", eps=1e-4, backward="unrolled")
+        with pytest.raises(RuntimeError, match="does not support double backward"):
+            torch.autograd.grad(out.square().sum(), A, create_graph=True)
 
 
 class TestShapesAndDtypes:
@@ -276,12 +385,14 @@ class TestShapesAndDtypes:
         torch.torch_version.TorchVersion(torch.__version__) < "2.12",
         reason="dynamo before torch 2.12 cannot pass the series' Fraction exponent to a constant function",
     )
-    @pytest.mark.parametrize("method", ["mpa", "mtp", "ns", "eigh", "auto"])
+    @pytest.mark.parametrize("method", ["mpa", "mtp", "ns", "eigh", "auto", "mtp-unrolled", "mpa-unrolled"])
     def test_torch_compile_captures_one_graph_with_default_options(self, method):
         A = random_spd(2, n=8, condition=10, dtype=torch.float32).requires_grad_(True)
+        method, _, backward = method.partition("-")
+        options = {"method": method, **({"backward": backward} if backward else {})}
 
         def root(a):
-            return covpool.inv_sqrtm(a, method=method)
+            return covpool.inv_sqrtm(a, **options)
 
         compiled = torch.compile(root, backend="eager", fullgraph=True)
         out = compiled(A)
@@ -385,6 +496,9 @@ class TestBadInput:
             ({"method": "ns", "degree": 2}, "degree is not used by method='ns'"),
             ({"method": "auto", "steps": 2}, "steps is not used by method='auto'"),
             ({"method": "mtp", "backward": "newton-schulz"}, "needs backward_steps"),
+            ({"method": "mtp", "backward": "unrolled", "backward_steps": 4}, "backward_steps is not used by"),
+            ({"method": "mpa", "backward": "unrolled", "steps": 1}, "needs an iteration"),
+            ({"method": "mtp", "backward": "adjoint"}, "backward must be one of"),
         ],
     )
     def test_option_errors_are_the_same_on_every_device(self, kwargs, match):

@@ -14,6 +14,8 @@ from covpool.linalg.polynomial import best_block, matrix_polynomials, product_co
 from covpool.linalg.schedule import (
     BACKWARD_DEGREES,
     FORWARD_DEGREES,
+    differentiable_schedule,
+    gradient_error,
     minimax_schedule,
     newton_schulz_schedule,
     pade_schedule,
@@ -116,6 +118,35 @@ class TestSchedules:
         assert schedule.error <= tol
         assert self.composed_error(schedule, grid) <= schedule.error * (1 + 1e-4) + 1e-14
 
+    @pytest.mark.parametrize("kind", ["minimax", "pade"])
+    def test_gradient_certificate_bounds_divided_differences(self, kind):
+        # The gradient's relative error in the eigenbasis is the divided difference of s P(s) (minus 1):
+        # check the certificate against it at pairs of points, without the mean-value argument.
+        lower = 6e-4
+        if kind == "minimax":
+            base = minimax_schedule(lower, 1.0, 1e-3)
+        else:
+            base = pade_schedule(lower, 1.0, 1e-3, degree=2)
+        schedule = differentiable_schedule(base, 1e-3)
+        s = np.geomspace(lower, 1.0, 20_001)
+        value = s.copy()
+        for step in schedule.steps:
+            value = step_map(step, value)
+        g = s * value
+        for gap in (1, 7, 500):
+            divided = (g[gap:] - g[:-gap]) / (s[gap:] - s[:-gap])
+            # (+ 1e-10: float64 cancellation in the differences of nearby points)
+            assert np.abs(divided - 1.0).max() <= gradient_error(schedule) * (1 + 1e-6) + 1e-10
+        assert gradient_error(schedule) <= 1e-3
+        assert schedule.error <= 1e-3
+
+    def test_forward_error_alone_does_not_bound_the_gradient(self):
+        schedule = minimax_schedule(6e-4, 1.0, 1e-3)
+        assert schedule.error <= 1e-3 < 1.0 < gradient_error(schedule)  # an oscillating composition
+        extended = differentiable_schedule(schedule, 1e-3)
+        assert extended.steps[: len(schedule.steps)] == schedule.steps
+        assert len(extended.steps) == len(schedule.steps) + 1  # one Newton-Schulz step flattens it
+
     def test_newton_schulz_schedule_reports_its_error(self):
         schedule = newton_schulz_schedule(0.1, 1.0, 3)
         grid = np.linspace(0.1, 1.0, 10_001)
@@ -144,3 +175,12 @@ class TestSchedules:
         assert result.forward.product_units == plan.forward.forward_products() + 4
         assert result.syncs == 0
         assert result.backward.product_units == plan.backward.backward_products()
+
+        # A head's ridge: the fused unrolled backward.
+        plan = options.plan(32, eps=1e-4, device=torch.device("cuda"), dtype=torch.float32)
+        assert plan.gradient == "adjoint"
+        for function in (covpool.sqrtm, covpool.inv_sqrtm):
+            result = trace_root(lambda a, f=function: f(a, options, eps=1e-4), n=32, batch=4)
+            assert result.syncs == 0
+            assert result.forward.product_units == plan.forward.forward_products() + 4
+            assert result.backward.product_units == plan.forward.adjoint_products()

@@ -20,6 +20,7 @@ from covpool.bench.grid import FUNCTIONS, Cell, describe_skipped, plan_grid, run
 from covpool.bench.layers import LAYER_CASES, LAYER_METHODS, run_layers
 from covpool.bench.plot import plot_pareto
 from covpool.bench.report import format_table, write_csv, write_json
+from covpool.bench.rounding import ROUNDING_DOMINATES, ROUNDING_EPS, ROUNDING_SIZES, SAMPLES, rounding_row
 from covpool.bench.trace import trace_root
 
 FULL_SIZES = (32, 64, 128, 256, 512)
@@ -157,6 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--trace",
         action="store_true",
         help="count host syncs, matrix products and kernels of the CUDA path on fake tensors (no GPU needed)",
+    )
+
+    trace.add_argument(
+        "--rounding",
+        action="store_true",
+        help="float32 gradient error of the Lyapunov and unrolled backwards on ridged rank-deficient "
+        f"covariances (CPU; --sizes default {' '.join(map(str, ROUNDING_SIZES))})",
     )
 
     deploy = parser.add_argument_group("deployment")
@@ -362,6 +370,21 @@ def run_deploy_benchmark(args: argparse.Namespace) -> None:
     print(f"wrote {facts['onnx_file']}, {args.out / 'deploy.csv'} and {args.out / 'deploy.json'}")
 
 
+def run_rounding(args: argparse.Namespace) -> None:
+    """Print and write the rounding table of :mod:`covpool.bench.rounding`."""
+    cases = [(n, s, eps) for n in args.sizes for s in (SAMPLES, max(n // 4, 8)) for eps in ROUNDING_EPS]
+    rows = []
+    for k, (n, samples, eps) in enumerate(cases, 1):
+        print(f"[{k}/{len(cases)}] n={n} samples={samples} eps={eps:g}", file=sys.stderr, flush=True)
+        rows.append(rounding_row(n, samples, eps))
+    print(format_table(rows, list(rows[0])))
+    write_csv(rows, args.out / "rounding.csv")
+    write_json({"rows": rows, "torch": torch.__version__}, args.out / "rounding.json")
+    dominated = [r["lyapunov_growth"] for r in rows if r["kappa_bound"] >= ROUNDING_DOMINATES]
+    print(f"largest lyapunov / (u kappa) where kappa >= {ROUNDING_DOMINATES:g}: {max(dominated):.3g}")
+    print(f"wrote {args.out / 'rounding.csv'} and {args.out / 'rounding.json'}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Parse ``argv`` and run the matrix-root grid, the layer benchmark (``--layers``) or the deployment
     benchmark (``--deploy``)."""
@@ -370,6 +393,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit("--deploy runs alone: drop --layers and --quick")
     if args.deploy:
         args.batches = args.batches or list(DEPLOY_BATCHES)
+    if args.rounding:
+        args.sizes = args.sizes or list(ROUNDING_SIZES)
     args.sizes = args.sizes or list(QUICK_SIZES if args.quick else FULL_SIZES)
     args.batches = args.batches or list(QUICK_BATCHES if args.quick else FULL_BATCHES)
     args.repeats = args.repeats or (QUICK_REPEATS if args.quick else FULL_REPEATS)
@@ -381,6 +406,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     start = time.perf_counter()
     if args.trace:
         run_trace(args)
+    elif args.rounding:
+        run_rounding(args)
     elif args.deploy:
         run_deploy_benchmark(args)
     else:

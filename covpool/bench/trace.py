@@ -151,7 +151,10 @@ def _walk_backward(output: torch.Tensor, grad: torch.Tensor, counter: _Counter) 
                 with counter:
                     value = value.sum_to_size(shape)
             previous = pending[child].get(slot)
-            pending[child][slot] = value if previous is None else previous + value
+            if previous is not None:  # the engine accumulates in a kernel too
+                with counter:
+                    value = previous + value
+            pending[child][slot] = value
 
 
 @dataclass

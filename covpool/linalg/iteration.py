@@ -50,14 +50,19 @@ def _spd_solve(denominator: torch.Tensor, numerator: torch.Tensor) -> torch.Tens
     return torch.cholesky_solve(numerator, factor)
 
 
-def _polynomial_tail(U: torch.Tensor, coefficients: tuple[float, ...]) -> tuple[torch.Tensor, float]:
+def _polynomial_tail(
+    U: torch.Tensor, coefficients: tuple[float, ...], partials: list[torch.Tensor] | None = None
+) -> tuple[torch.Tensor, float]:
     """``(T, a)`` with ``a T = Σ_{j>=1} c_j U^j = q(U) - c₀ I``: ``d - 1`` fused products, no identity.
 
-    By the recursion ``Σ_{j>=k} c_j U^(j-k+1) = c_k U + U · Σ_{j>k} …``, one ``baddbmm`` per level.
+    By the recursion ``Σ_{j>=k} c_j U^(j-k+1) = c_k U + U · Σ_{j>k} …``, one ``baddbmm`` per level; the
+    right factor of each level is appended to ``partials`` when given (for the unrolled backward).
     Shapes ``(b, n, n)``.
     """
     value, alpha = U, coefficients[-1]
     for coefficient in reversed(coefficients[1:-1]):
+        if partials is not None:
+            partials.append(value)
         value, alpha = torch.baddbmm(U, U, value, beta=coefficient, alpha=alpha), 1.0
     return value, alpha
 
@@ -71,14 +76,19 @@ def _pade_factor(step: PadeStep, U: torch.Tensor) -> torch.Tensor:
     """
     W = torch.add(eye_like(U), symmetrize(U), alpha=-(step.scale**2))
     P, Q = matrix_polynomials(W, (step.numerator, step.denominator))
-    return _spd_solve(Q, P).mul_(step.scale)
+    return _spd_solve(Q, P) * step.scale
 
 
-def coupled_root(A_hat: torch.Tensor, schedule: Schedule) -> tuple[torch.Tensor, torch.Tensor]:
+def coupled_root(
+    A_hat: torch.Tensor, schedule: Schedule, record: list[torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(Y, Z) ≈ (Â^(1/2), Â^(-1/2))`` after the steps of ``schedule``. Shapes: ``(*, n, n)`` each.
 
-    Differentiable by autograd (the ``"ns"`` method relies on it); :mod:`covpool.linalg.roots` runs it
-    without a graph for the methods with a Lyapunov backward. Leading batch dimensions are flattened.
+    Differentiable by autograd (ns and unrolled mpa rely on it); :mod:`covpool.linalg.roots` runs it
+    without a graph for the other methods. Leading batch dimensions are flattened. With ``record`` (a
+    list; polynomial steps only), every step appends what :func:`covpool.linalg.unrolled.coupled_root_adjoint`
+    needs: ``Y`` and ``Z`` before the step (``Z`` from the second step on), the Horner partials of
+    :func:`_polynomial_tail` and its result ``T``.
     """
     shape = A_hat.shape
     Y = A_hat.reshape(-1, shape[-2], shape[-1])
@@ -91,9 +101,12 @@ def coupled_root(A_hat: torch.Tensor, schedule: Schedule) -> tuple[torch.Tensor,
             continue
         # q(U) = c₀ I + a T: Y q = c₀ Y + a Y T and q Z = c₀ Z + a T Z, each one fused product.
         c0 = step.coefficients[0]
-        tail, alpha = _polynomial_tail(U, step.coefficients)
+        partials = None if record is None else []
+        tail, alpha = _polynomial_tail(U, step.coefficients, partials)
+        if record is not None:
+            record.extend([Y, *([] if Z is None else [Z]), U, *partials, tail])
         Y_next = torch.baddbmm(Y, Y, tail, beta=c0, alpha=alpha)
-        if Z is None:  # q(Â) itself, in a fresh tensor: ``tail`` may be saved for autograd (ns)
+        if Z is None:  # q(Â) itself, in a fresh tensor: ``tail`` may be saved for the backward
             Z = add_to_diagonal(tail, c0 / alpha)
             Z = Z * alpha if alpha != 1.0 else Z
         else:

@@ -20,10 +20,13 @@ import torch
 from covpool.linalg.auto import choose_method
 from covpool.linalg.checks import check_choice, check_float, check_positive_int, reads_values
 from covpool.linalg.coefficients import pade_coefficients, taylor_coefficients
+from covpool.linalg.lyapunov import rounding_error
 from covpool.linalg.numerics import is_tracing
 from covpool.linalg.schedule import (
     BACKWARD_DEGREES,
+    FORWARD_DEGREES,
     Schedule,
+    differentiable_schedule,
     minimax_schedule,
     newton_schulz_schedule,
     pade_schedule,
@@ -31,10 +34,10 @@ from covpool.linalg.schedule import (
 
 Method = Literal["auto", "mtp", "mpa", "ns", "eigh"]
 Normalization = Literal["schatten8", "frobenius", "trace"]
-Backward = Literal["minimax", "newton-schulz"]
+Backward = Literal["minimax", "newton-schulz", "unrolled"]
 METHODS: tuple[str, ...] = ("auto", "mtp", "mpa", "ns", "eigh")
 NORMALIZATIONS: tuple[str, ...] = ("schatten8", "frobenius", "trace")
-BACKWARDS: tuple[str, ...] = ("minimax", "newton-schulz")
+BACKWARDS: tuple[str, ...] = ("minimax", "newton-schulz", "unrolled")
 
 DEFAULT_TOL = 1e-3
 DEFAULT_CONDITION = 1e3
@@ -66,10 +69,14 @@ class RootPlan:
         normalization: how ``A`` is scaled before an iteration (None for eigh).
         forward: schedule of the coupled iteration (None for eigh and for a single approximant).
         direct_degree: degree of the paper's single approximant when ``steps == 1``, else None.
-        backward: schedule of the Lyapunov sign iteration (mtp and mpa), else None.
+        backward: schedule of the Lyapunov sign iteration (mtp and mpa), else None: ns, eigh and
+            ``backward="unrolled"`` are differentiated by autograd.
         lower: assumed lower end of the spectrum of ``Â^(1/2)``.
         reject_above: a-posteriori error above which a matrix is invalid (``inf``: not checked).
         read_values: read validity flags on the host and raise (``check_input`` resolved).
+        gradient: how the backward runs: ``"lyapunov"`` (:mod:`covpool.linalg.lyapunov`), ``"adjoint"``
+            (the fused reverse mode of polynomial steps, :mod:`covpool.linalg.unrolled`), ``"autograd"``
+            (ns, and unrolled Padé steps) or ``"eigh"``.
     """
 
     method: str
@@ -80,6 +87,17 @@ class RootPlan:
     lower: float
     reject_above: float
     read_values: bool
+    gradient: str
+
+    def products(self) -> int | None:
+        """Matrix products of forward and backward as planned, without the normalisation's and the
+        validity estimate's two each; None where autograd or eigh differentiates."""
+        if self.gradient == "lyapunov":
+            forward = self.forward.forward_products() if self.forward is not None else 0
+            return forward + self.backward.backward_products()
+        if self.gradient == "adjoint":
+            return self.forward.forward_products() + self.forward.adjoint_products()
+        return None
 
     @property
     def series(self) -> str:
@@ -106,8 +124,15 @@ class RootOptions:
             Taylor (mtp) or Padé (mpa) approximant. ns: its iterations (default 5).
         normalization: ``"schatten8"`` (default for mtp/mpa: ``(tr A⁸)^(1/8)``, within ``n^(1/8)`` of
             ``λmax``, two products), ``"frobenius"`` (the paper's) or ``"trace"`` (iSQRT-COV's, ns default).
-        backward: ``"minimax"`` (default: certified minimax steps) or ``"newton-schulz"`` (the paper's
-            plain iteration; needs ``backward_steps``).
+        backward: mtp/mpa only. ``"minimax"``: the Lyapunov equation solved by certified minimax sign
+            steps; ``"newton-schulz"``: the paper's plain sign iteration (needs ``backward_steps``);
+            ``"unrolled"``: autograd through the forward steps, which are then extended until the gradient
+            of what they compute is certified within ``tol`` (see
+            :func:`covpool.linalg.schedule.gradient_error`); it keeps every iterate for the backward, as
+            ns does. Default: ``"minimax"`` where its rounding error in the working dtype
+            (:func:`covpool.linalg.lyapunov.rounding_error`) is within ``tol``, else ``"unrolled"``: in
+            float32 the Lyapunov gradient loses about ``0.02 u κ(A)`` (``u`` = 1.2e-7), 1e-3 at
+            ``κ = 4e5``, which a covariance head's ridge allows.
         backward_steps: fixed number of backward steps instead of the certified count.
         check_input: read validity on the host and raise on bad input (default None: yes where that needs
             no device synchronisation, i.e. off CUDA and outside tracing). Invalid matrices give NaN either
@@ -154,6 +179,15 @@ class RootOptions:
             check_choice(self.backward, "backward", BACKWARDS)
         if self.backward == "newton-schulz" and self.backward_steps is None:
             raise ValueError("backward='newton-schulz' needs backward_steps (it has no certified count)")
+        if self.backward == "unrolled" and self.backward_steps is not None:
+            raise ValueError(
+                "backward_steps is not used by backward='unrolled' (it differentiates the forward)"
+            )
+        if self.backward == "unrolled" and self.steps == 1:
+            raise ValueError(
+                "backward='unrolled' needs an iteration (steps > 1): the single approximant of steps=1 is "
+                "differentiated by the Lyapunov solver"
+            )
         if self.tol is not None and self.steps is not None and self.backward_steps is not None:
             raise ValueError("tol is not used when both steps and backward_steps are fixed; remove one")
         if self.check_input is not None and not isinstance(self.check_input, bool):
@@ -187,14 +221,13 @@ class RootOptions:
         given = ", ".join(f"{k}={v!r}" for k, v in self.to_dict().items())
         return f"RootOptions({given})"
 
-    def plan(
-        self, n: int, *, eps: float, device: torch.device, dtype: torch.dtype
-    ) -> RootPlan:
+    def plan(self, n: int, *, eps: float, device: torch.device, dtype: torch.dtype) -> RootPlan:
         """Resolve for one call on matrices of size ``n`` with relative ridge ``eps``."""
         method = self.method
         if method == "auto":
             method = choose_method(device.type, self.tol or DEFAULT_TOL, dtype, is_tracing())
-        return _plan(self, method, n, float(eps), reads_values(self.check_input, device))
+        unit_roundoff = torch.finfo(dtype).eps
+        return _plan(self, method, n, float(eps), unit_roundoff, reads_values(self.check_input, device))
 
 
 @functools.cache
@@ -227,14 +260,16 @@ def _direct_error(series: str, degree: int, lower: float) -> float:
 
 @functools.cache
 @torch.compiler.assume_constant_result
-def _plan(options: RootOptions, method: str, n: int, eps: float, read_values: bool) -> RootPlan:
+def _plan(
+    options: RootOptions, method: str, n: int, eps: float, unit_roundoff: float, read_values: bool
+) -> RootPlan:
     if method == "eigh":
-        return RootPlan("eigh", None, None, None, None, 0.0, math.inf, read_values)
+        return RootPlan("eigh", None, None, None, None, 0.0, math.inf, read_values, "eigh")
     if method == "ns":
         normalization = options.normalization or "trace"
         lower = _lower_bound(normalization, max(n, 1), eps, None)
         forward = newton_schulz_schedule(lower, 1.0 + _FLOAT_SLACK, options.steps or 5)
-        return RootPlan("ns", normalization, forward, None, None, lower, 1.0, read_values)
+        return RootPlan("ns", normalization, forward, None, None, lower, 1.0, read_values, "autograd")
     normalization = options.normalization or "schatten8"
     tol = options.tol or DEFAULT_TOL
     lower = _lower_bound(normalization, max(n, 1), eps, options.condition)
@@ -245,16 +280,27 @@ def _plan(options: RootOptions, method: str, n: int, eps: float, read_values: bo
         forward_error = _direct_error("pade" if method == "mpa" else "taylor", direct_degree, lower)
         reject_above = math.inf
     else:
-        if method == "mpa":
-            forward = pade_schedule(lower, upper, tol, degree=options.degree or 2, steps=options.steps)
-        else:
-            degrees = (options.degree,) if options.degree else (1, 2, 3, 4)
-            forward = minimax_schedule(lower, upper, tol, degrees=degrees, steps=options.steps)
+        forward = _forward_schedule(method, options, lower, upper, tol)
         forward_error = forward.error
         reject_above = max(10 * tol, _REJECT_FLOOR)
+    backward_kind = options.backward or (
+        "minimax" if options.steps == 1 or rounding_error(lower, unit_roundoff) <= tol else "unrolled"
+    )
+    if backward_kind == "unrolled":
+        if options.steps is None:  # tighter forward targets can need fewer flat steps: take the cheapest
+            candidates = (
+                _forward_schedule(method, options, lower, upper, t) for t in (tol, tol / 10, tol / 100)
+            )
+            forward = min(
+                (differentiable_schedule(s, tol) for s in candidates), key=Schedule.forward_products
+            )
+        gradient = "autograd" if method == "mpa" else "adjoint"
+        return RootPlan(
+            method, normalization, forward, None, None, lower, reject_above, read_values, gradient
+        )
     slack = min(max(forward_error, _FLOAT_SLACK), 0.5)
     backward_lower, backward_upper = lower * (1.0 - slack), 1.0 + slack
-    if options.backward == "newton-schulz":
+    if backward_kind == "newton-schulz":
         backward = newton_schulz_schedule(backward_lower, backward_upper, options.backward_steps)
     else:
         backward = minimax_schedule(
@@ -265,7 +311,16 @@ def _plan(options: RootOptions, method: str, n: int, eps: float, read_values: bo
             backward=True,
             steps=options.backward_steps,
         )
-    return RootPlan(method, normalization, forward, direct_degree, backward, lower, reject_above, read_values)
+    return RootPlan(
+        method, normalization, forward, direct_degree, backward, lower, reject_above, read_values, "lyapunov"
+    )
+
+
+def _forward_schedule(method: str, options: RootOptions, lower: float, upper: float, tol: float) -> Schedule:
+    if method == "mpa":
+        return pade_schedule(lower, upper, tol, degree=options.degree or 2, steps=options.steps)
+    degrees = (options.degree,) if options.degree else FORWARD_DEGREES
+    return minimax_schedule(lower, upper, tol, degrees=degrees, steps=options.steps)
 
 
 PAPER_CONFIG = {

@@ -2,9 +2,11 @@
 
 ``"mpa"`` and ``"mtp"`` run their forward without a graph and differentiate by the Lyapunov solver
 (:mod:`covpool.linalg.lyapunov`), so the backward stores only ``Y ≈ Â^(1/2)`` (and ``Z ≈ Â^(-1/2)`` for the
-inverse root) and a scale per matrix, whatever the number of steps. ``"ns"`` differentiates through its
-iterations with autograd, as iSQRT-COV does. ``"eigh"`` is exact (:mod:`covpool.linalg.eigh`). What is
-checked where is said in :mod:`covpool.linalg.checks`.
+inverse root) and a scale per matrix, whatever the number of steps; where rounding would spoil that
+gradient (``backward="unrolled"``, the default beyond about ``κ = 3e5`` in float32) they are
+differentiated through their steps instead. ``"ns"`` always is, by autograd, as iSQRT-COV does.
+``"eigh"`` is exact (:mod:`covpool.linalg.eigh`). What is checked where is said in
+:mod:`covpool.linalg.checks`.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from covpool.linalg.lyapunov import solve_lyapunov
 from covpool.linalg.normalization import normalise, trace
 from covpool.linalg.numerics import add_to_diagonal, symmetrize, working_dtype
 from covpool.linalg.options import DEFAULT_CONDITION, RootOptions, RootPlan
+from covpool.linalg.unrolled import coupled_root_adjoint
 
 
 def _with_ridge(A: torch.Tensor, eps: float) -> torch.Tensor:
@@ -37,11 +40,14 @@ def _with_ridge(A: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class MatmulRoot(torch.autograd.Function):
-    """``f(sym(A) + ridge)`` with ``f = (·)^(±1/2)`` by a coupled iteration (mtp, mpa); Lyapunov backward.
+    """``f(sym(A) + ridge)`` with ``f = (·)^(±1/2)`` by a coupled iteration (mtp, mpa); Lyapunov backward,
+    or (``plan.gradient == "adjoint"``) the fused reverse mode of the polynomial steps.
 
     Symmetrisation and ridge sit inside, so that their adjoint costs nothing extra: the Lyapunov solution
-    ``X`` is symmetric, and the ridge adds ``(eps / n) tr(X) I``. Returns the root and a per-matrix
-    validity flag (``(*,)`` bool, not differentiable); an invalid matrix gets NaN.
+    ``X`` is symmetric, and the ridge adds ``(eps / n) tr(X) I``. The normalising scale ``c`` is held
+    constant in both backwards (the exact root is homogeneous, so its gradient through ``c`` vanishes).
+    Returns the root and a per-matrix validity flag (``(*,)`` bool, not differentiable); an invalid
+    matrix gets NaN.
     """
 
     @staticmethod
@@ -54,14 +60,18 @@ class MatmulRoot(torch.autograd.Function):
             Y, Z = (A_hat @ root, root) if inverse else (root, None)
             valid = torch.isfinite(root).flatten(-2).all(-1)
         else:
-            Y, Z = coupled_root(A_hat, plan.forward)
+            record = [] if plan.gradient == "adjoint" else None
+            Y, Z = coupled_root(A_hat, plan.forward, record)
             valid = within_error(Y, Z, plan.reject_above, inverse=inverse)
             Z = Z if inverse else None
         root_scale = scale.sqrt()
         # NaN for an invalid matrix, folded into the scale (a (*, 1, 1) tensor) rather than the result.
-        factor = root_scale.masked_fill(~valid[..., None, None], float("nan"))
+        factor = torch.where(valid[..., None, None], root_scale, float("nan"))
         out = Z / factor if inverse else Y * factor
-        ctx.save_for_backward(Y, Z, root_scale)
+        if plan.gradient == "adjoint":
+            ctx.save_for_backward(root_scale, *record)
+        else:
+            ctx.save_for_backward(root_scale, Y, Z)
         ctx.inverse = inverse
         ctx.plan = plan
         ctx.eps = eps
@@ -71,7 +81,16 @@ class MatmulRoot(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor, _valid_grad: torch.Tensor):  # noqa: D102
         refuse_double_backward(ctx.plan.method)
-        Y, Z, root_scale = ctx.saved_tensors
+        root_scale, *saved = ctx.saved_tensors
+        if ctx.plan.gradient == "adjoint":
+            # out = √c Y or Z / √c with c held constant; Â = A / c.
+            shape = grad.shape
+            G = grad.reshape(-1, shape[-2], shape[-1])
+            grads = (None, G) if ctx.inverse else (G, None)
+            X = coupled_root_adjoint(ctx.plan.forward, tuple(saved), *grads).reshape(shape)
+            X = X / (root_scale.pow(3) if ctx.inverse else root_scale)
+            return symmetrize(_with_ridge(X, ctx.eps)), None, None, None
+        Y, Z = saved
         G = symmetrize(grad)
         if ctx.inverse:
             # d(S⁻¹) = -S⁻¹ dS S⁻¹ with S⁻¹ = Z / √c: the right-hand side for dS is -Z G Z / c.
@@ -82,12 +101,13 @@ class MatmulRoot(torch.autograd.Function):
         return _with_ridge(X, ctx.eps), None, None, None
 
 
-def _newton_schulz(A: torch.Tensor, plan: RootPlan, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """iSQRT-COV: coupled Newton-Schulz on ``A / c``, differentiated by autograd through every step.
+def _unrolled_root(A: torch.Tensor, plan: RootPlan, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The coupled iteration on ``A / c``, differentiated by autograd through every step.
 
-    Validity: only gross failures are caught (estimated error above 1: a negative eigenvalue, NaN; and an
-    all-zero matrix for the inverse root): a few Newton-Schulz steps are far from converged on
-    ill-conditioned input by design.
+    iSQRT-COV's Newton-Schulz (ns), and mtp/mpa with ``backward="unrolled"``. Validity: the estimated
+    error must be within ``plan.reject_above``, which for ns only catches gross failures (a negative
+    eigenvalue, NaN): a few Newton-Schulz steps are far from converged on ill-conditioned input by design.
+    The inverse root of an all-zero matrix is invalid as well.
     """
     A_hat, scale = normalise(A, plan.normalization)
     Y, Z = coupled_root(A_hat, plan.forward)
@@ -95,7 +115,7 @@ def _newton_schulz(A: torch.Tensor, plan: RootPlan, inverse: bool) -> tuple[torc
         valid = within_error(Y, Z, plan.reject_above, inverse=inverse)
         if inverse:
             valid = valid & (scale[..., 0, 0] > torch.finfo(scale.dtype).tiny)
-    factor = scale.sqrt().masked_fill(~valid[..., None, None], float("nan"))
+    factor = torch.where(valid[..., None, None], scale.sqrt(), float("nan"))
     return (Z / factor if inverse else Y * factor), valid
 
 
@@ -154,11 +174,11 @@ def _root(
         check_finite(A)
     with torch.autocast(device_type=A.device.type, enabled=False):
         A_work = A.to(work_dtype)
-        if plan.method in ("mtp", "mpa"):
+        if plan.gradient in ("lyapunov", "adjoint"):
             out, valid = MatmulRoot.apply(A_work, inverse, plan, eps)
         else:
             A_work = _with_ridge(symmetrize(A_work), eps)  # differentiated by autograd
-            root = eigh_root if plan.method == "eigh" else functools.partial(_newton_schulz, plan=plan)
+            root = eigh_root if plan.method == "eigh" else functools.partial(_unrolled_root, plan=plan)
             out, valid = root(A_work, inverse=inverse)
     if plan.read_values:
         raise_if_invalid(valid, _invalid_message(plan, resolved, inverse, n, eps))

@@ -53,6 +53,7 @@ SAFETY = 0.01
 """Room above each minimax step's interval, relative to its width, for rounding (:func:`_minimax_step`)."""
 _CONVERGED = 1e-12
 MAX_PADE_SCALE = 2.0
+MAX_FLAT_STEPS = 4
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,14 @@ class Schedule:
         """Matrix products of the Lyapunov sign iteration with these (polynomial) steps."""
         return sum(2 * step.degree + 3 for step in self.steps)
 
+    def adjoint_products(self) -> int:
+        """Matrix products of the unrolled backward (:mod:`covpool.linalg.unrolled`) of these steps.
+
+        ``2 d + 4`` per step (``2 d`` for the first), less 2 at the last step, where only one of ``Y``,
+        ``Z`` receives a gradient.
+        """
+        return sum(2 * step.degree + (0 if k == 0 else 4) for k, step in enumerate(self.steps)) - 2
+
 
 def _polynomial_products(degree: int) -> int:
     return product_count(degree, 2, best_block(degree, 2))
@@ -130,6 +139,42 @@ def step_map(step: Step, s: np.ndarray) -> np.ndarray:
     numerator = sum(c * w**j for j, c in enumerate(step.numerator))
     denominator = sum(c * w**j for j, c in enumerate(step.denominator))
     return s * step.scale * numerator / denominator
+
+
+def step_derivative(step: Step, s: np.ndarray) -> np.ndarray:
+    """``d/ds`` of :func:`step_map`, in float64."""
+    u = s * s
+    if isinstance(step, PolynomialStep):
+        q = sum(c * u**j for j, c in enumerate(step.coefficients))
+        dq = sum(j * c * u ** (j - 1) for j, c in enumerate(step.coefficients) if j > 0)
+        return q + 2.0 * u * dq
+    w = 1.0 - step.scale**2 * u
+    numerator = sum(c * w**j for j, c in enumerate(step.numerator))
+    denominator = sum(c * w**j for j, c in enumerate(step.denominator))
+    d_numerator = sum(j * c * w ** (j - 1) for j, c in enumerate(step.numerator) if j > 0)
+    d_denominator = sum(j * c * w ** (j - 1) for j, c in enumerate(step.denominator) if j > 0)
+    dq_dw = step.scale * (d_numerator * denominator - numerator * d_denominator) / denominator**2
+    return step.scale * numerator / denominator + 2.0 * u * dq_dw * -(step.scale**2)
+
+
+def gradient_error(schedule: Schedule) -> float:
+    """Certified relative error of the gradient when the iteration itself is differentiated.
+
+    Differentiating the computed steps (``backward="unrolled"``) gives the exact gradient of the computed
+    function ``Â ↦ Â^(1/2) P(Â^(1/2))``, where ``P`` is the composed scalar map. In the eigenbasis its
+    first divided differences, relative to those of the exact root, equal divided differences of
+    ``s P(s)`` (``P(s) / s`` for the inverse root, in ``1 / s``), so the mean-value theorem bounds the
+    gradient's relative error by ``max |P(s) - 1| + max |s P'(s)|`` over the interval. The forward error
+    alone does not bound it: a minimax composition oscillates around 1 and its slope can exceed its
+    error by 1e4.
+
+    Evaluated on a dense geometric grid, with ``P'`` by the chain rule.
+    """
+    s = np.geomspace(schedule.lower, schedule.upper, 200_001)
+    value, slope = s, np.ones_like(s)
+    for step in schedule.steps:
+        value, slope = step_map(step, value), step_derivative(step, value) * slope
+    return float(np.abs(value - 1.0).max() + np.abs(s * slope).max())
 
 
 def image(step: Step, lower: float, upper: float) -> tuple[float, float]:
@@ -245,3 +290,27 @@ def newton_schulz_schedule(lower: float, upper: float, steps: int) -> Schedule:
     for _ in range(steps):
         a, b = image(step, a, b)
     return _finish([step] * steps, lower, upper, a, b)
+
+
+@functools.cache
+def differentiable_schedule(schedule: Schedule, tol: float) -> Schedule:
+    """``schedule`` followed by flat steps until :func:`gradient_error` is within ``tol``.
+
+    A flat step fixes 1 to high order, so it shrinks the slope of the composition near 1 as well as its
+    error: a Newton-Schulz step maps a slope ``σ`` at error ``e`` to about ``3 e σ``, and the error to
+    ``1.5 e²``; for Padé iterations, one more scaled Padé step.
+    """
+    steps, a, b = list(schedule.steps), 1.0 - schedule.error, 1.0 + schedule.error
+    for _ in range(MAX_FLAT_STEPS + 1):
+        candidate = Schedule(tuple(steps), schedule.lower, schedule.upper, max(1.0 - a, b - 1.0))
+        if gradient_error(candidate) <= tol:
+            return candidate
+        last = steps[-1]
+        step = (
+            PadeStep(min(1.0 / math.sqrt(a * b), MAX_PADE_SCALE), last.numerator, last.denominator)
+            if isinstance(last, PadeStep)
+            else PolynomialStep(NEWTON_SCHULZ)
+        )
+        steps.append(step)
+        a, b = image(step, a, b)
+    raise ValueError(f"no gradient within tol={tol} after {MAX_FLAT_STEPS} flat steps")

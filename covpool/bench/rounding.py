@@ -1,0 +1,69 @@
+"""How rounding limits each backward in float32, on the covariances covariance heads produce.
+
+``python -m covpool.bench --rounding`` prints, for ridged sample covariances (``samples`` positions, 49 as
+in a 7 × 7 map or ``n / 4``; ``n`` channels; relative ridge ``eps``), the relative error of the float32
+gradient of :func:`covpool.sqrtm` against float64 Daleckii-Krein on the float32-rounded input, for the
+Lyapunov backward (``backward="minimax"``), the unrolled backward and float32 ``eigh``, with the model
+:func:`covpool.linalg.lyapunov.rounding_error` that chooses between the first two. Two measures:
+
+- ``range``: the gradient applied to the range of the covariance, all that reaches the features of a head
+  (``(G + Gᵀ) X / N`` with the columns of ``X`` in that range);
+- ``full``: the whole matrix, dominated by its null-space block, whose entries follow the ridge's
+  eigenvalues and so already move by about 1e-3 when ``A`` is rounded to float32 (eigh shows it).
+
+The table backs :data:`covpool.linalg.lyapunov.ROUNDING_GROWTH`: the largest ``lyapunov / (u κ)`` it shows
+where rounding dominates (``κ >= 1e5``; below, the schedule's own error, up to ``tol``, does). It also shows
+where the unrolled backward is the worse one: full-rank input (``samples > n``) whose own condition
+number is large.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import covpool
+from covpool.linalg.lyapunov import rounding_error
+from covpool.testing import random_covariance, reference_gradient, relative_error
+
+ROUNDING_SIZES = (32, 64, 128, 256)
+ROUNDING_EPS = (1e-2, 1e-3, 1e-4, 1e-5)
+SAMPLES = 49  # a 7 × 7 feature map
+ROUNDING_DOMINATES = 1e5
+"""κ bound from which the Lyapunov gradient's float32 error is mostly rounding (at ``tol=1e-3``)."""
+
+
+def _ridged(A: torch.Tensor, eps: float) -> torch.Tensor:
+    mean = A.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None]
+    return A + eps * mean * torch.eye(A.shape[-1], dtype=A.dtype)
+
+
+def _ridge_adjoint(X: torch.Tensor, eps: float) -> torch.Tensor:
+    trace = X.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
+    return X + (eps / X.shape[-1]) * trace * torch.eye(X.shape[-1], dtype=X.dtype)
+
+
+def rounding_row(n: int, samples: int, eps: float, *, batch: int = 4, seed: int = 0) -> dict:
+    """One row of the table: errors of each backward for ``batch`` covariances of size ``n``."""
+    generator = torch.Generator().manual_seed(seed)
+    A = random_covariance(batch, n=n, samples=samples, generator=generator).float()
+    upstream = torch.randn(A.shape, generator=generator, dtype=torch.float64).float()
+    exact = _ridge_adjoint(reference_gradient(_ridged(A.double(), eps), upstream.double()), eps)
+    rank = min(samples - 1, n)
+    basis = torch.linalg.eigh(A.double())[1][..., -rank:]
+    plan = covpool.RootOptions(method="mtp").plan(n, eps=eps, device=torch.device("cpu"), dtype=torch.float32)
+    kappa = 1.0 / plan.lower**2
+    row = {"n": n, "samples": samples, "eps": eps, "kappa_bound": kappa, "default": plan.gradient}
+    for label, options in (
+        ("lyapunov", {"method": "mtp", "backward": "minimax"}),
+        ("unrolled", {"method": "mtp", "backward": "unrolled"}),
+        ("eigh", {"method": "eigh"}),
+    ):
+        leaf = A.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(covpool.sqrtm(leaf, options, eps=eps), leaf, upstream)
+        grad = grad.double()
+        row[f"{label}_range"] = relative_error(grad @ basis, exact @ basis).max().item()
+        row[f"{label}_full"] = relative_error(grad, exact).max().item()
+    unit = torch.finfo(torch.float32).eps
+    row["model"] = rounding_error(plan.lower, unit)
+    row["lyapunov_growth"] = max(row["lyapunov_range"], row["lyapunov_full"]) / (unit * kappa)
+    return row
