@@ -142,7 +142,7 @@ def test_layer_run_measures_one_layer(tmp_path):
 
 
 def test_rounding_run_shows_each_backward_where_it_is_the_accurate_one(tmp_path, capsys):
-    main(["--rounding", "--sizes", "32", "--out", str(tmp_path)])
+    main(["--rounding", "--no-heads", "--sizes", "32", "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "rounding.json").read_text())["rows"]
     assert len(rows) == 8  # two sample counts × four ridges
     assert "largest lyapunov / (u kappa)" in capsys.readouterr().out

@@ -20,7 +20,14 @@ from covpool.bench.grid import FUNCTIONS, Cell, describe_skipped, plan_grid, run
 from covpool.bench.layers import LAYER_CASES, LAYER_METHODS, run_layers
 from covpool.bench.plot import plot_pareto
 from covpool.bench.report import format_table, write_csv, write_json
-from covpool.bench.rounding import ROUNDING_DOMINATES, ROUNDING_EPS, ROUNDING_SIZES, SAMPLES, rounding_row
+from covpool.bench.rounding import (
+    ROUNDING_DOMINATES,
+    ROUNDING_EPS,
+    ROUNDING_SIZES,
+    SAMPLES,
+    head_rows,
+    rounding_row,
+)
 from covpool.bench.trace import trace_root
 
 FULL_SIZES = (32, 64, 128, 256, 512)
@@ -164,8 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--rounding",
         action="store_true",
         help="float32 gradient error of the Lyapunov and unrolled backwards on ridged rank-deficient "
-        f"covariances (CPU; --sizes default {' '.join(map(str, ROUNDING_SIZES))})",
+        f"covariances, and of covariance heads (CPU; --sizes default {' '.join(map(str, ROUNDING_SIZES))})",
     )
+    trace.add_argument("--no-heads", action="store_true", help="with --rounding: leave out the heads table")
 
     deploy = parser.add_argument_group("deployment")
     deploy.add_argument(
@@ -378,10 +386,14 @@ def run_rounding(args: argparse.Namespace) -> None:
         print(f"[{k}/{len(cases)}] n={n} samples={samples} eps={eps:g}", file=sys.stderr, flush=True)
         rows.append(rounding_row(n, samples, eps))
     print(format_table(rows, list(rows[0])))
-    write_csv(rows, args.out / "rounding.csv")
-    write_json({"rows": rows, "torch": torch.__version__}, args.out / "rounding.json")
     dominated = [r["lyapunov_growth"] for r in rows if r["kappa_bound"] >= ROUNDING_DOMINATES]
     print(f"largest lyapunov / (u kappa) where kappa >= {ROUNDING_DOMINATES:g}: {max(dominated):.3g}")
+    heads = [] if args.no_heads else head_rows()
+    if heads:
+        print("\nCovPoolHead, float32 against its float64 eigh copy (default ridge eps=1e-4):")
+        print(format_table(heads, list(heads[0])))
+    write_csv(rows, args.out / "rounding.csv")
+    write_json({"rows": rows, "heads": heads, "torch": torch.__version__}, args.out / "rounding.json")
     print(f"wrote {args.out / 'rounding.csv'} and {args.out / 'rounding.json'}")
 
 

@@ -19,9 +19,12 @@ number is large.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 import covpool
+from covpool.bench.timing import saved_tensor_bytes
 from covpool.linalg.lyapunov import rounding_error
 from covpool.testing import random_covariance, reference_gradient, relative_error
 
@@ -63,7 +66,61 @@ def rounding_row(n: int, samples: int, eps: float, *, batch: int = 4, seed: int 
         grad = grad.double()
         row[f"{label}_range"] = relative_error(grad @ basis, exact @ basis).max().item()
         row[f"{label}_full"] = relative_error(grad, exact).max().item()
+        if label != "eigh":  # kept for the backward, in n × n float32 matrices per input matrix
+            saved = saved_tensor_bytes(lambda o=options, a=leaf: covpool.sqrtm(a, o, eps=eps), exclude=[leaf])
+            row[f"{label}_saved"] = saved / (4 * A.numel())
     unit = torch.finfo(torch.float32).eps
     row["model"] = rounding_error(plan.lower, unit)
     row["lyapunov_growth"] = max(row["lyapunov_range"], row["lyapunov_full"]) / (unit * kappa)
     return row
+
+
+HEAD_CASES = ((64, 7), (64, 14), (256, 7), (256, 14))
+HEAD_ROOTS = (
+    ("mtp", "mtp"),
+    ("mtp, backward=minimax", {"method": "mtp", "backward": "minimax"}),
+    ("mpa", "mpa"),
+    ("eigh", "eigh"),
+)
+
+
+def head_rows(*, batch: int = 4, seed: int = 0) -> list[dict]:
+    """Float32 :class:`covpool.CovPoolHead` (no reduction, default ridge) against its float64 ``eigh`` copy.
+
+    Input: correlated feature maps ``(batch, d, side, side)`` with ``side² < d`` except at ``d = 64,
+    14 × 14``; errors are the largest relative error over the batch of the pooled features and of the
+    input gradients for one random upstream gradient.
+    """
+    rows = []
+    for channels, side in HEAD_CASES:
+        generator = torch.Generator().manual_seed(seed)
+        mixing = torch.randn(channels, channels, generator=generator, dtype=torch.float64) / channels**0.5
+        x = torch.randn(batch, side * side, channels, generator=generator, dtype=torch.float64) @ mixing
+        x = x.transpose(1, 2).reshape(batch, channels, side, side)
+        upstream = None
+        for label, root in HEAD_ROOTS:
+            head = covpool.CovPoolHead(channels, 0, reduction_dim=None, root=root)
+            reference = copy.deepcopy(head).double()
+            reference.root = covpool.RootOptions(method="eigh")
+            x32, x64 = x.float().requires_grad_(True), x.clone().requires_grad_(True)
+            out32, out64 = head(x32), reference(x64)
+            if upstream is None:
+                upstream = torch.randn(out64.shape, generator=generator, dtype=torch.float64)
+            (g32,) = torch.autograd.grad(out32, x32, upstream.float())
+            (g64,) = torch.autograd.grad(out64, x64, upstream)
+            rows.append(
+                {
+                    "d": channels,
+                    "map": f"{side}x{side}",
+                    "root": label,
+                    "features": relative_error(out32.detach().double()[:, None], out64.detach()[:, None])
+                    .max()
+                    .item(),
+                    "input_gradient": relative_error(
+                        g32.double().flatten(1)[:, None], g64.flatten(1)[:, None]
+                    )
+                    .max()
+                    .item(),
+                }
+            )
+    return rows
