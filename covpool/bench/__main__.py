@@ -27,6 +27,7 @@ from covpool.bench.rounding import (
     SAMPLES,
     head_rows,
     rounding_row,
+    trace_rows,
 )
 from covpool.bench.trace import trace_root
 
@@ -173,7 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="float32 gradient error of the Lyapunov and unrolled backwards on ridged rank-deficient "
         f"covariances, and of covariance heads (CPU; --sizes default {' '.join(map(str, ROUNDING_SIZES))})",
     )
-    trace.add_argument("--no-heads", action="store_true", help="with --rounding: leave out the heads table")
+    trace.add_argument(
+        "--no-heads", action="store_true", help="with --rounding: leave out the heads and trace tables"
+    )
 
     deploy = parser.add_argument_group("deployment")
     deploy.add_argument(
@@ -392,8 +395,13 @@ def run_rounding(args: argparse.Namespace) -> None:
     if heads:
         print("\nCovPoolHead, float32 against its float64 eigh copy (default ridge eps=1e-4):")
         print(format_table(heads, list(heads[0])))
+    traced = [] if args.no_heads else trace_rows(tuple(args.sizes))
+    if traced:
+        print("\nsqrtm with the heads' ridge (eps=1e-4), batch 64, forward+backward, traced CUDA path:")
+        print(format_table(traced, list(traced[0])))
     write_csv(rows, args.out / "rounding.csv")
-    write_json({"rows": rows, "heads": heads, "torch": torch.__version__}, args.out / "rounding.json")
+    payload = {"rows": rows, "heads": heads, "trace": traced, "torch": torch.__version__}
+    write_json(payload, args.out / "rounding.json")
     print(f"wrote {args.out / 'rounding.csv'} and {args.out / 'rounding.json'}")
 
 

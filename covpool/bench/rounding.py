@@ -25,6 +25,7 @@ import torch
 
 import covpool
 from covpool.bench.timing import saved_tensor_bytes
+from covpool.bench.trace import trace_root
 from covpool.linalg.lyapunov import rounding_error
 from covpool.testing import random_covariance, reference_gradient, relative_error
 
@@ -121,6 +122,33 @@ def head_rows(*, batch: int = 4, seed: int = 0) -> list[dict]:
                     )
                     .max()
                     .item(),
+                }
+            )
+    return rows
+
+
+TRACE_BACKWARDS = (("lyapunov", "minimax"), ("unrolled", "unrolled"))
+
+
+def trace_rows(sizes: tuple[int, ...], *, eps: float = 1e-4, batch: int = 64) -> list[dict]:
+    """Products and kernels of ``sqrtm`` with the heads' ridge on the CUDA path, per backward (fake tensors).
+
+    Needs torch >= 2.11 (fake CUDA tensors abort older versions).
+    """
+    rows = []
+    for n in sizes:
+        for label, backward in TRACE_BACKWARDS:
+            options = covpool.RootOptions(method="mtp", backward=backward)
+            result = trace_root(lambda a, o=options: covpool.sqrtm(a, o, eps=eps), n=n, batch=batch)
+            kernels = result.forward.kernels + result.backward.kernels
+            rows.append(
+                {
+                    "n": n,
+                    "backward": label,
+                    "syncs": result.syncs,
+                    "products": result.products,
+                    "kernels": kernels,
+                    "kernels_per_product": result.kernels_per_product,
                 }
             )
     return rows

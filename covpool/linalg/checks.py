@@ -107,8 +107,8 @@ def check_float(value: float, name: str, *, minimum: float = 0.0, strict: bool =
 def refuse_double_backward(method: str) -> None:
     """Raise if a backward runs with a graph requested (``create_graph=True``, Hessians, gradient penalties).
 
-    The Lyapunov and Daleckii-Krein backwards are not differentiable themselves; building a graph through
-    them would silently drop the second-order term, so it is refused.
+    The Lyapunov, fused unrolled and Daleckii-Krein backwards are not differentiable themselves; a graph
+    through them would silently drop the second-order term, so it is refused.
     """
     if torch.is_grad_enabled():
         raise RuntimeError(
