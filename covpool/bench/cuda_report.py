@@ -8,7 +8,8 @@ figure the README quotes for GPUs (and writes them to ``DIR/cuda_report.json``):
 2. **Roots**: forward+backward ms of batch 64 at n = 32 … 512 (float32, condition 1e3), eager and captured
    in a CUDA graph, for the default (``mtp``), ``mtp`` at other tolerances, ``mpa``, ``ns`` (5 steps),
    the paper's configuration and ``eigh``; their forward and gradient errors against float64; the
-   achieved matrix-product throughput of ``mtp``.
+   achieved matrix-product throughput of ``mtp``. Then (2b) the same on rank-48 covariances with the
+   heads' ridge, where the default takes the unrolled backward, against ``backward="minimax"`` and ``ns``.
 3. **Heads on rank-deficient input** (7×7 and 14×14 maps, d = 64 and 256): float32 features and input
    gradients against a float64 ``eigh`` copy.
 4. **Layers**: forward+backward ms of each layer with ``mtp``, ``ns``, ``eigh`` and the paper's settings.
@@ -30,7 +31,14 @@ import torch
 
 import covpool
 from covpool.bench.trace import trace_root
-from covpool.testing import random_spd, reference_gradient, reference_root, relative_error
+from covpool.linalg.numerics import with_relative_ridge
+from covpool.testing import (
+    random_covariance,
+    random_spd,
+    reference_gradient,
+    reference_root,
+    relative_error,
+)
 
 ROOT_CONFIGS: dict[str, dict] = {
     "mtp (default)": {},
@@ -42,6 +50,12 @@ ROOT_CONFIGS: dict[str, dict] = {
     "eigh": {"method": "eigh"},
 }
 GRAPHED = ("mtp (default)", "ns 5 steps", "paper")
+RIDGE_CONFIGS: dict[str, dict] = {
+    "mtp (default)": {},
+    "mtp backward=minimax": {"method": "mtp", "backward": "minimax"},
+    "ns 5 steps": {"method": "ns"},
+}
+"""With the heads' ridge (eps=1e-4): the default takes the unrolled backward in float32."""
 
 
 def cuda_ms(step: Callable[[], object], *, warmup: int = 3, repeats: int = 20) -> float:
@@ -108,16 +122,28 @@ def check_syncs() -> dict[str, str]:
     return results
 
 
-def bench_roots(sizes: list[int], batch: int) -> list[dict]:
+def bench_roots(
+    sizes: list[int],
+    batch: int,
+    *,
+    configs: dict[str, dict] = ROOT_CONFIGS,
+    graphed_names: tuple[str, ...] = GRAPHED,
+    eps: float = 0.0,
+) -> list[dict]:
+    """Roots at condition 1e3 (``eps=0``), or on rank-48 covariances with the relative ridge ``eps``."""
     rows = []
     for n in sizes:
-        A64 = random_spd(batch, n=n, condition=1e3, device="cuda")
+        if eps > 0:  # references of the float32-rounded input: rounding alone moves the null space's part
+            A64 = random_covariance(batch, n=n, samples=49).float().double().cuda()
+        else:
+            A64 = random_spd(batch, n=n, condition=1e3, device="cuda")
         upstream64 = torch.randn(batch, n, n, dtype=torch.float64, device="cuda")
-        exact = reference_root(A64)
-        exact_grad = reference_gradient(A64, upstream64)
+        exact = reference_root(with_relative_ridge(A64, eps))
+        exact_grad = with_relative_ridge(reference_gradient(with_relative_ridge(A64, eps), upstream64), eps)
         A = A64.float().requires_grad_()
         upstream = upstream64.float()
-        for name, options in ROOT_CONFIGS.items():
+        for name, options in configs.items():
+            options = {**options, "eps": eps}
 
             def step(options=options, A=A, upstream=upstream) -> None:
                 # autograd.grad of a loss: no accumulation into A.grad, the initial gradient made in-graph.
@@ -134,7 +160,7 @@ def bench_roots(sizes: list[int], batch: int) -> list[dict]:
                 "gradient_error": relative_error(A.grad, exact_grad).max().item(),
                 "eager_ms": cuda_ms(step),
             }
-            if name in GRAPHED:
+            if name in graphed_names:
                 A_graph = A.detach().clone().requires_grad_()  # a fresh leaf, see graphed()
 
                 def graph_step(options=options, A_graph=A_graph, upstream=upstream) -> None:
@@ -334,6 +360,16 @@ def main(argv: list[str] | None = None) -> None:
         "roots": (
             "2. sqrtm forward+backward, batch 64, float32, condition 1e3:",
             lambda: bench_roots([64] if args.quick else [32, 64, 128, 256, 512], batch=64),
+        ),
+        "roots_with_ridge": (
+            "2b. sqrtm forward+backward, batch 64, float32, rank-48 covariances, the heads' ridge (1e-4):",
+            lambda: bench_roots(
+                [64] if args.quick else [64, 256],
+                batch=64,
+                configs=RIDGE_CONFIGS,
+                graphed_names=tuple(RIDGE_CONFIGS),
+                eps=1e-4,
+            ),
         ),
         "heads": (
             "3. CovPoolHead on rank-deficient covariances (eps=1e-4), float32 against a float64 eigh copy:",

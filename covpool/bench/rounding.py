@@ -27,6 +27,7 @@ import covpool
 from covpool.bench.timing import saved_tensor_bytes
 from covpool.bench.trace import trace_root
 from covpool.linalg.lyapunov import rounding_error
+from covpool.linalg.numerics import with_relative_ridge
 from covpool.testing import random_covariance, reference_gradient, relative_error
 
 ROUNDING_SIZES = (32, 64, 128, 256)
@@ -36,22 +37,14 @@ ROUNDING_DOMINATES = 1e5
 """κ bound from which the Lyapunov gradient's float32 error is mostly rounding (at ``tol=1e-3``)."""
 
 
-def _ridged(A: torch.Tensor, eps: float) -> torch.Tensor:
-    mean = A.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None]
-    return A + eps * mean * torch.eye(A.shape[-1], dtype=A.dtype)
-
-
-def _ridge_adjoint(X: torch.Tensor, eps: float) -> torch.Tensor:
-    trace = X.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
-    return X + (eps / X.shape[-1]) * trace * torch.eye(X.shape[-1], dtype=X.dtype)
-
-
 def rounding_row(n: int, samples: int, eps: float, *, batch: int = 4, seed: int = 0) -> dict:
     """One row of the table: errors of each backward for ``batch`` covariances of size ``n``."""
     generator = torch.Generator().manual_seed(seed)
     A = random_covariance(batch, n=n, samples=samples, generator=generator).float()
     upstream = torch.randn(A.shape, generator=generator, dtype=torch.float64).float()
-    exact = _ridge_adjoint(reference_gradient(_ridged(A.double(), eps), upstream.double()), eps)
+    exact = with_relative_ridge(
+        reference_gradient(with_relative_ridge(A.double(), eps), upstream.double()), eps
+    )
     rank = min(samples - 1, n)
     basis = torch.linalg.eigh(A.double())[1][..., -rank:]
     plan = covpool.RootOptions(method="mtp").plan(n, eps=eps, device=torch.device("cpu"), dtype=torch.float32)

@@ -37,3 +37,15 @@ def add_to_diagonal(A: torch.Tensor, values: torch.Tensor | float) -> torch.Tens
     if isinstance(values, torch.Tensor):
         return torch.addcmul(A, values[..., None, None], eye)
     return torch.add(A, eye, alpha=values)
+
+
+def with_relative_ridge(A: torch.Tensor, eps: float) -> torch.Tensor:
+    """``A + eps (tr(A) / n) I``: the roots' relative ridge. Shape ``(*, n, n)``.
+
+    The map is self-adjoint (``⟨X, A + eps (tr A / n) I⟩ = ⟨X + eps (tr X / n) I, A⟩``), so the same function
+    carries a gradient back through the ridge.
+    """
+    if eps == 0.0:
+        return A
+    mean = A.diagonal(dim1=-2, dim2=-1).sum(-1) * (eps / A.shape[-1])
+    return add_to_diagonal(A, mean)

@@ -26,17 +26,10 @@ from covpool.linalg.checks import (
 from covpool.linalg.eigh import eigh_root
 from covpool.linalg.iteration import coupled_root, direct_root, within_error
 from covpool.linalg.lyapunov import solve_lyapunov
-from covpool.linalg.normalization import normalise, trace
-from covpool.linalg.numerics import add_to_diagonal, symmetrize, working_dtype
+from covpool.linalg.normalization import normalise
+from covpool.linalg.numerics import symmetrize, with_relative_ridge, working_dtype
 from covpool.linalg.options import DEFAULT_CONDITION, RootOptions, RootPlan
 from covpool.linalg.unrolled import coupled_root_adjoint
-
-
-def _with_ridge(A: torch.Tensor, eps: float) -> torch.Tensor:
-    """``A + eps (tr(A) / n) I``."""
-    if eps != 0.0:
-        A = add_to_diagonal(A, trace(A)[..., 0, 0] * (eps / A.shape[-1]))
-    return A
 
 
 class MatmulRoot(torch.autograd.Function):
@@ -54,7 +47,7 @@ class MatmulRoot(torch.autograd.Function):
     def forward(  # noqa: D102
         ctx, A: torch.Tensor, inverse: bool, plan: RootPlan, eps: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        A_hat, scale = normalise(_with_ridge(symmetrize(A), eps), plan.normalization)
+        A_hat, scale = normalise(with_relative_ridge(symmetrize(A), eps), plan.normalization)
         if plan.direct_degree is not None:
             root = direct_root(A_hat, series=plan.series, degree=plan.direct_degree, inverse=inverse)
             Y, Z = (A_hat @ root, root) if inverse else (root, None)
@@ -89,7 +82,7 @@ class MatmulRoot(torch.autograd.Function):
             grads = (None, G) if ctx.inverse else (G, None)
             X = coupled_root_adjoint(ctx.plan.forward, tuple(saved), *grads).reshape(shape)
             X = X / (root_scale.pow(3) if ctx.inverse else root_scale)
-            return symmetrize(_with_ridge(X, ctx.eps)), None, None, None
+            return symmetrize(with_relative_ridge(X, ctx.eps)), None, None, None
         Y, Z = saved
         G = symmetrize(grad)
         if ctx.inverse:
@@ -98,7 +91,7 @@ class MatmulRoot(torch.autograd.Function):
             root_scale = -root_scale.pow(3)
         # S X + X S = G with S = √c Y is Y X' + X' Y = G and X = X' / √c (the solver is linear).
         X = solve_lyapunov(Y, G, ctx.plan.backward) / root_scale
-        return _with_ridge(X, ctx.eps), None, None, None
+        return with_relative_ridge(X, ctx.eps), None, None, None
 
 
 def _unrolled_root(A: torch.Tensor, plan: RootPlan, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,7 +170,7 @@ def _root(
         if plan.gradient in ("lyapunov", "adjoint"):
             out, valid = MatmulRoot.apply(A_work, inverse, plan, eps)
         else:
-            A_work = _with_ridge(symmetrize(A_work), eps)  # differentiated by autograd
+            A_work = with_relative_ridge(symmetrize(A_work), eps)  # differentiated by autograd
             root = eigh_root if plan.method == "eigh" else functools.partial(_unrolled_root, plan=plan)
             out, valid = root(A_work, inverse=inverse)
     if plan.read_values:
