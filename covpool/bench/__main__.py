@@ -29,7 +29,7 @@ from covpool.bench.rounding import (
     rounding_row,
     trace_rows,
 )
-from covpool.bench.trace import trace_root
+from covpool.bench.trace import FAKE_CUDA_SUPPORTED, trace_root
 
 FULL_SIZES = (32, 64, 128, 256, 512)
 FULL_BATCHES = (1, 16, 64, 256)
@@ -395,7 +395,9 @@ def run_rounding(args: argparse.Namespace) -> None:
     if heads:
         print("\nCovPoolHead, float32 against its float64 eigh copy (default ridge eps=1e-4):")
         print(format_table(heads, list(heads[0])))
-    traced = [] if args.no_heads else trace_rows(tuple(args.sizes))
+    traced = trace_rows(tuple(args.sizes)) if FAKE_CUDA_SUPPORTED and not args.no_heads else []
+    if not FAKE_CUDA_SUPPORTED:
+        print(f"\n(no traced counts: fake CUDA tensors need torch >= 2.11, this is {torch.__version__})")
     if traced:
         print("\nsqrtm with the heads' ridge (eps=1e-4), batch 64, forward+backward, traced CUDA path:")
         print(format_table(traced, list(traced[0])))

@@ -126,7 +126,7 @@ TRACE_BACKWARDS = (("lyapunov", "minimax"), ("unrolled", "unrolled"))
 def trace_rows(sizes: tuple[int, ...], *, eps: float = 1e-4, batch: int = 64) -> list[dict]:
     """Products and kernels of ``sqrtm`` with the heads' ridge on the CUDA path, per backward (fake tensors).
 
-    Needs torch >= 2.11 (fake CUDA tensors abort older versions).
+    Needs torch >= 2.11 (:data:`covpool.bench.trace.FAKE_CUDA_SUPPORTED`).
     """
     rows = []
     for n in sizes:

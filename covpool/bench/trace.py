@@ -20,6 +20,9 @@ import torch
 from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+FAKE_CUDA_SUPPORTED = torch.torch_version.TorchVersion(torch.__version__) >= "2.11"
+"""Fake CUDA tensors abort the process before torch 2.11 (seen with 2.4)."""
+
 PRODUCT_OPS = frozenset({"aten.bmm", "aten.baddbmm", "aten.mm", "aten.addmm"})
 NO_KERNEL_OPS = frozenset(
     {
@@ -186,6 +189,8 @@ def trace_root(function: Callable[[torch.Tensor], torch.Tensor], *, n: int, batc
         >>> result.syncs  # doctest: +SKIP
         0
     """
+    if not FAKE_CUDA_SUPPORTED:
+        raise RuntimeError(f"tracing needs torch >= 2.11 (fake CUDA tensors abort torch {torch.__version__})")
     syncs = 0
     with FakeTensorMode(allow_non_fake_inputs=True):
         A = torch.empty(batch, n, n, device="cuda").requires_grad_(True)
