@@ -156,9 +156,12 @@ class TestGradients:
         with pytest.raises(RuntimeError, match="double backward"):
             torch.autograd.functional.hessian(loss, x[:1].detach())
 
-    def test_newton_schulz_supports_exact_double_backward(self):
+    @pytest.mark.parametrize(
+        "options", [{"method": "ns", "steps": 8}, {"method": "mpa", "backward": "unrolled", "tol": 1e-8}]
+    )
+    def test_autograd_backwards_support_exact_double_backward(self, options):
         A = random_spd(1, n=4, condition=4.0).requires_grad_(True)
-        assert torch.autograd.gradgradcheck(lambda a: covpool.sqrtm(a, method="ns", steps=8), (A,))
+        assert torch.autograd.gradgradcheck(lambda a: covpool.sqrtm(a, **options), (A,))
 
     @pytest.mark.parametrize("method", ["mtp", "mpa"])
     def test_gradient_is_symmetric(self, method):
