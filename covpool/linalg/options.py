@@ -69,8 +69,7 @@ class RootPlan:
         normalization: how ``A`` is scaled before an iteration (None for eigh).
         forward: schedule of the coupled iteration (None for eigh and for a single approximant).
         direct_degree: degree of the paper's single approximant when ``steps == 1``, else None.
-        backward: schedule of the Lyapunov sign iteration (mtp and mpa), else None: ns, eigh and
-            ``backward="unrolled"`` are differentiated by autograd.
+        backward: schedule of the Lyapunov sign iteration (mtp and mpa), else None (see ``gradient``).
         lower: assumed lower end of the spectrum of ``Â^(1/2)``.
         reject_above: a-posteriori error above which a matrix is invalid (``inf``: not checked).
         read_values: read validity flags on the host and raise (``check_input`` resolved).
@@ -126,13 +125,13 @@ class RootOptions:
             ``λmax``, two products), ``"frobenius"`` (the paper's) or ``"trace"`` (iSQRT-COV's, ns default).
         backward: mtp/mpa only. ``"minimax"``: the Lyapunov equation solved by certified minimax sign
             steps; ``"newton-schulz"``: the paper's plain sign iteration (needs ``backward_steps``);
-            ``"unrolled"``: autograd through the forward steps, which are then extended until the gradient
-            of what they compute is certified within ``tol`` (see
-            :func:`covpool.linalg.schedule.gradient_error`); it keeps every iterate for the backward, as
-            ns does. Default: ``"minimax"`` where its rounding error in the working dtype
+            ``"unrolled"``: reverse mode through the forward steps (a fused adjoint for mtp, autograd for
+            mpa), which are then extended until the gradient of what they compute is certified within
+            ``tol`` (see :func:`covpool.linalg.schedule.gradient_error`); it keeps every iterate for the
+            backward, as ns does. Default: ``"minimax"`` where its rounding error in the working dtype
             (:func:`covpool.linalg.lyapunov.rounding_error`) is within ``tol``, else ``"unrolled"``: in
-            float32 the Lyapunov gradient loses about ``0.02 u κ(A)`` (``u`` = 1.2e-7), 1e-3 at
-            ``κ = 4e5``, which a covariance head's ridge allows.
+            float32 the Lyapunov gradient loses about ``0.03 u κ(A)`` (``u`` = 1.2e-7), 1e-3 at
+            ``κ ≈ 3e5``, which a covariance head's ridge allows.
         backward_steps: fixed number of backward steps instead of the certified count.
         check_input: read validity on the host and raise on bad input (default None: yes where that needs
             no device synchronisation, i.e. off CUDA and outside tracing). Invalid matrices give NaN either
