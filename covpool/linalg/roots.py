@@ -97,10 +97,11 @@ class MatmulRoot(torch.autograd.Function):
 def _unrolled_root(A: torch.Tensor, plan: RootPlan, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The coupled iteration on ``A / c``, differentiated by autograd through every step.
 
-    iSQRT-COV's Newton-Schulz (ns), and mtp/mpa with ``backward="unrolled"``. Validity: the estimated
-    error must be within ``plan.reject_above``, which for ns only catches gross failures (a negative
-    eigenvalue, NaN): a few Newton-Schulz steps are far from converged on ill-conditioned input by design.
-    The inverse root of an all-zero matrix is invalid as well.
+    iSQRT-COV's Newton-Schulz (ns), and mpa with ``backward="unrolled"`` (unrolled mtp takes the fused
+    adjoint of :class:`MatmulRoot` instead). Validity: the estimated error must be within
+    ``plan.reject_above``, which for ns only catches gross failures (a negative eigenvalue, NaN): a few
+    Newton-Schulz steps are far from converged on ill-conditioned input by design. The inverse root of an
+    all-zero matrix is invalid as well.
     """
     A_hat, scale = normalise(A, plan.normalization)
     Y, Z = coupled_root(A_hat, plan.forward)

@@ -52,6 +52,26 @@ def _tail_adjoint(
     return U_bar
 
 
+def _tail_gradient(
+    Y: torch.Tensor,
+    Z: torch.Tensor | None,
+    Y_bar: torch.Tensor | None,
+    Z_bar: torch.Tensor | None,
+    alpha: float,
+) -> torch.Tensor:
+    """``T̄ = a (Yᵀ Ȳ' + Z̄' Zᵀ)`` in fused products; ``Z = I`` when None, a None gradient is zero.
+
+    Shapes ``(b, n, n)``.
+    """
+    if Y_bar is None:
+        return alpha * Z_bar if Z is None else torch.baddbmm(Z_bar, Z_bar, Z.mT, beta=0.0, alpha=alpha)
+    if Z_bar is None:
+        return torch.baddbmm(Y_bar, Y.mT, Y_bar, beta=0.0, alpha=alpha)
+    if Z is None:
+        return torch.baddbmm(Z_bar, Y.mT, Y_bar, beta=alpha, alpha=alpha)
+    return torch.baddbmm(Y.mT @ Y_bar, Z_bar, Z.mT, beta=alpha, alpha=alpha)
+
+
 def coupled_root_adjoint(
     schedule: Schedule,
     record: tuple[torch.Tensor, ...],
@@ -83,29 +103,10 @@ def coupled_root_adjoint(
     Y_bar, Z_bar = grad_Y, grad_Z
     for coefficients, Y, Z, U, partials, T in reversed(steps):
         c0, alpha = coefficients[0], (coefficients[-1] if len(coefficients) == 2 else 1.0)
-        Y_t = Y.mT
-        if Z is None:  # first step: Z' = c₀ I + a T, U = Y
-            T_bar = (
-                alpha * Z_bar
-                if Y_bar is None
-                else (
-                    torch.baddbmm(Z_bar, Y_t, Y_bar, beta=alpha, alpha=alpha)
-                    if Z_bar is not None
-                    else torch.baddbmm(Y_bar, Y_t, Y_bar, beta=0.0, alpha=alpha)
-                )
-            )
-            U_bar = _tail_adjoint(U, partials, coefficients, T_bar)
-            if Y_bar is None:
-                return U_bar
-            return torch.baddbmm(Y_bar, Y_bar, T.mT, beta=c0, alpha=alpha) + U_bar
-        Z_t = Z.mT
-        if Y_bar is not None and Z_bar is not None:
-            T_bar = torch.baddbmm(Y_t @ Y_bar, Z_bar, Z_t, beta=alpha, alpha=alpha)
-        elif Y_bar is not None:
-            T_bar = torch.baddbmm(Y_bar, Y_t, Y_bar, beta=0.0, alpha=alpha)
-        else:
-            T_bar = torch.baddbmm(Z_bar, Z_bar, Z_t, beta=0.0, alpha=alpha)
-        U_bar = _tail_adjoint(U, partials, coefficients, T_bar)
+        U_bar = _tail_adjoint(U, partials, coefficients, _tail_gradient(Y, Z, Y_bar, Z_bar, alpha))
+        if Z is None:  # first step: U = Y, and Z' = c₀ I + a T has no Z to pass a gradient to
+            return U_bar if Y_bar is None else torch.baddbmm(Y_bar, Y_bar, T.mT, beta=c0, alpha=alpha) + U_bar
+        Y_t, Z_t = Y.mT, Z.mT
         next_Y_bar = (
             Z_t @ U_bar
             if Y_bar is None
