@@ -130,31 +130,38 @@ def _polynomial_products(degree: int) -> int:
     return product_count(degree, 2, best_block(degree, 2))
 
 
+def _polynomial(coefficients: tuple[float, ...], x: np.ndarray) -> np.ndarray:
+    return sum(c * x**j for j, c in enumerate(coefficients))
+
+
+def _polynomial_slope(coefficients: tuple[float, ...], x: np.ndarray) -> np.ndarray:
+    return sum(j * c * x ** (j - 1) for j, c in enumerate(coefficients) if j > 0)
+
+
 def step_map(step: Step, s: np.ndarray) -> np.ndarray:
     """The scalar map ``s ↦ s · q(s²)`` of one step, in float64."""
     u = s * s
     if isinstance(step, PolynomialStep):
-        return s * sum(c * u**j for j, c in enumerate(step.coefficients))
+        return s * _polynomial(step.coefficients, u)
     w = 1.0 - step.scale**2 * u
-    numerator = sum(c * w**j for j, c in enumerate(step.numerator))
-    denominator = sum(c * w**j for j, c in enumerate(step.denominator))
-    return s * step.scale * numerator / denominator
+    return s * step.scale * _polynomial(step.numerator, w) / _polynomial(step.denominator, w)
 
 
-def step_derivative(step: Step, s: np.ndarray) -> np.ndarray:
-    """``d/ds`` of :func:`step_map`, in float64."""
+def step_map_and_slope(step: Step, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`step_map` and its derivative ``d/ds`` at ``s``, in float64, each polynomial evaluated once."""
     u = s * s
     if isinstance(step, PolynomialStep):
-        q = sum(c * u**j for j, c in enumerate(step.coefficients))
-        dq = sum(j * c * u ** (j - 1) for j, c in enumerate(step.coefficients) if j > 0)
-        return q + 2.0 * u * dq
-    w = 1.0 - step.scale**2 * u
-    numerator = sum(c * w**j for j, c in enumerate(step.numerator))
-    denominator = sum(c * w**j for j, c in enumerate(step.denominator))
-    d_numerator = sum(j * c * w ** (j - 1) for j, c in enumerate(step.numerator) if j > 0)
-    d_denominator = sum(j * c * w ** (j - 1) for j, c in enumerate(step.denominator) if j > 0)
-    dq_dw = step.scale * (d_numerator * denominator - numerator * d_denominator) / denominator**2
-    return step.scale * numerator / denominator + 2.0 * u * dq_dw * -(step.scale**2)
+        q, dq_du = _polynomial(step.coefficients, u), _polynomial_slope(step.coefficients, u)
+    else:
+        w = 1.0 - step.scale**2 * u
+        numerator, denominator = _polynomial(step.numerator, w), _polynomial(step.denominator, w)
+        dq_dw = (
+            _polynomial_slope(step.numerator, w) * denominator
+            - numerator * _polynomial_slope(step.denominator, w)
+        ) / denominator**2
+        q, dq_du = step.scale * numerator / denominator, -(step.scale**3) * dq_dw
+    # d/ds [s q(s²)] = q + 2 s² q'(s²)
+    return s * q, q + 2.0 * u * dq_du
 
 
 def gradient_error(schedule: Schedule) -> float:
@@ -173,7 +180,8 @@ def gradient_error(schedule: Schedule) -> float:
     s = np.geomspace(schedule.lower, schedule.upper, 200_001)
     value, slope = s, np.ones_like(s)
     for step in schedule.steps:
-        value, slope = step_map(step, value), step_derivative(step, value) * slope
+        value, step_slope = step_map_and_slope(step, value)
+        slope = step_slope * slope
     return float(np.abs(value - 1.0).max() + np.abs(s * slope).max())
 
 
