@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 import covpool
 import covpool.bench
@@ -384,10 +385,8 @@ def run_deploy_benchmark(args: argparse.Namespace) -> None:
 def run_rounding(args: argparse.Namespace) -> None:
     """Print and write the rounding table of :mod:`covpool.bench.rounding`."""
     cases = [(n, s, eps) for n in args.sizes for s in (SAMPLES, max(n // 4, 8)) for eps in ROUNDING_EPS]
-    rows = []
-    for k, (n, samples, eps) in enumerate(cases, 1):
-        print(f"[{k}/{len(cases)}] n={n} samples={samples} eps={eps:g}", file=sys.stderr, flush=True)
-        rows.append(rounding_row(n, samples, eps))
+    bar = tqdm(cases, desc="covpool.bench --rounding", unit="case", disable=args.no_progress)
+    rows = [rounding_row(n, samples, eps) for n, samples, eps in bar]
     print(format_table(rows, list(rows[0])))
     dominated = [r["lyapunov_growth"] for r in rows if r["kappa_bound"] >= ROUNDING_DOMINATES]
     print(f"largest lyapunov / (u kappa) where kappa >= {ROUNDING_DOMINATES:g}: {max(dominated):.3g}")
@@ -402,8 +401,8 @@ def run_rounding(args: argparse.Namespace) -> None:
         print("\nsqrtm with the heads' ridge (eps=1e-4), batch 64, forward+backward, traced CUDA path:")
         print(format_table(traced, list(traced[0])))
     write_csv(rows, args.out / "rounding.csv")
-    payload = {"rows": rows, "heads": heads, "trace": traced, "torch": torch.__version__}
-    write_json(payload, args.out / "rounding.json")
+    payload = {"environment": _environment(), "settings": _settings(args)}
+    write_json({**payload, "rows": rows, "heads": heads, "trace": traced}, args.out / "rounding.json")
     print(f"wrote {args.out / 'rounding.csv'} and {args.out / 'rounding.json'}")
 
 
