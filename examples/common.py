@@ -8,6 +8,8 @@ import math
 import os
 import platform
 import statistics
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
@@ -99,6 +101,11 @@ def apply_run_arguments(args: argparse.Namespace) -> None:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+
+
+def command_line(script: str, argv: Sequence[str] | None) -> str:
+    """The command behind a result file: ``python <script>`` and its arguments (``sys.argv`` if None)."""
+    return " ".join([f"python {script}", *(argv if argv is not None else sys.argv[1:])])
 
 
 def environment(device: torch.device) -> dict[str, object]:

@@ -27,7 +27,7 @@ import argparse
 import sys
 import time
 
-from common import add_run_arguments, apply_run_arguments, environment, make_parser
+from common import add_run_arguments, apply_run_arguments, command_line, environment, make_parser
 from digits_training import (
     SmallResNet,
     TrainSettings,
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
     stem = f"dbn_{args.device.type}"
     payload = {
         "script": "examples/paper_dbn.py",
-        "command": " ".join(["python examples/paper_dbn.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": command_line("examples/paper_dbn.py", argv),
         "environment": environment(args.device),
         "settings": {
             **vars(settings),

@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from common import add_run_arguments, apply_run_arguments, environment, make_parser
+from common import add_run_arguments, apply_run_arguments, command_line, environment, make_parser
 from digits_training import (
     SmallResNet,
     TrainSettings,
@@ -185,9 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
     hyper = {key: value for key, value in vars(args).items() if key not in ("device", "out", "variants")}
     payload = {
         "script": "examples/paper_heads.py",
-        "command": " ".join(
-            ["python examples/paper_heads.py", *(argv if argv is not None else sys.argv[1:])]
-        ),
+        "command": command_line("examples/paper_heads.py", argv),
         "environment": environment(args.device),
         "settings": {
             **hyper,

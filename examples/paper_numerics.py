@@ -55,7 +55,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from common import add_run_arguments, apply_run_arguments, environment, make_parser, write_results
+from common import (
+    add_run_arguments,
+    apply_run_arguments,
+    command_line,
+    environment,
+    make_parser,
+    write_results,
+)
 
 import covpool
 from covpool.bench.budget import run_within_budget
@@ -531,9 +538,7 @@ def main(argv: list[str] | None = None) -> dict:
     settings = {key: value for key, value in vars(args).items() if key not in ("device", "out")}
     payload = {
         "script": "examples/paper_numerics.py",
-        "command": " ".join(
-            ["python examples/paper_numerics.py", *(argv if argv is not None else sys.argv[1:])]
-        ),
+        "command": command_line("examples/paper_numerics.py", argv),
         "environment": environment(args.device),
         "settings": settings,
         "configurations": configs,
