@@ -173,7 +173,7 @@ def gradient_error(schedule: Schedule) -> float:
     ``s P(s)`` (``P(s) / s`` for the inverse root, in ``1 / s``), so the mean-value theorem bounds the
     gradient's relative error by ``max |P(s) - 1| + max |s P'(s)|`` over the interval. The forward error
     alone does not bound it: a minimax composition oscillates around 1 and its slope can exceed its
-    error by 1e4.
+    error a thousandfold.
 
     Evaluated on a dense geometric grid, with ``P'`` by the chain rule.
     """
