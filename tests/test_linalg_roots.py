@@ -303,11 +303,58 @@ class TestUnrolledBackward:
         assert gradient(torch.float64, 1e-4) == "lyapunov"
         assert gradient(torch.float32, 1e-4, "mpa") == "autograd"
 
+    @pytest.mark.parametrize("method", ["mtp", "mpa"])
+    @pytest.mark.parametrize("tol", [1e-2, 1e-3, 1e-6])
+    @pytest.mark.parametrize("eps", [0.0, 1e-4])
+    def test_lyapunov_plan_splits_tol_between_forward_and_backward(self, method, tol, eps):
+        # First order: the square root's gradient takes the forward's error once, the inverse root's
+        # (Z G Z solved with Y) up to three times; the solver adds its own.
+        for inverse, factor in ((False, 1), (True, 3)):
+            plan = covpool.RootOptions(method=method, tol=tol, backward="minimax").plan(
+                64, eps=eps, device=torch.device("cpu"), dtype=torch.float64, inverse=inverse
+            )
+            assert factor * plan.forward.error + plan.backward.error <= tol, (inverse, plan)
+
     def test_fused_backward_refuses_double_backward(self):
         A = head_covariances(16, samples=8).float().requires_grad_(True)
         out = covpool.sqrtm(A, method="mtp", eps=1e-4, backward="unrolled")
         with pytest.raises(RuntimeError, match="does not support double backward"):
             torch.autograd.grad(out.square().sum(), A, create_graph=True)
+
+
+class TestNormalization:
+    """``Â = A / c``: the spectrum the schedules are certified on, and the default choice of ``c``."""
+
+    @pytest.mark.parametrize("normalization", ["schatten8", "frobenius", "trace"])
+    @pytest.mark.parametrize("scale", [1e-30, 1.0, 1e30])
+    def test_ridged_spectrum_lies_in_the_certified_interval(self, normalization, scale):
+        from covpool.linalg.normalization import normalise
+        from covpool.linalg.numerics import with_relative_ridge
+
+        n, eps = 96, 1e-4
+        A = head_covariances(n) * scale
+        plan = covpool.RootOptions(method="mtp", normalization=normalization).plan(
+            n, eps=eps, device=torch.device("cpu"), dtype=torch.float64
+        )
+        A_hat, _ = normalise(with_relative_ridge(A, eps), normalization)
+        eigenvalues = torch.linalg.eigvalsh(A_hat)
+        assert eigenvalues.min() >= plan.lower**2 * (1 - 1e-9), (normalization, eigenvalues.min().item())
+        assert eigenvalues.max() <= 1 + 1e-12, (normalization, eigenvalues.max().item())
+
+    def test_default_is_the_trace_where_the_ridge_sets_the_bound(self):
+        def plan(**kwargs):
+            eps = kwargs.pop("eps")
+            options = covpool.RootOptions(method="mtp", **kwargs)
+            return options.plan(64, eps=eps, device=torch.device("cuda"), dtype=torch.float32)
+
+        ridge, no_ridge = plan(eps=1e-4), plan(eps=0.0)
+        assert ridge.normalization == "trace"
+        assert ridge.forward == plan(eps=1e-4, normalization="schatten8").forward  # same bound, same steps
+        assert no_ridge.normalization == "schatten8"
+        assert no_ridge.lower**2 > plan(eps=0.0, normalization="trace").lower ** 2 * 30  # n^(7/8) = 38
+        # A ridge weaker than the condition bound: the Schatten-8 norm certifies more.
+        assert plan(eps=1e-9, condition=1e3).normalization == "schatten8"
+        assert plan(eps=1e-4, normalization="frobenius").normalization == "frobenius"
 
 
 class TestShapesAndDtypes:

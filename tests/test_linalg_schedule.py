@@ -171,16 +171,17 @@ class TestSchedules:
         options = RootOptions(method="mtp")
         plan = options.plan(32, eps=0.0, device=torch.device("cuda"), dtype=torch.float32)
         result = trace_root(lambda a: covpool.sqrtm(a, options), n=32, batch=4)
-        # + 2 for the Schatten-8 normalisation, + 2 for the validity estimate.
+        # + 2 for the Schatten-8 normalisation (the default without a ridge), + 2 for the validity estimate.
+        assert plan.normalization == "schatten8"
         assert result.forward.product_units == plan.forward.forward_products() + 4
         assert result.syncs == 0
         assert result.backward.product_units == plan.backward.backward_products()
 
         # A head's ridge: the fused unrolled backward.
         plan = options.plan(32, eps=1e-4, device=torch.device("cuda"), dtype=torch.float32)
-        assert plan.gradient == "adjoint"
+        assert (plan.gradient, plan.normalization) == ("adjoint", "trace")
         for function in (covpool.sqrtm, covpool.inv_sqrtm):
             result = trace_root(lambda a, f=function: f(a, options, eps=1e-4), n=32, batch=4)
             assert result.syncs == 0
-            assert result.forward.product_units == plan.forward.forward_products() + 4
+            assert result.forward.product_units == plan.forward.forward_products() + 2
             assert result.backward.product_units == plan.forward.adjoint_products()

@@ -1,11 +1,15 @@
 """Scaling of ``A`` before an iteration: ``Â = A / c`` with ``c >= λmax(A)``, so the spectrum of ``Â`` lies in
 ``(0, 1]``, and a known bound ``c / λmax <= n^slack`` lets :mod:`covpool.linalg.options` certify schedules.
 
-- ``"schatten8"`` (default of mtp and mpa): ``c = (tr A⁸)^(1/8) = ‖A⁴‖_F^(1/4)``, the Schatten-8 norm.
-  Always ``>= λmax`` and at most ``rank^(1/8) λmax`` (1.7× at n = 64, 2× at n = 256), for two matrix
-  products. (The power iteration gives ``λmax`` more tightly but from below, so no spectrum bound holds.)
+- ``"schatten8"`` (default of mtp and mpa without a ridge): ``c = (tr A⁸)^(1/8) = ‖A⁴‖_F^(1/4)``, the
+  Schatten-8 norm. Always ``>= λmax`` and at most ``rank^(1/8) λmax`` (1.7× at n = 64, 2× at n = 256), for
+  two matrix products. (The power iteration gives ``λmax`` more tightly but from below, so no spectrum
+  bound holds.)
 - ``"frobenius"`` (the paper's): ``c = ‖A‖_F``, within ``√rank`` of ``λmax``; no products.
-- ``"trace"`` (iSQRT-COV's, the default of ns): ``c = tr A``, within ``rank``.
+- ``"trace"`` (iSQRT-COV's, the default of ns, and of mtp and mpa with a ridge): ``c = tr A``, within
+  ``rank``. A relative ridge ``eps (tr A / n) I`` bounds ``λmin / c`` below by ``eps / (n (1 + eps))``
+  for every ``c`` here, since each is at most the trace: where the ridge sets the bound, the trace
+  certifies as much as the Schatten-8 norm and costs nothing.
 
 ``A`` is first divided by ``tr A``, which bounds every entry of a PSD matrix, so that inputs scaled
 anywhere from 1e-30 to 1e30 neither overflow nor underflow in the powers. Scales are floored at the

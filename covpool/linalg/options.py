@@ -55,6 +55,12 @@ _NORMALIZATION_SLACK = {"schatten8": 0.125, "frobenius": 0.5, "trace": 1.0}
 """``c / λmax <= n^slack`` for the normalising constant ``c`` (Schatten-8 norm, Frobenius norm, trace)."""
 _FLOAT_SLACK = 1e-4
 """Relative room left above the normalised spectrum for rounding."""
+_FORWARD_ERROR_IN_GRADIENT = {False: 1.0, True: 3.0}
+"""How many times the forward's relative error ``E`` enters the Lyapunov gradient, to first order. In the
+eigenbasis the computed roots are ``s_i P_i`` and ``P_i / s_i`` with ``|P_i - 1| <= E``: the square root's
+gradient ``G_ij / (s_i P_i + s_j P_j)`` is off by ``E``; the inverse root's, ``Z G Z`` solved with ``Y``, by
+``P_i P_j (s_i + s_j) / (s_i P_i + s_j P_j)``, up to ``3E``. The plan splits ``tol`` so that this plus the
+solver's error stays within it."""
 _REJECT_FLOOR = 1e-2
 """A matrix is rejected (NaN, or an error with checks) when its a-posteriori error exceeds
 ``max(10 tol, 1e-2)``: far beyond what the certified schedule reaches on valid input."""
@@ -121,8 +127,10 @@ class RootOptions:
             each mpa step (default 2).
         steps: fixed number of forward steps instead of the certified count; ``1`` is the paper's single
             Taylor (mtp) or Padé (mpa) approximant. ns: its iterations (default 5).
-        normalization: ``"schatten8"`` (default for mtp/mpa: ``(tr A⁸)^(1/8)``, within ``n^(1/8)`` of
-            ``λmax``, two products), ``"frobenius"`` (the paper's) or ``"trace"`` (iSQRT-COV's, ns default).
+        normalization: ``"schatten8"`` (``(tr A⁸)^(1/8)``, within ``n^(1/8)`` of ``λmax``, two products),
+            ``"frobenius"`` (the paper's) or ``"trace"`` (iSQRT-COV's). Default for mtp/mpa: the trace
+            where a ridge bounds the spectrum (it certifies the same lower end there, for free), else
+            ``"schatten8"``; for ns the trace.
         backward: mtp/mpa only. ``"minimax"``: the Lyapunov equation solved by certified minimax sign
             steps; ``"newton-schulz"``: the paper's plain sign iteration (needs ``backward_steps``);
             ``"unrolled"``: reverse mode through the forward steps (a fused adjoint for mtp, autograd for
@@ -220,13 +228,17 @@ class RootOptions:
         given = ", ".join(f"{k}={v!r}" for k, v in self.to_dict().items())
         return f"RootOptions({given})"
 
-    def plan(self, n: int, *, eps: float, device: torch.device, dtype: torch.dtype) -> RootPlan:
-        """Resolve for one call on matrices of size ``n`` with relative ridge ``eps``."""
+    def plan(
+        self, n: int, *, eps: float, device: torch.device, dtype: torch.dtype, inverse: bool = False
+    ) -> RootPlan:
+        """Resolve for one call on matrices of size ``n`` with relative ridge ``eps`` (``inverse``: for
+        :func:`covpool.inv_sqrtm`, whose Lyapunov gradient takes the forward's error three times)."""
         method = self.method
         if method == "auto":
             method = choose_method(device.type, self.tol or DEFAULT_TOL, dtype, is_tracing())
         unit_roundoff = torch.finfo(dtype).eps
-        return _plan(self, method, n, float(eps), unit_roundoff, reads_values(self.check_input, device))
+        read_values = reads_values(self.check_input, device)
+        return _plan(self, method, n, float(eps), unit_roundoff, read_values, inverse)
 
 
 @functools.cache
@@ -234,12 +246,20 @@ def _lower_bound(normalization: str, n: int, eps: float, condition: float | None
     """Lower end of the spectrum of ``Â^(1/2)``: from the ridge, else from the condition bound."""
     from_condition = 1.0 / ((condition or DEFAULT_CONDITION) * n ** _NORMALIZATION_SLACK[normalization])
     if eps > 0:
-        # λmin(A + eps·m·I) >= eps·m and every normalising constant is <= tr(A + eps·m·I) = (n + eps)·m.
-        from_ridge = eps / (n + eps)
+        # λmin(A + eps·m·I) >= eps·m and every normalising constant is <= tr(A + eps·m·I) = n·m·(1 + eps).
+        from_ridge = eps / (n * (1.0 + eps))
         x = max(from_ridge, from_condition) if condition is not None else from_ridge
     else:
         x = from_condition
     return math.sqrt(min(x, 1.0))
+
+
+def _default_normalization(n: int, eps: float, condition: float | None) -> str:
+    """mtp/mpa's normalisation: the trace where it certifies the same bound as the Schatten-8 norm, which
+    it does wherever the ridge sets the bound (both are at most ``tr(A + ridge)``); the Schatten-8 norm
+    where the condition bound does (``n^(7/8)`` times the trace's: 38× at n = 64), at two products."""
+    trace = _lower_bound("trace", n, eps, condition)
+    return "trace" if trace >= _lower_bound("schatten8", n, eps, condition) else "schatten8"
 
 
 def _direct_error(series: str, degree: int, lower: float) -> float:
@@ -260,7 +280,13 @@ def _direct_error(series: str, degree: int, lower: float) -> float:
 @functools.cache
 @torch.compiler.assume_constant_result
 def _plan(
-    options: RootOptions, method: str, n: int, eps: float, unit_roundoff: float, read_values: bool
+    options: RootOptions,
+    method: str,
+    n: int,
+    eps: float,
+    unit_roundoff: float,
+    read_values: bool,
+    inverse: bool,
 ) -> RootPlan:
     if method == "eigh":
         return RootPlan("eigh", None, None, None, None, 0.0, math.inf, read_values, "eigh")
@@ -269,7 +295,7 @@ def _plan(
         lower = _lower_bound(normalization, max(n, 1), eps, None)
         forward = newton_schulz_schedule(lower, 1.0 + _FLOAT_SLACK, options.steps or 5)
         return RootPlan("ns", normalization, forward, None, None, lower, 1.0, read_values, "autograd")
-    normalization = options.normalization or "schatten8"
+    normalization = options.normalization or _default_normalization(max(n, 1), eps, options.condition)
     tol = options.tol or DEFAULT_TOL
     lower = _lower_bound(normalization, max(n, 1), eps, options.condition)
     upper = 1.0 + _FLOAT_SLACK
@@ -297,6 +323,12 @@ def _plan(
         return RootPlan(
             method, normalization, forward, None, None, lower, reject_above, read_values, gradient
         )
+    # The Lyapunov gradient solves with the computed roots, so the forward's error enters it as well.
+    factor = _FORWARD_ERROR_IN_GRADIENT[inverse]
+    if forward is not None and options.steps is None and factor * forward_error > tol / 2:
+        forward = _forward_schedule(method, options, lower, upper, tol / (2 * factor))
+        forward_error = forward.error
+    backward_tol = max(tol - factor * forward_error, tol / 2)
     slack = min(max(forward_error, _FLOAT_SLACK), 0.5)
     backward_lower, backward_upper = lower * (1.0 - slack), 1.0 + slack
     if backward_kind == "newton-schulz":
@@ -305,7 +337,7 @@ def _plan(
         backward = minimax_schedule(
             backward_lower,
             backward_upper,
-            tol,
+            backward_tol,
             degrees=BACKWARD_DEGREES,
             backward=True,
             steps=options.backward_steps,
