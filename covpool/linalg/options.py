@@ -120,7 +120,8 @@ class RootOptions:
             backward), ``"mpa"`` (coupled scaled Padé iteration with Cholesky solves, Lyapunov backward),
             ``"ns"`` (iSQRT-COV's Newton-Schulz iteration, autograd through the steps), ``"eigh"``
             (eigendecomposition, exact Daleckii-Krein backward).
-        tol: relative error of forward and gradient that mtp/mpa schedules are certified for (default 1e-3).
+        tol: relative error of forward and gradient that mtp/mpa schedules are certified for (default 1e-3;
+            for the gradient, to first order in the forward's error).
         condition: assumed bound on ``κ(A)`` when the call adds no ridge (``eps == 0``; default 1e3). With
             a ridge the bound follows from it and ``condition`` only tightens it.
         degree: polynomial degree of each mtp step (default: the cheapest for ``tol``) or Padé degree of
@@ -138,8 +139,8 @@ class RootOptions:
             ``tol`` (see :func:`covpool.linalg.schedule.gradient_error`); it keeps every iterate for the
             backward, as ns does. Default: ``"minimax"`` where its rounding error in the working dtype
             (:func:`covpool.linalg.lyapunov.rounding_error`) is within ``tol``, else ``"unrolled"``: in
-            float32 the Lyapunov gradient loses about ``0.03 u κ(A)`` (``u`` = 1.2e-7), 1e-3 at
-            ``κ ≈ 3e5``, which a covariance head's ridge allows.
+            float32 the Lyapunov gradient loses up to about ``0.04 u κ(A)`` (``u`` = 1.2e-7), 1e-3 at
+            ``κ ≈ 2e5``, which a covariance head's ridge allows.
         backward_steps: fixed number of backward steps instead of the certified count.
         check_input: read validity on the host and raise on bad input (default None: yes where that needs
             no device synchronisation, i.e. off CUDA and outside tracing). Invalid matrices give NaN either

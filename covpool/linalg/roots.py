@@ -3,7 +3,7 @@
 ``"mpa"`` and ``"mtp"`` run their forward without a graph and differentiate by the Lyapunov solver
 (:mod:`covpool.linalg.lyapunov`), so the backward stores only ``Y ≈ Â^(1/2)`` (and ``Z ≈ Â^(-1/2)`` for the
 inverse root) and a scale per matrix, whatever the number of steps; where rounding would spoil that
-gradient (``backward="unrolled"``, the default beyond about ``κ = 3e5`` in float32) they are
+gradient (``backward="unrolled"``, the default beyond about ``κ = 2e5`` in float32) they are
 differentiated through their steps instead. ``"ns"`` always is, by autograd, as iSQRT-COV does.
 ``"eigh"`` is exact (:mod:`covpool.linalg.eigh`). What is checked where is said in
 :mod:`covpool.linalg.checks`.
