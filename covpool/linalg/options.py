@@ -95,8 +95,9 @@ class RootPlan:
     gradient: str
 
     def products(self) -> int | None:
-        """Matrix products of forward and backward as planned, without the normalisation's and the
-        validity estimate's two each; None where autograd or eigh differentiates."""
+        """Matrix products of forward and backward as planned, without the normalisation's (two for the
+        Schatten-8 norm, none for the trace) and the validity estimate's two; None where autograd or eigh
+        differentiates."""
         if self.gradient == "lyapunov":
             forward = self.forward.forward_products() if self.forward is not None else 0
             return forward + self.backward.backward_products()
