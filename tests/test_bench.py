@@ -156,3 +156,14 @@ def test_rounding_run_shows_each_backward_where_it_is_the_accurate_one(tmp_path,
     assert all(
         row["lyapunov_range"] < 1e-3 and row["default"] == "lyapunov" for row in rows if row["eps"] >= 1e-3
     )
+
+
+def test_input_rounding_stays_within_the_traces_room():
+    from covpool.bench.rounding import INPUT_SIZES, input_rounding_rows
+    from covpool.linalg.options import TRACE_ROUNDING
+
+    rows = input_rounding_rows(batch=4)
+    assert len(rows) == len(INPUT_SIZES) * 4
+    # Rank-deficient inputs (8 positions) sit on the bound, so rounding puts some of them below it.
+    assert max(row["below_bound_in_u"] for row in rows) > 0.0
+    assert all(row["below_bound_in_u"] <= TRACE_ROUNDING for row in rows)

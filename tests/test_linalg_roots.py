@@ -307,13 +307,12 @@ class TestUnrolledBackward:
     @pytest.mark.parametrize("tol", [1e-2, 1e-3, 1e-6])
     @pytest.mark.parametrize("eps", [0.0, 1e-4])
     def test_lyapunov_plan_splits_tol_between_forward_and_backward(self, method, tol, eps):
-        # First order: the square root's gradient takes the forward's error once, the inverse root's
-        # (Z G Z solved with Y) up to three times; the solver adds its own.
-        for inverse, factor in ((False, 1), (True, 3)):
-            plan = covpool.RootOptions(method=method, tol=tol, backward="minimax").plan(
-                64, eps=eps, device=torch.device("cpu"), dtype=torch.float64, inverse=inverse
-            )
-            assert factor * plan.forward.error + plan.backward.error <= tol, (inverse, plan)
+        # The gradient solves with the computed roots: to first order it takes the forward's error once,
+        # and the solver's on top (test_ridge_certifies_tolerance_on_rank_deficient_covariances measures it).
+        plan = covpool.RootOptions(method=method, tol=tol, backward="minimax").plan(
+            64, eps=eps, device=torch.device("cpu"), dtype=torch.float64
+        )
+        assert plan.forward.error + plan.backward.error <= tol, plan
 
     def test_fused_backward_refuses_double_backward(self):
         A = head_covariances(16, samples=8).float().requires_grad_(True)
@@ -341,20 +340,57 @@ class TestNormalization:
         assert eigenvalues.min() >= plan.lower**2 * (1 - 1e-9), (normalization, eigenvalues.min().item())
         assert eigenvalues.max() <= 1 + 1e-12, (normalization, eigenvalues.max().item())
 
+    @pytest.mark.parametrize("n", [16, 64, 256])
+    @pytest.mark.parametrize("samples", [8, 49])
+    @pytest.mark.parametrize("profile", ["flat", "decaying"])
+    def test_float32_covariance_stays_above_the_trace_bound(self, n, samples, profile):
+        # With the trace, a rank-deficient input sits on the ridge's bound, so the bound must leave room
+        # for the rounding of the input: computed in float32 as a head computes it.
+        from covpool.linalg.normalization import normalise
+        from covpool.linalg.numerics import with_relative_ridge
+
+        eps = 1e-4
+        generator = torch.Generator().manual_seed(n + samples)
+        X = torch.randn(16, n, samples, generator=generator)
+        if profile == "decaying":
+            X = X * torch.logspace(0, -2, n)[:, None]
+        X = X - X.mean(-1, keepdim=True)
+        A = X @ X.mT / samples
+        plan = covpool.RootOptions(method="mtp").plan(n, eps=eps, device=torch.device("cpu"), dtype=A.dtype)
+        assert plan.normalization == "trace"
+        A_hat, _ = normalise(with_relative_ridge(A, eps), "trace")
+        smallest = torch.linalg.eigvalsh(A_hat.double()).min()
+        assert smallest >= plan.lower**2, (smallest.item(), plan.lower**2)
+
     def test_default_is_the_trace_where_the_ridge_sets_the_bound(self):
-        def plan(**kwargs):
+        def plan(n=64, dtype=torch.float32, **kwargs):
             eps = kwargs.pop("eps")
             options = covpool.RootOptions(method="mtp", **kwargs)
-            return options.plan(64, eps=eps, device=torch.device("cuda"), dtype=torch.float32)
+            return options.plan(n, eps=eps, device=torch.device("cuda"), dtype=dtype)
 
         ridge, no_ridge = plan(eps=1e-4), plan(eps=0.0)
         assert ridge.normalization == "trace"
-        assert ridge.forward == plan(eps=1e-4, normalization="schatten8").forward  # same bound, same steps
+        assert ridge.lower**2 >= 0.9 * plan(eps=1e-4, normalization="schatten8").lower ** 2
         assert no_ridge.normalization == "schatten8"
         assert no_ridge.lower**2 > plan(eps=0.0, normalization="trace").lower ** 2 * 30  # n^(7/8) = 38
         # A ridge weaker than the condition bound: the Schatten-8 norm certifies more.
         assert plan(eps=1e-9, condition=1e3).normalization == "schatten8"
+        # A ridge near the rounding level (ZCA's), or small against n: the trace's room would cost > 10 %.
+        assert plan(eps=torch.finfo(torch.float32).eps).normalization == "schatten8"
+        assert plan(n=512, eps=1e-4).normalization == "schatten8"
+        assert plan(n=512, eps=1e-4, dtype=torch.float64).normalization == "trace"
         assert plan(eps=1e-4, normalization="frobenius").normalization == "frobenius"
+
+    def test_trace_with_a_ridge_at_the_rounding_level_is_refused(self):
+        A = head_covariances(64).float()
+        with pytest.raises(
+            ValueError, match="normalization=.trace. certifies no spectrum bound with eps=1.19209e-07 at n=64"
+        ):
+            covpool.sqrtm(A, method="mtp", normalization="trace", eps=torch.finfo(torch.float32).eps)
+        out = covpool.sqrtm(
+            A, method="mtp", normalization="trace", eps=1e-7, condition=1e5
+        )  # condition stands in
+        assert out.shape == A.shape
 
 
 class TestShapesAndDtypes:

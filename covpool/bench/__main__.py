@@ -27,10 +27,12 @@ from covpool.bench.rounding import (
     ROUNDING_SIZES,
     SAMPLES,
     head_rows,
+    input_rounding_rows,
     rounding_row,
     trace_rows,
 )
 from covpool.bench.trace import FAKE_CUDA_SUPPORTED, trace_root
+from covpool.linalg.options import TRACE_ROUNDING
 
 FULL_SIZES = (32, 64, 128, 256, 512)
 FULL_BATCHES = (1, 16, 64, 256)
@@ -394,6 +396,12 @@ def run_rounding(args: argparse.Namespace) -> None:
     if heads:
         print("\nCovPoolHead, float32 against its float64 eigh copy (default ridge eps=1e-4):")
         print(format_table(heads, list(heads[0])))
+    inputs = [] if args.no_heads else input_rounding_rows()
+    if inputs:
+        print("\nfloat32 sample covariances, eps=1e-4: how far λmin(A / tr A) falls below the ridge's bound:")
+        print(format_table(inputs, list(inputs[0])))
+        largest = max(r["below_bound_in_u"] for r in inputs)
+        print(f"largest: {largest:.3g} u (the trace's bound leaves {TRACE_ROUNDING:g} u)")
     traced = trace_rows(tuple(args.sizes)) if FAKE_CUDA_SUPPORTED and not args.no_heads else []
     if not FAKE_CUDA_SUPPORTED:
         print(f"\n(no traced counts: fake CUDA tensors need torch >= 2.11, this is {torch.__version__})")
@@ -402,7 +410,10 @@ def run_rounding(args: argparse.Namespace) -> None:
         print(format_table(traced, list(traced[0])))
     write_csv(rows, args.out / "rounding.csv")
     payload = {"environment": _environment(), "settings": _settings(args)}
-    write_json({**payload, "rows": rows, "heads": heads, "trace": traced}, args.out / "rounding.json")
+    write_json(
+        {**payload, "rows": rows, "heads": heads, "input_rounding": inputs, "trace": traced},
+        args.out / "rounding.json",
+    )
     print(f"wrote {args.out / 'rounding.csv'} and {args.out / 'rounding.json'}")
 
 

@@ -120,6 +120,41 @@ def head_rows(*, batch: int = 4, seed: int = 0) -> list[dict]:
     return rows
 
 
+INPUT_SIZES = (16, 32, 64, 128, 256, 512)
+
+
+def input_rounding_rows(*, eps: float = 1e-4, batch: int = 16, seed: int = 0) -> list[dict]:
+    """How far rounding puts ``λmin(A / tr A)`` below the ridge's bound ``eps / (n (1 + eps))``, in machine
+    epsilons, for float32 sample covariances computed as a head computes them (``X Xᵀ / N`` of centred
+    features, 8 or 49 positions, flat or decaying channel scales): what
+    :data:`covpool.linalg.options.TRACE_ROUNDING` must cover.
+    """
+    from covpool.linalg.normalization import normalise
+
+    generator = torch.Generator().manual_seed(seed)
+    unit = torch.finfo(torch.float32).eps
+    rows = []
+    for n in INPUT_SIZES:
+        for samples in (8, SAMPLES):
+            for profile in ("flat", "decaying"):
+                X = torch.randn(batch, n, samples, generator=generator)
+                if profile == "decaying":
+                    X = X * torch.logspace(0, -2, n)[:, None]
+                X = X - X.mean(-1, keepdim=True)
+                A_hat, _ = normalise(with_relative_ridge(X @ X.mT / samples, eps), "trace")
+                smallest = torch.linalg.eigvalsh(A_hat.double()).min().item()
+                bound = eps / (n * (1 + eps))
+                rows.append(
+                    {
+                        "n": n,
+                        "samples": samples,
+                        "profile": profile,
+                        "below_bound_in_u": (bound - smallest) / unit,
+                    }
+                )
+    return rows
+
+
 TRACE_BACKWARDS = (("lyapunov", "minimax"), ("unrolled", "unrolled"))
 
 

@@ -9,7 +9,9 @@
 - ``"trace"`` (iSQRT-COV's, the default of ns, and of mtp and mpa with a ridge): ``c = tr A``, within
   ``rank``. A relative ridge ``eps (tr A / n) I`` bounds ``λmin / c`` below by ``eps / (n (1 + eps))``
   for every ``c`` here, since each is at most the trace: where the ridge sets the bound, the trace
-  certifies as much as the Schatten-8 norm and costs nothing.
+  certifies as much as the Schatten-8 norm and costs nothing, but a rank-deficient input then sits
+  exactly on the bound, so the plan leaves room below it for the rounding of the input
+  (:mod:`covpool.linalg.options`).
 
 ``A`` is first divided by ``tr A``, which bounds every entry of a PSD matrix, so that inputs scaled
 anywhere from 1e-30 to 1e30 neither overflow nor underflow in the powers. Scales are floored at the

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
@@ -55,12 +56,18 @@ _NORMALIZATION_SLACK = {"schatten8": 0.125, "frobenius": 0.5, "trace": 1.0}
 """``c / λmax <= n^slack`` for the normalising constant ``c`` (Schatten-8 norm, Frobenius norm, trace)."""
 _FLOAT_SLACK = 1e-4
 """Relative room left above the normalised spectrum for rounding."""
-_FORWARD_ERROR_IN_GRADIENT = {False: 1.0, True: 3.0}
-"""How many times the forward's relative error ``E`` enters the Lyapunov gradient, to first order. In the
-eigenbasis the computed roots are ``s_i P_i`` and ``P_i / s_i`` with ``|P_i - 1| <= E``: the square root's
-gradient ``G_ij / (s_i P_i + s_j P_j)`` is off by ``E``; the inverse root's, ``Z G Z`` solved with ``Y``, by
-``P_i P_j (s_i + s_j) / (s_i P_i + s_j P_j)``, up to ``3E``. The plan splits ``tol`` so that this plus the
-solver's error stays within it."""
+TRACE_ROUNDING = 0.25
+"""Room left below the ridge's bound when the trace normalises, in machine epsilons of the working dtype:
+rounding the input moves the smallest eigenvalue of ``A / tr A`` by up to 0.17 ε on float32 sample
+covariances (n = 16 … 512, 8 or 49 positions; ``python -m covpool.bench --rounding`` prints it,
+``tests/test_linalg_roots.py`` checks the bound), and with the trace a rank-deficient input sits exactly on
+the bound. The Schatten-8 norm keeps the exact bound: its
+constant lies below the trace for any input of rank > 1, which leaves that room in practice."""
+_FORWARD_SHARE_MAX = 0.9
+"""Largest share of ``tol`` the forward's error may take in a Lyapunov gradient (the solver gets the rest)."""
+_TRACE_BOUND_SHARE = 0.9
+"""The trace normalises (saving the Schatten-8 norm's two products) where its bound is at least this share
+of the Schatten-8 norm's."""
 _REJECT_FLOOR = 1e-2
 """A matrix is rejected (NaN, or an error with checks) when its a-posteriori error exceeds
 ``max(10 tol, 1e-2)``: far beyond what the certified schedule reaches on valid input."""
@@ -131,8 +138,9 @@ class RootOptions:
             Taylor (mtp) or Padé (mpa) approximant. ns: its iterations (default 5).
         normalization: ``"schatten8"`` (``(tr A⁸)^(1/8)``, within ``n^(1/8)`` of ``λmax``, two products),
             ``"frobenius"`` (the paper's) or ``"trace"`` (iSQRT-COV's). Default for mtp/mpa: the trace
-            where a ridge bounds the spectrum (it certifies the same lower end there, for free), else
-            ``"schatten8"``; for ns the trace.
+            where a ridge well above the rounding level bounds the spectrum (there it certifies nearly
+            the same lower end, less room for rounding, and saves two products), else ``"schatten8"``;
+            for ns the trace.
         backward: mtp/mpa only. ``"minimax"``: the Lyapunov equation solved by certified minimax sign
             steps; ``"newton-schulz"``: the paper's plain sign iteration (needs ``backward_steps``);
             ``"unrolled"``: reverse mode through the forward steps (a fused adjoint for mtp, autograd for
@@ -230,38 +238,48 @@ class RootOptions:
         given = ", ".join(f"{k}={v!r}" for k, v in self.to_dict().items())
         return f"RootOptions({given})"
 
-    def plan(
-        self, n: int, *, eps: float, device: torch.device, dtype: torch.dtype, inverse: bool = False
-    ) -> RootPlan:
-        """Resolve for one call on matrices of size ``n`` with relative ridge ``eps`` (``inverse``: for
-        :func:`covpool.inv_sqrtm`, whose Lyapunov gradient takes the forward's error three times)."""
+    def plan(self, n: int, *, eps: float, device: torch.device, dtype: torch.dtype) -> RootPlan:
+        """Resolve for one call on matrices of size ``n`` with relative ridge ``eps``."""
         method = self.method
         if method == "auto":
             method = choose_method(device.type, self.tol or DEFAULT_TOL, dtype, is_tracing())
         unit_roundoff = torch.finfo(dtype).eps
         read_values = reads_values(self.check_input, device)
-        return _plan(self, method, n, float(eps), unit_roundoff, read_values, inverse)
+        return _plan(self, method, n, float(eps), unit_roundoff, read_values)
 
 
 @functools.cache
-def _lower_bound(normalization: str, n: int, eps: float, condition: float | None) -> float:
-    """Lower end of the spectrum of ``Â^(1/2)``: from the ridge, else from the condition bound."""
+def _lower_bound(normalization: str, n: int, eps: float, condition: float | None, room: float = 0.0) -> float:
+    """Lower end of the spectrum of ``Â^(1/2)``: from the ridge less ``room``, else from the condition bound
+    (assumed when there is no ridge); 0 where a ridge is given but does not clear ``room``."""
     from_condition = 1.0 / ((condition or DEFAULT_CONDITION) * n ** _NORMALIZATION_SLACK[normalization])
-    if eps > 0:
-        # λmin(A + eps·m·I) >= eps·m and every normalising constant is <= tr(A + eps·m·I) = n·m·(1 + eps).
-        from_ridge = eps / (n * (1.0 + eps))
+    # λmin(A + eps·m·I) >= eps·m and every normalising constant is <= tr(A + eps·m·I) = n·m·(1 + eps).
+    from_ridge = eps / (n * (1.0 + eps)) - room if eps > 0 else 0.0
+    if from_ridge > 0.0:
         x = max(from_ridge, from_condition) if condition is not None else from_ridge
+    elif eps > 0 and condition is None:
+        x = 0.0
     else:
         x = from_condition
     return math.sqrt(min(x, 1.0))
 
 
-def _default_normalization(n: int, eps: float, condition: float | None) -> str:
-    """mtp/mpa's normalisation: the trace where it certifies the same bound as the Schatten-8 norm, which
-    it does wherever the ridge sets the bound (both are at most ``tr(A + ridge)``); the Schatten-8 norm
-    where the condition bound does (``n^(7/8)`` times the trace's: 38× at n = 64), at two products."""
-    trace = _lower_bound("trace", n, eps, condition)
-    return "trace" if trace >= _lower_bound("schatten8", n, eps, condition) else "schatten8"
+def _room(normalization: str, unit_roundoff: float) -> float:
+    """What the bound leaves for the rounding of the input (:data:`TRACE_ROUNDING`; trace only)."""
+    return TRACE_ROUNDING * unit_roundoff if normalization == "trace" else 0.0
+
+
+def _default_normalization(n: int, eps: float, condition: float | None, unit_roundoff: float) -> str:
+    """mtp/mpa's normalisation: the trace where its bound is nearly the Schatten-8 norm's, as it is where
+    a ridge well above the rounding level sets the bound (both constants are at most ``tr(A + ridge)``);
+    else the Schatten-8 norm, at two products: where the condition bound decides (``n^(7/8)`` times the
+    trace's, 38× at n = 64) or the ridge is near the rounding level (ZCA's)."""
+    trace = _lower_bound("trace", n, eps, condition, _room("trace", unit_roundoff))
+    return (
+        "trace"
+        if trace**2 >= _TRACE_BOUND_SHARE * _lower_bound("schatten8", n, eps, condition) ** 2
+        else "schatten8"
+    )
 
 
 def _direct_error(series: str, degree: int, lower: float) -> float:
@@ -288,7 +306,6 @@ def _plan(
     eps: float,
     unit_roundoff: float,
     read_values: bool,
-    inverse: bool,
 ) -> RootPlan:
     if method == "eigh":
         return RootPlan("eigh", None, None, None, None, 0.0, math.inf, read_values, "eigh")
@@ -297,9 +314,19 @@ def _plan(
         lower = _lower_bound(normalization, max(n, 1), eps, None)
         forward = newton_schulz_schedule(lower, 1.0 + _FLOAT_SLACK, options.steps or 5)
         return RootPlan("ns", normalization, forward, None, None, lower, 1.0, read_values, "autograd")
-    normalization = options.normalization or _default_normalization(max(n, 1), eps, options.condition)
+    normalization = options.normalization or _default_normalization(
+        max(n, 1), eps, options.condition, unit_roundoff
+    )
     tol = options.tol or DEFAULT_TOL
-    lower = _lower_bound(normalization, max(n, 1), eps, options.condition)
+    lower = _lower_bound(
+        normalization, max(n, 1), eps, options.condition, _room(normalization, unit_roundoff)
+    )
+    if lower == 0.0:
+        raise ValueError(
+            f"normalization={normalization!r} certifies no spectrum bound with eps={eps:g} at n={n}: the "
+            f"ridge is within the rounding of the input (machine epsilon {unit_roundoff:.2g}); pass a larger "
+            "eps, a condition=, or leave normalization to its default"
+        )
     upper = 1.0 + _FLOAT_SLACK
     forward, direct_degree = None, None
     if options.steps == 1:
@@ -315,38 +342,73 @@ def _plan(
     )
     if backward_kind == "unrolled":
         if options.steps is None:  # tighter forward targets can need fewer flat steps: take the cheapest
-            candidates = (
-                _forward_schedule(method, options, lower, upper, t) for t in (tol, tol / 10, tol / 100)
-            )
             forward = min(
-                (differentiable_schedule(s, tol) for s in candidates), key=Schedule.forward_products
+                _reachable(
+                    lambda t: differentiable_schedule(
+                        _forward_schedule(method, options, lower, upper, t), tol
+                    ),
+                    (tol, tol / 10, tol / 100),
+                    tol,
+                ),
+                key=Schedule.forward_products,
             )
         gradient = "autograd" if method == "mpa" else "adjoint"
         return RootPlan(
             method, normalization, forward, None, None, lower, reject_above, read_values, gradient
         )
-    # The Lyapunov gradient solves with the computed roots, so the forward's error enters it as well.
-    factor = _FORWARD_ERROR_IN_GRADIENT[inverse]
-    if forward is not None and options.steps is None and factor * forward_error > tol / 2:
-        forward = _forward_schedule(method, options, lower, upper, tol / (2 * factor))
-        forward_error = forward.error
-    backward_tol = max(tol - factor * forward_error, tol / 2)
-    slack = min(max(forward_error, _FLOAT_SLACK), 0.5)
-    backward_lower, backward_upper = lower * (1.0 - slack), 1.0 + slack
-    if backward_kind == "newton-schulz":
-        backward = newton_schulz_schedule(backward_lower, backward_upper, options.backward_steps)
-    else:
-        backward = minimax_schedule(
-            backward_lower,
-            backward_upper,
-            backward_tol,
+
+    def lyapunov_schedule(forward_error: float, target: float) -> Schedule:
+        slack = min(max(forward_error, _FLOAT_SLACK), 0.5)
+        lower_end, upper_end = lower * (1.0 - slack), 1.0 + slack
+        if backward_kind == "newton-schulz":
+            return newton_schulz_schedule(lower_end, upper_end, options.backward_steps)
+        return minimax_schedule(
+            lower_end,
+            upper_end,
+            target,
             degrees=BACKWARD_DEGREES,
             backward=True,
             steps=options.backward_steps,
         )
+
+    # The Lyapunov gradient solves with the computed roots, so the forward's error E enters it, once to
+    # first order: in the eigenbasis Y = s P(s) and Z = P(s) / s share P, and either root's gradient is off
+    # by a weighted mean of P_i - 1 and P_j - 1. The solver gets what tol leaves; where both are certified,
+    # the cheapest of a few splits is taken.
+    if (
+        forward is not None
+        and options.steps is None
+        and backward_kind == "minimax"
+        and not options.backward_steps
+    ):
+
+        def split(target: float) -> tuple[Schedule, Schedule]:
+            candidate = _forward_schedule(method, options, lower, upper, target)
+            return candidate, lyapunov_schedule(candidate.error, tol - candidate.error)
+
+        forward, backward = min(
+            _reachable(split, (tol / 2, tol / 5, tol / 20), tol),
+            key=lambda pair: pair[0].forward_products() + pair[1].backward_products(),
+        )
+    else:
+        backward = lyapunov_schedule(forward_error, max(tol - forward_error, tol / 2))
     return RootPlan(
         method, normalization, forward, direct_degree, backward, lower, reject_above, read_values, "lyapunov"
     )
+
+
+def _reachable(make: Callable[[float], Any], targets: tuple[float, ...], tol: float) -> list[Any]:
+    """``make(target)`` for each target it can reach (a tighter target can be beyond reach near the
+    dtype's rounding level); a ``ValueError`` naming ``tol`` if none is."""
+    made = []
+    for target in targets:
+        try:
+            made.append(make(target))
+        except ValueError:
+            continue
+    if not made:
+        raise ValueError(f"tol={tol:g} cannot be certified: no schedule reaches it; pass a larger tol")
+    return made
 
 
 def _forward_schedule(method: str, options: RootOptions, lower: float, upper: float, tol: float) -> Schedule:

@@ -161,7 +161,7 @@ def _root(
     check_square_batch(A)
     n = A.shape[-1]
     work_dtype = working_dtype(A.dtype)
-    plan = resolved.plan(n, eps=eps, device=A.device, dtype=work_dtype, inverse=inverse)
+    plan = resolved.plan(n, eps=eps, device=A.device, dtype=work_dtype)
     if A.numel() == 0:
         return A.clone()
     if plan.read_values:
