@@ -307,6 +307,18 @@ class TestRejectedBatches:
         layer.eval()
         assert torch.isfinite(layer(torch.randn(2, 8, 3, 3, device=device))).all()
 
+    def test_group_the_root_rejects_names_the_layer_and_changes_no_state(self, device):
+        # 32 channels of rank 8 at unit scale: mpa's certified bound does not hold in float32.
+        layer = ZCABatchNorm1d(32, group_size=32, root={"method": "mpa", "check_input": True}, device=device)
+        before = {k: v.clone() for k, v in layer.state_dict().items()}
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(64, 8, generator=generator) @ torch.randn(8, 32, generator=generator)
+        with pytest.raises(
+            ValueError, match=r"ZCABatchNorm1d\(32, group_size=32\): a group's covariance .*raise eps"
+        ):
+            layer(x.to(device))
+        assert all(torch.equal(before[k], v) for k, v in layer.state_dict().items())
+
     def test_integer_input_is_refused(self, device):
         with pytest.raises(
             TypeError, match="ZCABatchNorm2d: input must be a floating-point tensor, got torch.int64"

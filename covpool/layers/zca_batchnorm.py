@@ -185,9 +185,21 @@ class _ZCABatchNorm(nn.Module):
         )
         if self._eval_cache is None or self._eval_cache[0] != key:
             with torch.no_grad():
-                whitening = whitening_matrix(cov.to(dtype), eps=self.eps, root=self.root)
+                whitening = self._whitening(cov.to(dtype))
             self._eval_cache = (key, whitening)
         return self._eval_cache[1]
+
+    def _whitening(self, cov: Tensor) -> Tensor:
+        """:func:`whitening_matrix` of ``cov`` (``(G, g, g)``); a refusal (host checks) names this layer."""
+        try:
+            return whitening_matrix(cov, eps=self.eps, root=self.root)
+        except ValueError as error:
+            raise ValueError(
+                f"{type(self).__name__}({self.num_features}, group_size={self.group_size}): a group's "
+                f"covariance cannot be whitened with root={self.root!r}: {error}. For this layer, raise "
+                f"eps (now {self.eps:g}), use smaller groups, or root='eigh'; the batch was rejected and the "
+                "running statistics are unchanged"
+            ) from error
 
     def forward(self, x: Tensor) -> Tensor:
         if not torch.is_floating_point(x):
@@ -202,9 +214,11 @@ class _ZCABatchNorm(nn.Module):
         with torch.autocast(device_type=x.device.type, enabled=False):
             if self.training or not self.track_running_stats:
                 count, mean, cov = self._batch_moments(rows)
+                whitening = self._whitening(
+                    cov.to(work)
+                )  # before the update: a rejected batch changes nothing
                 if self.training and self.track_running_stats:
                     self._update_running_stats(count, mean, cov)
-                whitening = whitening_matrix(cov.to(work), eps=self.eps, root=self.root)
             else:
                 mean = rearrange(self.running_mean, "(G g) -> G g", g=self.group_size)
                 whitening = self._eval_whitening(work)
