@@ -214,9 +214,8 @@ class _ZCABatchNorm(nn.Module):
         with torch.autocast(device_type=x.device.type, enabled=False):
             if self.training or not self.track_running_stats:
                 count, mean, cov = self._batch_moments(rows)
-                whitening = self._whitening(
-                    cov.to(work)
-                )  # before the update: a rejected batch changes nothing
+                # Whitened before the update, so that a rejected batch changes nothing.
+                whitening = self._whitening(cov.to(work))
                 if self.training and self.track_running_stats:
                     self._update_running_stats(count, mean, cov)
             else:

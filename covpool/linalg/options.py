@@ -63,8 +63,6 @@ covariances (n = 16 … 512, 8 or 49 positions; ``python -m covpool.bench --roun
 ``tests/test_linalg_roots.py`` checks the bound), and with the trace a rank-deficient input sits exactly on
 the bound. The Schatten-8 norm keeps the exact bound: its
 constant lies below the trace for any input of rank > 1, which leaves that room in practice."""
-_FORWARD_SHARE_MAX = 0.9
-"""Largest share of ``tol`` the forward's error may take in a Lyapunov gradient (the solver gets the rest)."""
 _TRACE_BOUND_SHARE = 0.9
 """The trace normalises (saving the Schatten-8 norm's two products) where its bound is at least this share
 of the Schatten-8 norm's."""
@@ -244,8 +242,7 @@ class RootOptions:
         if method == "auto":
             method = choose_method(device.type, self.tol or DEFAULT_TOL, dtype, is_tracing())
         unit_roundoff = torch.finfo(dtype).eps
-        read_values = reads_values(self.check_input, device)
-        return _plan(self, method, n, float(eps), unit_roundoff, read_values)
+        return _plan(self, method, n, float(eps), unit_roundoff, reads_values(self.check_input, device))
 
 
 @functools.cache
@@ -300,12 +297,7 @@ def _direct_error(series: str, degree: int, lower: float) -> float:
 @functools.cache
 @torch.compiler.assume_constant_result
 def _plan(
-    options: RootOptions,
-    method: str,
-    n: int,
-    eps: float,
-    unit_roundoff: float,
-    read_values: bool,
+    options: RootOptions, method: str, n: int, eps: float, unit_roundoff: float, read_values: bool
 ) -> RootPlan:
     if method == "eigh":
         return RootPlan("eigh", None, None, None, None, 0.0, math.inf, read_values, "eigh")

@@ -1,11 +1,11 @@
 """The unrolled backward: reverse mode through the coupled polynomial iteration, every sum fused.
 
 The Lyapunov backward (:mod:`covpool.linalg.lyapunov`) solves with the computed root, and in float32 its
-gradient loses about ``0.02 u κ(A)`` to rounding (1e-3 at ``κ = 4e5``, which the ridge of a covariance head
-allows). Differentiating the steps that were actually computed does not: it is the exact gradient of a
-function that is within :func:`covpool.linalg.schedule.gradient_error` of the root's (the schedule is
-extended until that is within ``tol``), and measured in float32 it stays near 1e-4 where the Lyapunov
-gradient is 1e-3 … 1e-2.
+gradient loses about ``0.03 u κ(A)`` to rounding (:func:`covpool.linalg.lyapunov.rounding_error`: 1e-3
+near ``κ = 3e5``, which the ridge of a covariance head allows). Differentiating the steps that were
+actually computed does not: it is the exact gradient of a function that is within
+:func:`covpool.linalg.schedule.gradient_error` of the root's (the schedule is extended until that is
+within ``tol``), and measured in float32 it stays near 1e-4 where the Lyapunov gradient is 1e-3 … 1e-2.
 
 For a step ``U = Z Y``, ``a T = q(U) - c₀ I`` (:func:`covpool.linalg.iteration._polynomial_tail`),
 ``Y' = c₀ Y + a Y T``, ``Z' = c₀ Z + a T Z``, the adjoints are
