@@ -8,6 +8,7 @@ from covpool.layers import (
     ZCABatchNorm1d,
     ZCABatchNorm2d,
     convert_zca_batchnorm,
+    recalibrate_statistics,
 )
 from covpool.linalg import METHODS, PAPER_CONFIG, RootOptions, inv_sqrtm, sqrtm
 from covpool.models import attach_head  # registers the timm models
@@ -24,6 +25,7 @@ __all__ = [
     "convert_zca_batchnorm",
     "export_onnx",
     "inv_sqrtm",
+    "recalibrate_statistics",
     "sqrtm",
     "testing",
 ]

@@ -1,6 +1,7 @@
-"""Lightning integration of covpool: classifier, data modules, spectrum monitor, CLI and demo."""
+"""Lightning integration of covpool: classifier, data modules, spectrum monitor, ZCA recalibration, CLI
+and demo."""
 
-from lightning_modules.callbacks import CovarianceSpectrumMonitor, TrainingHistory
+from lightning_modules.callbacks import CovarianceSpectrumMonitor, TrainingHistory, ZCARecalibration
 from lightning_modules.classifier import CovPoolClassifier
 from lightning_modules.data import CIFARDataModule, DigitsDataModule, ImageFolderDataModule
 
@@ -11,4 +12,5 @@ __all__ = [
     "DigitsDataModule",
     "ImageFolderDataModule",
     "TrainingHistory",
+    "ZCARecalibration",
 ]

@@ -1,26 +1,37 @@
-"""Callbacks: the spectrum of the covariances inside covpool layers, and a per-step training history.
+"""Callbacks: the spectrum of the covariances inside covpool layers, a per-step training history, and the
+recalibration of ZCA running statistics on the training data.
 
 :class:`CovarianceSpectrumMonitor` watches the layers that form covariances — :class:`covpool.CovPoolHead`
 and :class:`covpool.SecondOrderTokenHead` (the covariance of the reduced features that is pooled) and
 :class:`covpool.ZCABatchNorm2d` / :class:`covpool.ZCABatchNorm1d` (the batch covariance of each whitening
 group). Every ``every_n_steps`` training steps it registers forward hooks, lets the training step run,
 logs the spectra and removes the hooks, so the other steps pay nothing.
+
+:class:`ZCARecalibration` runs :func:`covpool.recalibrate_statistics` on the training data before every
+validation and at the end of fitting, so that validation, test and the saved model whiten with statistics
+of the current weights instead of a lagging running average.
 """
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import lightning as L
 import torch
 from einops import rearrange
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 from torch.utils.hooks import RemovableHandle
 
-from covpool import CovPoolHead, SecondOrderTokenHead, ZCABatchNorm1d, ZCABatchNorm2d
+from covpool import CovPoolHead, SecondOrderTokenHead, ZCABatchNorm1d, ZCABatchNorm2d, recalibrate_statistics
 from covpool.functional.covariance import covariance
 from covpool.functional.whitening import group_statistics, moments_from_statistics
+from covpool.layers.recalibrate import default_batch_input, zca_layers
 
 HEADS = (CovPoolHead, SecondOrderTokenHead)
 WHITENING = (ZCABatchNorm1d, ZCABatchNorm2d)
@@ -196,3 +207,120 @@ class TrainingHistory(L.Callback):
         metrics = trainer.callback_metrics
         values = {key: float(metrics[key]) for key in self.monitor if key in metrics}
         self.validations.append((trainer.global_step, values))
+
+
+def _own_iterator_loader(loader: DataLoader) -> DataLoader:
+    """``loader``, or a copy without persistent workers if it has them.
+
+    A ``DataLoader`` with persistent workers hands out one iterator and resets it on every ``iter()``: a
+    second pass over it in the middle of an epoch (``val_check_interval < 1``) would restart the epoch of the
+    training loop. The copy shares dataset, batch sampler, collate function and workers' settings.
+    """
+    if not (isinstance(loader, DataLoader) and loader.persistent_workers and loader.num_workers > 0):
+        return loader
+    return DataLoader(
+        loader.dataset,
+        batch_sampler=loader.batch_sampler,
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        timeout=loader.timeout,
+        worker_init_fn=loader.worker_init_fn,
+        multiprocessing_context=loader.multiprocessing_context,
+        generator=loader.generator,
+        prefetch_factor=loader.prefetch_factor,
+    )
+
+
+class ZCARecalibration(L.Callback):
+    """Recalibrate the running statistics of the ZCA layers on the training data, with the current weights.
+
+    Before every validation during ``fit`` (not the sanity check) and at the end of fitting, runs
+    :func:`covpool.recalibrate_statistics` on the trainer's training dataloader: every ZCA layer's running
+    mean and covariance become the exact statistics of its inputs over those batches, in training mode,
+    under the trainer's precision and device transfer. BatchNorm statistics are left as they are unless
+    ``batchnorm=True``. Validation, checkpoints saved after it, ``trainer.test`` and the model left after
+    ``fit`` therefore use statistics of the weights they are evaluated with. The end-of-fit pass is skipped
+    when no optimiser step ran since the last one. Under DDP every rank runs its shard of the training data
+    and the statistics are summed over the ranks.
+
+    :class:`lightning_modules.CovPoolClassifier` adds this callback with its defaults when its model has
+    ZCA layers (``recalibrate_zca=True``); a ``ZCARecalibration`` passed to the ``Trainer`` takes its place.
+
+    Args:
+        max_batches: at most this many training batches per recalibration (``None``: the whole training
+            loader); the trainer's ``limit_train_batches`` also bounds it. Each costs one forward pass.
+        on_validation: recalibrate before every validation during ``fit``.
+        on_fit_end: recalibrate at the end of ``fit``.
+        batchnorm: also recalibrate BatchNorm layers (their running mean and variance).
+        progress: show a progress bar; ``None``: when the trainer has one.
+
+    Example:
+        >>> recalibration = ZCARecalibration(max_batches=100)
+        >>> trainer = L.Trainer(callbacks=[recalibration])  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        max_batches: int | None = 50,
+        *,
+        on_validation: bool = True,
+        on_fit_end: bool = True,
+        batchnorm: bool = False,
+        progress: bool | None = None,
+    ) -> None:
+        super().__init__()
+        if max_batches is not None and max_batches < 1:
+            raise ValueError(f"`max_batches` must be None or >= 1, got {max_batches}")
+        self.max_batches = max_batches
+        self.on_validation = on_validation
+        self.recalibrate_on_fit_end = on_fit_end
+        self.batchnorm = batchnorm
+        self.progress = progress
+        self.last_counts: dict[str, int] = {}
+        """Rows per layer of the last recalibration (empty before the first)."""
+        self._calibrated_at: int | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == TrainerFn.FITTING and not zca_layers(pl_module):
+            rank_zero_warn(
+                f"ZCARecalibration: {type(pl_module).__name__} has no ZCA layer with running statistics; the "
+                "callback does nothing"
+            )
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.on_validation and not trainer.sanity_checking and trainer.state.fn == TrainerFn.FITTING:
+            self.recalibrate(trainer, pl_module)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.recalibrate_on_fit_end and self._calibrated_at != trainer.global_step:
+            self.recalibrate(trainer, pl_module)
+
+    def recalibrate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, int]:
+        """Recalibrate now on ``trainer.train_dataloader``; returns the rows per layer ({}: nothing done)."""
+        loader = trainer.train_dataloader
+        if loader is None or not zca_layers(pl_module):
+            return {}
+        if isinstance(loader, (list, tuple, dict)) or not isinstance(loader, Iterable):
+            raise TypeError(
+                "ZCARecalibration needs one training dataloader, got "
+                f"{type(loader).__name__}; call covpool.recalibrate_statistics with the loader of your choice"
+            )
+        limits = [n for n in (self.max_batches, trainer.num_training_batches) if n not in (None, math.inf)]
+        progress = trainer.progress_bar_callback is not None if self.progress is None else self.progress
+
+        def to_input(batch: Any) -> Any:
+            return default_batch_input(trainer.strategy.batch_to_device(batch))
+
+        with trainer.precision_plugin.forward_context():
+            self.last_counts = recalibrate_statistics(
+                pl_module,
+                _own_iterator_loader(loader),
+                max_batches=int(min(limits)) if limits else None,
+                device=pl_module.device,
+                batch_to_input=to_input,
+                batchnorm=self.batchnorm,
+                progress=progress,
+            )
+        self._calibrated_at = trainer.global_step
+        return self.last_counts

@@ -4,6 +4,8 @@ The backbone is any timm model (by name) or any ``nn.Module``. ``head`` swaps it
 classifier for a second-order head with :func:`covpool.attach_head`; ``zca`` swaps batch norms for ZCA
 whitening with :func:`covpool.convert_zca_batchnorm`. Fine-tuning gets a separate learning rate for the
 new head (``head_lr``); the schedule is a linear warm-up followed by a cosine decay, stepped per batch.
+With ZCA layers the module brings :class:`ZCARecalibration`, which recomputes their running statistics on
+the training data before each validation and at the end of fitting.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from covpool import CovPoolHead, RootOptions, SecondOrderTokenHead, attach_head, convert_zca_batchnorm
+from covpool.layers.recalibrate import zca_layers
 from covpool.models import create_timm_model
+from lightning_modules.callbacks import ZCARecalibration
 
 STAGES = ("train", "val", "test")
 COVPOOL_MODEL_MODULES = ["isqrtcov_resnet", "sovit"]
@@ -124,6 +128,10 @@ class CovPoolClassifier(L.LightningModule):
         weight_decay: weight decay of weights (biases and norm parameters get none).
         warmup_epochs: epochs of linear warm-up before the cosine decay (may be fractional).
         label_smoothing: label smoothing of the cross-entropy.
+        recalibrate_zca: when the model has ZCA layers, add a :class:`ZCARecalibration` callback (50
+            training batches before each validation and at the end of fitting), unless the ``Trainer``
+            already has one, which then takes its options; ``False``: evaluate with the running averages
+            of training as they are.
 
     Metrics, logged per stage as ``{stage}/acc1`` and ``{stage}/acc5`` with ``{stage}/loss``: top-1 and
     top-5 accuracy; with fewer than 5 classes ``acc5`` keeps its name and is the top-``num_classes``
@@ -160,6 +168,7 @@ class CovPoolClassifier(L.LightningModule):
         weight_decay: float = 5e-4,
         warmup_epochs: float = 0.0,
         label_smoothing: float = 0.0,
+        recalibrate_zca: bool = True,
     ) -> None:
         super().__init__()
         if model is None:
@@ -208,6 +217,15 @@ class CovPoolClassifier(L.LightningModule):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        """:class:`ZCARecalibration` with its defaults when ``recalibrate_zca`` and the model has ZCA layers
+        and the trainer has no ``ZCARecalibration`` of its own."""
+        if not self.hparams.get("recalibrate_zca", True) or not zca_layers(self.model):
+            return []
+        if any(isinstance(callback, ZCARecalibration) for callback in self.trainer.callbacks):
+            return []
+        return [ZCARecalibration()]
 
     def _shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
         images, targets = batch
