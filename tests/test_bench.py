@@ -1,4 +1,8 @@
-"""Tests of `python -m covpool.bench`: its pieces on reference values, and a tiny smoke run."""
+"""Tests of `python -m covpool.bench`: its pieces on reference values, and a tiny smoke run.
+
+The timing, budget and ranking logic is tested with fake clocks and made-up spreads, so those tests time
+nothing and do not depend on the machine's load.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +14,14 @@ import pytest
 import torch
 
 from covpool.bench.__main__ import main
-from covpool.bench.budget import run_within_budget
+from covpool.bench.budget import run_groups_within_budget, run_within_budget
 from covpool.bench.configs import CONFIGS
-from covpool.bench.grid import accuracy, plan_grid
+from covpool.bench.grid import Cell, accuracy, plan_grid, run_comparison, run_grid
 from covpool.bench.layers import run_layers
-from covpool.bench.plot import pareto_front
-from covpool.bench.report import format_table
-from covpool.bench.timing import measure, saved_tensor_bytes
+from covpool.bench.plot import pareto_front, plot_pareto
+from covpool.bench.ranking import MAX_SPREAD, rank, rank_rows
+from covpool.bench.report import format_comparisons, format_table
+from covpool.bench.timing import Spread, measure, measure_interleaved, saved_tensor_bytes, time_interleaved
 from covpool.testing import random_spd
 
 # The square-root-only peer exists only where torch has torch.linalg.matrix_sqrth (not in torch 2.4).
@@ -98,6 +103,185 @@ class TestPieces:
         ]
 
 
+class FakeClock:
+    """A clock that advances by the next of ``durations`` (seconds) at every second reading, i.e. each
+    timed run takes the next duration; ``ticks`` counts the readings."""
+
+    def __init__(self, durations=()):
+        self.now, self.durations, self.ticks = 0.0, list(durations), 0
+
+    def __call__(self) -> float:
+        self.ticks += 1
+        if self.ticks % 2 == 0 and self.durations:
+            self.now += self.durations.pop(0)
+        return self.now
+
+
+CPU = torch.device("cpu")
+
+
+class TestInterleaving:
+    def test_rounds_visit_every_step_and_rotate_the_order(self):
+        calls = []
+        steps = {key: (lambda key=key: calls.append(key)) for key in "abc"}
+        times, failures = time_interleaved(steps, device=CPU, warmup=1, repeats=4, timer=FakeClock())
+        assert calls == list("abc" + "abc" + "bca" + "cab" + "abc")  # warmup, then rounds rotated by one
+        assert failures == {} and all(len(samples) == 4 for samples in times.values())
+
+    def test_a_failing_step_leaves_the_rotation_and_keeps_its_message(self):
+        calls = []
+
+        def fails() -> None:
+            calls.append("bad")
+            if calls.count("bad") == 2:
+                raise RuntimeError("out of memory\ndetails")
+
+        steps = {"good": lambda: calls.append("good"), "bad": fails}
+        times, failures = time_interleaved(steps, device=CPU, warmup=0, repeats=3, timer=FakeClock())
+        assert failures == {"bad": "out of memory"}
+        assert calls == ["good", "bad", "bad", "good", "good"]
+        assert len(times["good"]) == 3 and len(times["bad"]) == 1
+
+    def test_measurements_keep_min_median_max_of_the_interleaved_runs(self):
+        x = torch.randn(3, 4, requires_grad=True)
+        cases = {"exp": (lambda: x.exp(), [x]), "sin": (lambda: x.sin(), [x])}
+        # Steps: exp forward (ef), exp forward+backward (eb), sin forward (sf), sin fb (sb); round r starts
+        # r steps later: ef eb sf sb | eb sf sb ef | sf sb ef eb. Each run takes the next duration.
+        durations = [1, 10, 2, 20] + [12, 3, 21, 2] + [5, 22, 1, 11]
+        measurements, failures = measure_interleaved(
+            cases, device=CPU, warmup=0, repeats=3, timer=FakeClock([d / 1e3 for d in durations])
+        )
+        assert failures == {}
+
+        def spread(s: Spread) -> list[float]:
+            return pytest.approx([s.min, s.median, s.max])
+
+        exp, sin = measurements["exp"], measurements["sin"]
+        assert [1, 1, 2] == spread(exp.forward) and [10, 11, 12] == spread(exp.forward_backward)
+        assert [2, 3, 5] == spread(sin.forward) and [20, 21, 22] == spread(sin.forward_backward)
+        assert exp.forward_ms == pytest.approx(1.0) and sin.forward.ratio == pytest.approx(2.5)
+        assert exp.saved_bytes == x.numel() * 4
+
+    def test_a_failing_case_is_reported_and_the_others_measured(self):
+        x = torch.randn(3, requires_grad=True)
+
+        def broken() -> torch.Tensor:
+            raise RuntimeError("linalg.eigh: failed to converge")
+
+        measurements, failures = measure_interleaved(
+            {"ok": (lambda: x.exp(), [x]), "broken": (broken, [x])}, device=CPU, warmup=0, repeats=2,
+            timer=FakeClock([1e-3] * 4),
+        )  # fmt: skip
+        assert list(measurements) == ["ok"] and failures == {"broken": "linalg.eigh: failed to converge"}
+
+
+class TestRanking:
+    tight = Spread(1.0, 1.1, 1.2)
+
+    def test_ranks_count_the_configurations_faster_in_every_run(self):
+        a, b, c = Spread(1.0, 1.1, 1.2), Spread(1.15, 1.2, 1.3), Spread(2.0, 2.1, 2.2)
+        verdict = rank({"a": (a, a), "b": (a, b), "c": (a, c)})
+        # a and b overlap (1.15 < 1.2): not ordered; both are certainly faster than c.
+        assert verdict.rankable and verdict.ranks == {"a": 1, "b": 1, "c": 3}
+
+    def test_a_spread_wider_than_the_limit_forbids_ranking(self):
+        wide = Spread(1.0, 1.2, MAX_SPREAD * 1.01)
+        verdict = rank({"a": (self.tight, self.tight), "b": (wide, self.tight)})
+        assert not verdict.rankable and verdict.ranks == {}
+        assert verdict.reason.startswith("b: forward spread") and verdict.widest == pytest.approx(1.515)
+        assert rank({"a": (self.tight, Spread(1.0, 1.2, MAX_SPREAD))}).rankable  # the limit itself is allowed
+
+    def test_a_forward_slower_than_its_forward_backward_forbids_ranking(self):
+        # The issue's "eigh forward 286 ms but forward+backward 103 ms".
+        verdict = rank({"eigh": (Spread(280.0, 286.0, 290.0), Spread(100.0, 103.0, 106.0))})
+        assert not verdict.rankable and "slower than forward+backward" in verdict.reason
+
+    def test_auto_must_take_the_time_of_the_method_it_runs(self):
+        # The issue's "auto, which is eigh on CPU, plotted 3.6x slower than eigh".
+        slow = Spread(3.5, 3.6, 3.7)
+        verdict = rank({"auto": (self.tight, slow), "eigh": (self.tight, self.tight)}, same={"auto": "eigh"})
+        assert (
+            not verdict.rankable
+            and verdict.reason == "auto runs eigh but took 3.27x its forward+backward time"
+        )
+        close = Spread(1.05, 1.15, 1.2)
+        assert rank({"auto": (close, close), "eigh": (close, close)}, same={"auto": "eigh"}).rankable
+
+    def test_rank_rows_marks_rows_and_lists_the_missing(self):
+        def row(config, runs, low, mid, high):
+            return {"config": config, "runs": runs, "n": 8, "forward_ms": mid, "forward_min_ms": low,
+                    "forward_max_ms": high, "forward_backward_ms": 2 * mid,
+                    "forward_backward_min_ms": 2 * low, "forward_backward_max_ms": 2 * high}  # fmt: skip
+
+        rows = [row("auto", "eigh", 1.0, 1.1, 1.2), row("eigh", "eigh", 1.0, 1.1, 1.2)]
+        rows += [row("ns3", "ns", 3.0, 3.1, 3.2), row("mpa", "mpa", math.nan, math.nan, math.nan)]
+        verdict = rank_rows(rows, ["n"])
+        assert verdict == {"n": 8, "rankable": True, "reason": "", "widest_spread": pytest.approx(1.2),
+                           "missing": ["mpa"]}  # fmt: skip
+        assert [r["rank"] for r in rows] == [1, 1, 3, None]
+        assert rows[0]["spread"] == pytest.approx(1.2) and math.isnan(rows[3]["spread"])
+
+
+class TestNothingDropped:
+    def test_the_budget_is_soft_and_lists_every_cell_it_left_out(self):
+        clock = FakeClock()
+        clock.durations = []
+
+        def run_group(group):
+            clock.now += 10.0  # every group takes 10 s
+            return [{"cell": cell, "forward_ms": 1.0, "note": ""} for cell in group]
+
+        result = run_groups_within_budget(
+            [["a1", "a2"], ["b1"], ["c1", "c2"]], run_group,
+            lambda cell, why: {"cell": cell, "forward_ms": math.nan, "note": why},
+            label=str, time_budget=5.0, progress=False, timer=clock,
+        )  # fmt: skip
+        # The first group starts within the budget and finishes past it (soft); no later group starts.
+        assert [row["cell"] for row in result.rows] == ["a1", "a2", "b1", "c1", "c2"]
+        reason = "not run: time budget of 5 s spent (10 s elapsed)"
+        assert result.missing == [("b1", reason), ("c1", reason), ("c2", reason)]
+        assert result.elapsed_s == 10.0
+
+    def test_a_group_that_fails_as_a_whole_gets_rows_and_is_listed(self):
+        def run_group(group):
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2 GiB")
+
+        result = run_groups_within_budget(
+            [["a"]], run_group, lambda cell, why: {"cell": cell, "note": why}, label=str, progress=False
+        )
+        assert result.rows == [{"cell": "a", "note": "failed: CUDA out of memory. Tried to allocate 2 GiB"}]
+        assert result.missing == [("a", "failed: CUDA out of memory. Tried to allocate 2 GiB")]
+
+    def test_run_comparison_reports_auto_as_what_it_runs(self):
+        cells = [Cell(config, "sqrtm", "cpu", "float64", 8, 2) for config in ("auto", "eigh", "ns3")]
+        A = random_spd(2, n=8, dtype=torch.float64)
+        rows = run_comparison(cells, A, A, warmup=0, repeats=2, timer=FakeClock([1e-3] * 12))
+        assert [(row["config"], row["runs"]) for row in rows] == [
+            ("auto", "eigh"),
+            ("eigh", "eigh"),
+            ("ns3", "ns"),
+        ]
+        assert all(
+            row[key] == pytest.approx(1.0)
+            for row in rows
+            for key in ("forward_ms", "forward_backward_max_ms")
+        )
+        assert rows[0]["forward_error"] == rows[1]["forward_error"]
+
+    def test_a_spent_budget_leaves_rows_table_lines_and_panels_for_every_cell(self, tmp_path):
+        cells, _ = plan_grid(configs=["auto", "eigh"], functions=["sqrtm", "inv_sqrtm"], devices=["cpu"],
+                             dtypes=["float32"], sizes=[16], batches=[1, 2])  # fmt: skip
+        result = run_grid(cells, time_budget=0.0, progress=False)
+        assert len(result.rows) == len(cells) == 8 and len(result.missing) == 8
+        assert all(row["note"].startswith("not run: time budget of 0 s spent") for row in result.rows)
+        assert [v["rankable"] for v in result.comparisons] == [False] * 4
+        labels = [f"comparison {i}" for i in range(4)]
+        table = format_comparisons(result.rows, result.comparisons, ["config", "note"], labels)
+        assert table.count("NOT RUN") == 4 and len(table.splitlines()) == 1 + 4 + 8
+        (path,) = plot_pareto(result.rows, result.comparisons, tmp_path)
+        assert path.name == "pareto_cpu_float32_n16.png" and path.stat().st_size > 10_000
+
+
 def test_smoke_run_writes_csv_json_png_and_prints_the_table(tmp_path, capsys):
     square_root_only = ["matrix_sqrth"] if HAS_MATRIX_SQRTH else []
     configs = ["mpa", "eigh", "ns3", *square_root_only]
@@ -109,34 +293,41 @@ def test_smoke_run_writes_csv_json_png_and_prints_the_table(tmp_path, capsys):
     payload = json.loads((tmp_path / "roots.json").read_text())
     with (tmp_path / "roots.csv").open() as file:
         csv_rows = list(csv.DictReader(file))
-    rows, skipped = payload["rows"], payload["skipped"]
-    assert len(rows) >= 1 and len(rows) + len(skipped) == 6 + len(square_root_only)  # sqrtm + inv_sqrtm cells
+    rows, missing = payload["rows"], payload["missing"]
+    assert len(rows) == 6 + len(square_root_only)  # sqrtm + inv_sqrtm cells, measured or not
+    assert [m["cell"] for m in missing] == [
+        f"{row['config']} {row['function']} cpu float32 n=32 b=4" for row in rows if row["forward_ms"] is None
+    ]
     assert [row["config"] for row in csv_rows] == [row["config"] for row in rows]
     assert payload["unsupported"] == [f"{name} inv_sqrtm cpu float32 n=32 b=4" for name in square_root_only]
     assert (
         rows[0]["config"] == "mpa" and rows[0]["forward_error"] < 1e-4 and rows[0]["forward_backward_ms"] > 0
     )
     assert (tmp_path / "pareto_cpu_float32_n32.png").stat().st_size > 10_000
-    header = printed.splitlines()[0].split()
-    assert header[:6] == ["config", "function", "device", "dtype", "n", "batch"]
-    assert "gradient_error" in header and "peak_mib" not in header
+    lines = printed.splitlines()
+    assert lines[0].split()[:2] == ["config", "runs"] and "forward+backward ms" in lines[0]
+    assert "gradient_error" in lines[0] and "peak_mib" not in lines[0]
+    assert lines[1].startswith("== sqrtm cpu float32 n=32 batch=4: ")
     assert all(f"{name} (square root only)" in printed for name in square_root_only)
-    assert (len(skipped) > 0) == ("time budget of 1 s spent" in printed)
+    assert (len(missing) > 0) == ("MISSING:" in printed)
+    assert "time budget 1 s (soft)" in printed
 
 
 def test_layer_run_measures_one_layer(tmp_path):
-    rows, skipped = run_layers(
-        layers=["ZCABatchNorm2d-g64"], methods=["eigh"], devices=["cpu"], dtypes=["float32"], warmup=0,
-        repeats=1, progress=False,
+    result, verdicts = run_layers(
+        layers=["ZCABatchNorm2d-g64"], methods=["auto", "eigh"], devices=["cpu"], dtypes=["float32"],
+        warmup=0, repeats=1, progress=False,
     )  # fmt: skip
-    assert skipped == [] and len(rows) == 1
-    row = rows[0]
-    assert (row["layer"], row["method"], row["input"], row["note"]) == (
+    assert result.missing == [] and len(result.rows) == 2 and len(verdicts) == 1
+    row = result.rows[1]
+    assert (row["layer"], row["method"], row["runs"], row["input"], row["note"]) == (
         "ZCABatchNorm2d-g64",
+        "eigh",
         "eigh",
         "32x64x32x32",
         "",
     )
+    assert result.rows[0]["runs"] == "eigh"  # auto on CPU
     # The whitened rows (N·H·W × C float32) alone are 8 MiB, and autograd must keep them for the affine.
     assert row["forward_backward_ms"] > 0 and row["saved_mib"] >= 8.0
 

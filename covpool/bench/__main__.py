@@ -17,10 +17,11 @@ import covpool
 import covpool.bench
 from covpool.bench.configs import CONFIGS
 from covpool.bench.deploy import DEPLOY_BATCHES, DEPLOY_MODELS, run_deploy
-from covpool.bench.grid import FUNCTIONS, Cell, describe_skipped, plan_grid, run_grid
+from covpool.bench.grid import FUNCTIONS, comparison_label, describe_missing, plan_grid, run_grid
 from covpool.bench.layers import LAYER_CASES, LAYER_METHODS, run_layers
 from covpool.bench.plot import plot_pareto
-from covpool.bench.report import format_table, write_csv, write_json
+from covpool.bench.ranking import MAX_SPREAD
+from covpool.bench.report import format_comparisons, format_table, write_csv, write_json
 from covpool.bench.rounding import (
     ROUNDING_DOMINATES,
     ROUNDING_EPS,
@@ -46,31 +47,31 @@ DTYPES = ("float32", "float64", "float16", "bfloat16")
 
 ROOT_COLUMNS = (
     "config",
-    "function",
-    "device",
-    "dtype",
-    "n",
-    "batch",
-    "forward_ms",
-    "forward_backward_ms",
+    "runs",
+    "forward ms",
+    "forward+backward ms",
+    "spread",
+    "rank",
     "saved_mib",
     "peak_mib",
     "forward_error",
     "gradient_error",
     "note",
 )
+"""Printed columns of the matrix-root grid; function, device, dtype, n and batch head each block."""
 LAYER_COLUMNS = (
-    "layer",
     "method",
-    "device",
-    "dtype",
+    "runs",
     "input",
-    "forward_ms",
-    "forward_backward_ms",
+    "forward ms",
+    "forward+backward ms",
+    "spread",
+    "rank",
     "saved_mib",
     "peak_mib",
     "note",
 )
+"""Printed columns of the layer benchmark; layer, device and dtype head each block."""
 
 
 def _positive_int(text: str) -> int:
@@ -215,14 +216,16 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--repeats",
         type=_positive_int,
-        help=f"timed runs, median reported (default {FULL_REPEATS}, {QUICK_REPEATS} with --quick)",
+        help=f"timed runs per cell, interleaved with the other configurations of its comparison; min, median "
+        f"and max reported (default {FULL_REPEATS}, {QUICK_REPEATS} with --quick)",
     )
     common.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
     common.add_argument(
         "--time-budget",
         type=float,
         metavar="SECONDS",
-        help=f"start no new cell after this many seconds (default {FULL_BUDGET_S:.0f}, "
+        help=f"soft limit: start no new comparison after this many seconds; a started one finishes, and "
+        f"the cells not run are listed as missing (default {FULL_BUDGET_S:.0f}, "
         f"{QUICK_BUDGET_S:.0f} with --quick)",
     )
     common.add_argument(
@@ -253,8 +256,22 @@ def _settings(args: argparse.Namespace) -> dict:
     return {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
 
 
-def _skipped_message(count: int, budget: float, details: str) -> str:
-    return f"time budget of {budget:g} s spent: {count} cell(s) not started:\n{details}"
+def _print_summary(
+    verdicts: Sequence[dict], missing: Sequence, details: str, budget: float, elapsed: float
+) -> None:
+    """The loud part: missing cells with their reasons, comparisons not rankable, the budget used."""
+    if missing:
+        print(f"MISSING: {len(missing)} cell(s) without measurements (rows with a note in the CSV/JSON):")
+        print(details)
+    unranked = [v for v in verdicts if not v["rankable"] and v["reason"] != "nothing timed"]
+    if unranked:
+        print(
+            f"WARNING: {len(unranked)} of {len(verdicts)} comparison(s) NOT RANKABLE (spread of the repeats "
+            f"above {MAX_SPREAD:g}x, or inconsistent times): read no order into their times; rerun on an "
+            "idle machine or with more --repeats"
+        )
+    over = f", {elapsed - budget:.0f} s over (a started comparison finishes)" if elapsed > budget else ""
+    print(f"time budget {budget:g} s (soft): measured for {elapsed:.1f} s{over}")
 
 
 def run_roots(args: argparse.Namespace) -> None:
@@ -283,16 +300,31 @@ def run_roots(args: argparse.Namespace) -> None:
         {
             "environment": _environment(),
             "settings": _settings(args),
+            "max_spread": MAX_SPREAD,
             "rows": result.rows,
-            "skipped": [cell.label() for cell in result.skipped],
+            "comparisons": result.comparisons,
+            "missing": [{"cell": cell.label(), "reason": reason} for cell, reason in result.missing],
             "unsupported": [cell.label() for cell in unsupported],
         },
         args.out / "roots.json",
     )
-    figures = plot_pareto(result.rows, args.out)
+    figures = plot_pareto(result.rows, result.comparisons, args.out)
     columns = [c for c in ROOT_COLUMNS if c != "peak_mib" or any(d.startswith("cuda") for d in args.devices)]
-    print(format_table(result.rows, columns))
-    _print_left_out(unsupported, result.skipped, args.time_budget)
+    labels = [
+        comparison_label(*(v[k] for k in ("function", "device", "dtype", "n", "batch")))
+        for v in result.comparisons
+    ]
+    print(format_comparisons(result.rows, result.comparisons, columns, labels))
+    if unsupported:
+        names = sorted({cell.config for cell in unsupported})
+        print(f"not run: {len(unsupported)} inv_sqrtm cell(s) of {', '.join(names)} (square root only)")
+    _print_summary(
+        result.comparisons,
+        result.missing,
+        describe_missing(result.missing),
+        args.time_budget,
+        result.elapsed_s,
+    )
     print(
         f"wrote {args.out / 'roots.csv'}, {args.out / 'roots.json'} and {len(figures)} figure(s): "
         + ", ".join(path.name for path in figures)
@@ -322,17 +354,9 @@ def run_trace(args: argparse.Namespace) -> None:
                     )
 
 
-def _print_left_out(unsupported: Sequence[Cell], skipped: Sequence[Cell], budget: float) -> None:
-    if unsupported:
-        names = sorted({cell.config for cell in unsupported})
-        print(f"not run: {len(unsupported)} inv_sqrtm cell(s) of {', '.join(names)} (square root only)")
-    if skipped:
-        print(_skipped_message(len(skipped), budget, describe_skipped(skipped)))
-
-
 def run_layer_benchmark(args: argparse.Namespace) -> None:
     """The layer benchmark: table on stdout, ``layers.csv`` and ``layers.json`` in ``--out``."""
-    rows, skipped = run_layers(
+    result, verdicts = run_layers(
         layers=args.layer_names,
         methods=args.layer_methods,
         devices=args.devices,
@@ -343,21 +367,23 @@ def run_layer_benchmark(args: argparse.Namespace) -> None:
         seed=args.seed,
         progress=not args.no_progress,
     )
-    write_csv(rows, args.out / "layers.csv")
+    write_csv(result.rows, args.out / "layers.csv")
     write_json(
         {
             "environment": _environment(),
             "settings": _settings(args),
-            "rows": rows,
-            "skipped": [cell.label() for cell in skipped],
+            "max_spread": MAX_SPREAD,
+            "rows": result.rows,
+            "comparisons": verdicts,
+            "missing": [{"cell": cell.label(), "reason": reason} for cell, reason in result.missing],
         },
         args.out / "layers.json",
     )
     columns = [c for c in LAYER_COLUMNS if c != "peak_mib" or any(d.startswith("cuda") for d in args.devices)]
-    print(format_table(rows, columns))
-    if skipped:
-        details = "\n".join(f"  {cell.label()}" for cell in skipped)
-        print(_skipped_message(len(skipped), args.time_budget, details))
+    labels = [f"{v['layer']} {v['device']} {v['dtype']}" for v in verdicts]
+    print(format_comparisons(result.rows, verdicts, columns, labels))
+    details = "\n".join(f"  {cell.label()}: {reason}" for cell, reason in result.missing)
+    _print_summary(verdicts, result.missing, details, args.time_budget, result.elapsed_s)
     print(f"wrote {args.out / 'layers.csv'} and {args.out / 'layers.json'}")
 
 

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 import covpool
+from covpool.linalg import RootOptions
+from covpool.linalg.numerics import working_dtype
 
 RootFn = Callable[[torch.Tensor, bool], torch.Tensor]
 
@@ -23,23 +26,33 @@ RootFn = Callable[[torch.Tensor, bool], torch.Tensor]
 class RootConfig:
     """One benchmarked way of computing ``A^(±1/2)``.
 
-    ``root(A, inverse)`` computes it; ``has_inverse`` is False for peers that only have a square root.
+    ``root(A, inverse)`` computes it; ``has_inverse`` is False for peers that only have a square root;
+    ``options`` are the keyword options of covpool's configurations (None for the peers).
     """
 
     name: str
     description: str
     root: RootFn
     has_inverse: bool = True
+    options: dict[str, Any] | None = None
+
+    def runs(self, device: str, dtype: str, n: int) -> str:
+        """The method this configuration runs on ``device`` in ``dtype`` at size ``n``: what
+        ``method="auto"`` resolves to there, a covpool configuration's own method, a peer's name."""
+        if self.options is None:
+            return self.name
+        working = working_dtype(getattr(torch, dtype))
+        return RootOptions(**self.options).plan(n, eps=0.0, device=torch.device(device), dtype=working).method
 
 
-def _covpool(**kwargs) -> RootFn:
-    """``(A, inverse) ↦ covpool.(inv_)sqrtm(A, **kwargs, check_input=False)``."""
+def _covpool(name: str, description: str, **options) -> RootConfig:
+    """The configuration ``(A, inverse) ↦ covpool.(inv_)sqrtm(A, **options, check_input=False)``."""
 
     def root(A: torch.Tensor, inverse: bool) -> torch.Tensor:
         function = covpool.inv_sqrtm if inverse else covpool.sqrtm
-        return function(A, check_input=False, **kwargs)
+        return function(A, check_input=False, **options)
 
-    return root
+    return RootConfig(name, description, root, options=options)
 
 
 def _eigh_autograd(A: torch.Tensor, inverse: bool) -> torch.Tensor:
@@ -58,23 +71,22 @@ def _matrix_sqrth(A: torch.Tensor, inverse: bool) -> torch.Tensor:
 
 def _build_configs() -> dict[str, RootConfig]:
     configs = [
-        RootConfig("auto", "covpool method='auto', tol=1e-3", _covpool(method="auto", tol=1e-3)),
-        RootConfig("eigh", "covpool exact eigh, Daleckii-Krein backward", _covpool(method="eigh")),
-        RootConfig("mpa", "covpool scaled Padé [2/2] steps certified for tol=1e-3", _covpool(method="mpa")),
-        RootConfig("mtp", "covpool minimax steps certified for tol=1e-3", _covpool(method="mtp")),
-        RootConfig("mtp-tol1e-2", "covpool mtp, tol=1e-2", _covpool(method="mtp", tol=1e-2)),
-        RootConfig("mtp-tol1e-5", "covpool mtp, tol=1e-5", _covpool(method="mtp", tol=1e-5)),
-        RootConfig(
-            "mtp-cond1e5", "covpool mtp certified for condition 1e5", _covpool(method="mtp", condition=1e5)
-        ),
-        RootConfig("ns3", "covpool Newton-Schulz x 3 (iSQRT-COV), autograd", _covpool(method="ns", steps=3)),
-        RootConfig("ns5", "covpool Newton-Schulz x 5 (iSQRT-COV), autograd", _covpool(method="ns", steps=5)),
-        RootConfig(
+        _covpool("auto", "covpool method='auto', tol=1e-3", method="auto", tol=1e-3),
+        _covpool("eigh", "covpool exact eigh, Daleckii-Krein backward", method="eigh"),
+        _covpool("mpa", "covpool scaled Padé [2/2] steps certified for tol=1e-3", method="mpa"),
+        _covpool("mtp", "covpool minimax steps certified for tol=1e-3", method="mtp"),
+        _covpool("mtp-tol1e-2", "covpool mtp, tol=1e-2", method="mtp", tol=1e-2),
+        _covpool("mtp-tol1e-5", "covpool mtp, tol=1e-5", method="mtp", tol=1e-5),
+        _covpool("mtp-cond1e5", "covpool mtp certified for condition 1e5", method="mtp", condition=1e5),
+        _covpool("ns3", "covpool Newton-Schulz x 3 (iSQRT-COV), autograd", method="ns", steps=3),
+        _covpool("ns5", "covpool Newton-Schulz x 5 (iSQRT-COV), autograd", method="ns", steps=5),
+        _covpool(
             "ns16",
             "covpool Newton-Schulz x 16, autograd: the fewest steps meeting 1e-3 at condition 1e3, n <= 256",
-            _covpool(method="ns", steps=16),
+            method="ns",
+            steps=16,
         ),
-        RootConfig("paper", "covpool.PAPER_CONFIG (Song et al. 2022)", _covpool(**covpool.PAPER_CONFIG)),
+        _covpool("paper", "covpool.PAPER_CONFIG (Song et al. 2022)", **covpool.PAPER_CONFIG),
         RootConfig("eigh-autograd", "torch.linalg.eigh + autograd (peer)", _eigh_autograd),
     ]
     if hasattr(torch.linalg, "matrix_sqrth"):

@@ -6,21 +6,31 @@ against the float64 references of :mod:`covpool.testing`. The errors do not depe
 so they are computed once per ``(configuration, function, device, dtype, n)`` on ``error_batch`` other
 matrices of the same spectrum, and the largest per-matrix relative Frobenius error is reported.
 
-Cells run from the smallest ``n`` and batch up, all configurations of one size together, so a spent
-budget leaves complete comparisons at the sizes that were reached.
+A *comparison* is the cells of one function, device, dtype, ``n`` and batch: every configuration on the
+same input. Its cells are timed together, their repeats interleaved
+(:func:`covpool.bench.timing.measure_interleaved`), and ranked or declared not rankable by
+:mod:`covpool.bench.ranking`. Comparisons run from the smallest ``n`` and batch up; once the soft time
+budget is spent no new comparison starts, and its cells get rows that say so (:mod:`covpool.bench.budget`).
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
 
-from covpool.bench.budget import run_within_budget
+from covpool.bench.budget import run_groups_within_budget
 from covpool.bench.configs import CONFIGS, RootConfig
-from covpool.bench.timing import measure, upstream_gradient
+from covpool.bench.ranking import ROW_TIMES, rank_rows, time_fields
+from covpool.bench.timing import (
+    Timer,
+    error_message,
+    measure_interleaved,
+    upstream_gradient,
+)
 from covpool.testing import random_spd, reference_gradient, reference_root, relative_error
 
 FUNCTIONS = {"sqrtm": False, "inv_sqrtm": True}
@@ -42,13 +52,25 @@ class Cell:
         """Short human-readable name, e.g. ``mpa sqrtm cpu float32 n=64 b=16``."""
         return f"{self.config} {self.function} {self.device} {self.dtype} n={self.n} b={self.batch}"
 
+    def comparison(self) -> tuple[str, str, str, int, int]:
+        """``(function, device, dtype, n, batch)``: the cells with equal values are compared."""
+        return (self.function, self.device, self.dtype, self.n, self.batch)
+
+
+def comparison_label(function: str, device: str, dtype: str, n: int, batch: int) -> str:
+    """E.g. ``sqrtm cpu float32 n=64 batch=16``."""
+    return f"{function} {device} {dtype} n={n} batch={batch}"
+
 
 @dataclass
 class GridResult:
-    """Rows of the measured cells (in run order) and the cells the time budget left out."""
+    """A row for every planned cell (in run order), the cells without measurements with the reason, one
+    verdict per comparison (:func:`covpool.bench.ranking.rank_rows`) and the wall time."""
 
     rows: list[dict] = field(default_factory=list)
-    skipped: list[Cell] = field(default_factory=list)
+    missing: list[tuple[Cell, str]] = field(default_factory=list)
+    comparisons: list[dict] = field(default_factory=list)
+    elapsed_s: float = 0.0
 
 
 def plan_grid(
@@ -105,33 +127,55 @@ def accuracy(config: RootConfig, A: torch.Tensor, *, inverse: bool) -> tuple[flo
     )
 
 
-def _row(cell: Cell, **values) -> dict:
-    nan = {
-        "forward_ms": math.nan,
-        "forward_backward_ms": math.nan,
-        "saved_mib": math.nan,
-        "peak_mib": math.nan,
-        "forward_error": math.nan,
-        "gradient_error": math.nan,
-        "note": "",
-    }
-    return {**asdict(cell), **nan, **values}
+def _row(cell: Cell, runs: str = "", **values) -> dict:
+    nan = dict.fromkeys((*ROW_TIMES, "saved_mib", "peak_mib", "forward_error", "gradient_error"), math.nan)
+    return {**asdict(cell), "runs": runs, **nan, "spread": math.nan, "rank": None, "note": "", **values}
 
 
-def run_cell(cell: Cell, A: torch.Tensor, errors: tuple[float, float], *, warmup: int, repeats: int) -> dict:
-    """Measure ``cell`` on the timing batch ``A`` (``(batch, n, n)``); ``errors`` from :func:`accuracy`."""
-    config, inverse = CONFIGS[cell.config], FUNCTIONS[cell.function]
-    A = A.detach().requires_grad_()
-    result = measure(lambda: config.root(A, inverse), [A], device=A.device, warmup=warmup, repeats=repeats)
-    return _row(
-        cell,
-        forward_ms=result.forward_ms,
-        forward_backward_ms=result.forward_backward_ms,
-        saved_mib=result.saved_mib,
-        peak_mib=result.peak_mib,
-        forward_error=errors[0],
-        gradient_error=errors[1],
+def run_comparison(
+    cells: Sequence[Cell],
+    A: torch.Tensor,
+    error_inputs: torch.Tensor,
+    *,
+    warmup: int,
+    repeats: int,
+    timer: Timer = time.perf_counter,
+) -> list[dict]:
+    """Rows of ``cells`` (one comparison) on the timing batch ``A`` (``(batch, n, n)``), repeats
+    interleaved; errors from :func:`accuracy` on ``error_inputs``. A cell that raises ``RuntimeError``
+    (out of memory, a failed decomposition, an unsupported dtype) gets NaNs and the message in ``note``."""
+    rows, cases = {}, {}
+    for cell in cells:
+        config, inverse = CONFIGS[cell.config], FUNCTIONS[cell.function]
+        runs = config.runs(cell.device, cell.dtype, cell.n)
+        try:
+            forward_error, gradient_error = accuracy(config, error_inputs, inverse=inverse)
+        except RuntimeError as error:
+            rows[cell] = _row(cell, runs, note=f"failed: {error_message(error)}")
+            continue
+        rows[cell] = _row(cell, runs, forward_error=forward_error, gradient_error=gradient_error)
+        A_cell = A.detach().requires_grad_()
+        cases[cell] = (lambda c=config, i=inverse, a=A_cell: c.root(a, i), [A_cell])
+    measurements, failures = measure_interleaved(
+        cases, device=A.device, warmup=warmup, repeats=repeats, timer=timer
     )
+    for cell, measurement in measurements.items():
+        rows[cell] |= {
+            **time_fields(measurement),
+            "saved_mib": measurement.saved_mib,
+            "peak_mib": measurement.peak_mib,
+        }
+    for cell, message in failures.items():
+        rows[cell]["note"] = f"failed: {message}"
+    return [rows[cell] for cell in cells]
+
+
+def group_cells(cells: Sequence[Cell]) -> list[list[Cell]]:
+    """``cells`` cut into comparisons, in order of their first cell."""
+    groups: dict[tuple, list[Cell]] = {}
+    for cell in cells:
+        groups.setdefault(cell.comparison(), []).append(cell)
+    return list(groups.values())
 
 
 def run_grid(
@@ -145,50 +189,48 @@ def run_grid(
     seed: int = 0,
     progress: bool = True,
 ) -> GridResult:
-    """Run ``cells`` in order until ``time_budget`` seconds are spent; cells not started are ``skipped``.
-
-    A cell that raises a ``RuntimeError`` (out of memory, a failed decomposition, an unsupported dtype)
-    gives a row of NaNs with the message in ``note``, and the grid goes on.
-    """
-    # Inputs are shared by consecutive cells; only the latest of each kind is kept alive.
-    timing_inputs: dict[tuple, torch.Tensor] = {}
+    """Run the comparisons of ``cells`` in order until ``time_budget`` seconds are spent (soft: a started
+    comparison finishes); every cell gets a row, those not run with the reason in ``note``."""
+    # Error inputs are shared by the batches of one n; only the latest is kept alive.
     error_inputs: dict[tuple, torch.Tensor] = {}
-    errors: dict[tuple, tuple[float, float]] = {}
 
-    def run(cell: Cell) -> dict:
-        nonlocal timing_inputs, error_inputs
+    def run(group: Sequence[Cell]) -> list[dict]:
+        nonlocal error_inputs
+        cell = group[0]
         dtype = getattr(torch, cell.dtype)
-        timing_key = (cell.device, cell.dtype, cell.n, cell.batch)
         error_key = (cell.device, cell.dtype, cell.n)
-        if timing_key not in timing_inputs:
-            timing_inputs = {timing_key: _spd(cell.batch, cell.n, condition, dtype, cell.device, seed)}
         if error_key not in error_inputs:
             error_inputs = {error_key: _spd(error_batch, cell.n, condition, dtype, cell.device, seed + 1)}
-        accuracy_key = (cell.config, cell.function, *error_key)
-        if accuracy_key not in errors:
-            errors[accuracy_key] = accuracy(
-                CONFIGS[cell.config], error_inputs[error_key], inverse=FUNCTIONS[cell.function]
-            )
-        return run_cell(cell, timing_inputs[timing_key], errors[accuracy_key], warmup=warmup, repeats=repeats)
+        A = _spd(cell.batch, cell.n, condition, dtype, cell.device, seed)
+        return run_comparison(group, A, error_inputs[error_key], warmup=warmup, repeats=repeats)
 
-    rows, skipped = run_within_budget(
-        cells,
+    def missing(cell: Cell, reason: str) -> dict:
+        return _row(cell, CONFIGS[cell.config].runs(cell.device, cell.dtype, cell.n), note=reason)
+
+    budget = run_groups_within_budget(
+        group_cells(cells),
         run,
-        lambda cell, message: _row(cell, note=message),
-        label=Cell.label,
+        missing,
+        label=lambda group: comparison_label(*group[0].comparison()),
         time_budget=time_budget,
         progress=progress,
     )
-    return GridResult(rows=rows, skipped=skipped)
+    keys = ("function", "device", "dtype", "n", "batch")
+    comparisons, start = [], 0
+    for group in group_cells(cells):
+        comparisons.append(rank_rows(budget.rows[start : start + len(group)], keys))
+        start += len(group)
+    return GridResult(
+        rows=budget.rows, missing=budget.missing, comparisons=comparisons, elapsed_s=budget.elapsed_s
+    )
 
 
-def describe_skipped(cells: Sequence[Cell]) -> str:
-    """One line per ``(device, dtype, n, batch)`` with the number of cells left out there."""
-    groups: dict[tuple, int] = {}
-    for cell in cells:
-        key = (cell.device, cell.dtype, cell.n, cell.batch)
-        groups[key] = groups.get(key, 0) + 1
+def describe_missing(missing: Sequence[tuple[Cell, str]]) -> str:
+    """One line per comparison and reason: the configurations without measurements there."""
+    groups: dict[tuple, list[str]] = {}
+    for cell, reason in missing:
+        groups.setdefault((cell.comparison(), reason), []).append(cell.config)
     return "\n".join(
-        f"  {device} {dtype} n={n} batch={batch}: {count} cell(s)"
-        for (device, dtype, n, batch), count in groups.items()
+        f"  {comparison_label(*comparison)}: {', '.join(configs)}: {reason}"
+        for (comparison, reason), configs in groups.items()
     )

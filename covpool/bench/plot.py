@@ -1,9 +1,14 @@
 """Error-versus-time Pareto plots of the matrix-root grid, one PNG per device, dtype and ``n``.
 
 Each figure has one panel per function (rows) and batch size (columns). A point is a configuration:
-x is its gradient error, y its forward+backward time, both on log scales, so better is down and to the
-left. The Pareto front (configurations that no other one beats on both error and time) is the
-dashed staircase. Figures are drawn with matplotlib's Agg canvas, without pyplot's global state.
+x is its gradient error, y its median forward+backward time, both on log scales, so better is down and
+to the left; the vertical bar spans its fastest to slowest run. Configurations are told apart by colour
+and marker, named in the figure's legend (no labels at the points, which overlap where points crowd).
+In a rankable comparison (:mod:`covpool.bench.ranking`) the Pareto front (configurations that no other
+one beats on both error and median time) is the dashed staircase, its points ringed in black; a panel
+that is not rankable says so in red in its title and draws no front. Configurations of the panel
+without a point are listed in it with the reason, and a panel where nothing ran says so. Figures are
+drawn with matplotlib's Agg canvas, without pyplot's global state.
 """
 
 from __future__ import annotations
@@ -30,29 +35,57 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, flo
     return front
 
 
+_MARKERS = "os^Dv<>PX*"
+
+
 def _plottable(row: dict) -> bool:
     values = (row["gradient_error"], row["forward_backward_ms"])
     return all(isinstance(value, float) and math.isfinite(value) for value in values)
 
 
-def plot_pareto(rows: Sequence[dict], out_dir: Path) -> list[Path]:
-    """Write ``pareto_<device>_<dtype>_n<n>.png`` for every group of ``rows`` with a finite point."""
+def _legend_label(row: dict) -> str:
+    """The configuration's name, with the method it runs where the name does not say (``auto (runs
+    eigh)``)."""
+    runs = row.get("runs") or row["config"]
+    return row["config"] if runs in row["config"] else f"{row['config']} (runs {runs})"
+
+
+def _missing_reason(row: dict) -> str:
+    note = row["note"] or "no finite time or error"
+    return note if len(note) <= 60 else note[:57] + "..."
+
+
+def plot_pareto(rows: Sequence[dict], comparisons: Sequence[dict], out_dir: Path) -> list[Path]:
+    """Write ``pareto_<device>_<dtype>_n<n>.png`` for every device, dtype and ``n`` of ``rows`` (all
+    planned cells, measured or not), with the verdicts of ``comparisons`` (:func:`covpool.bench.ranking.
+    rank_rows`)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    rows = [row for row in rows if _plottable(row)]
+    styles = {}
+    for row in rows:
+        if row["config"] not in styles:
+            index = len(styles)
+            styles[row["config"]] = {"color": f"C{index % 10}", "marker": _MARKERS[index % len(_MARKERS)]}
+    verdicts = {(v["function"], v["device"], v["dtype"], v["n"], v["batch"]): v for v in comparisons}
     paths = []
     for device, dtype, n in sorted({(row["device"], row["dtype"], row["n"]) for row in rows}):
         group = [row for row in rows if (row["device"], row["dtype"], row["n"]) == (device, dtype, n)]
         functions = list(dict.fromkeys(row["function"] for row in group))
         batches = sorted({row["batch"] for row in group})
-        figure = Figure(figsize=(max(6.0, 4.2 * len(batches)), 3.8 * len(functions)), layout="constrained")
+        figure = Figure(
+            figsize=(max(6.0, 4.6 * len(batches)) + 2.6, 4.0 * len(functions)), layout="constrained"
+        )
         FigureCanvasAgg(figure)
         axes = figure.subplots(len(functions), len(batches), squeeze=False)
+        legend = {}
         for i, function in enumerate(functions):
             for j, batch in enumerate(batches):
                 cells = [row for row in group if (row["function"], row["batch"]) == (function, batch)]
-                _panel(axes[i][j], cells, title=f"{function}, batch {batch}")
+                verdict = verdicts.get((function, device, dtype, n, batch))
+                legend |= _panel(axes[i][j], cells, verdict, styles, title=f"{function}, batch {batch}")
+        if legend:
+            figure.legend(list(legend.values()), list(legend), loc="outside right upper", fontsize=8)
         figure.suptitle(f"covpool.bench: n={n}, {device}, {dtype}; down and left is better")
         path = out_dir / f"pareto_{device}_{dtype}_n{n}.png".replace(":", "")
         figure.savefig(path, dpi=110)
@@ -60,20 +93,70 @@ def plot_pareto(rows: Sequence[dict], out_dir: Path) -> list[Path]:
     return paths
 
 
-def _panel(ax, rows: Sequence[dict], *, title: str) -> None:
-    points = [(max(row["gradient_error"], _ERROR_FLOOR), row["forward_backward_ms"]) for row in rows]
-    front = pareto_front(points)
+def _panel(ax, rows: Sequence[dict], verdict: dict | None, styles: dict, *, title: str) -> dict:
+    """Draw one comparison; returns its legend entries ``{label: artist}``."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_title(title, fontsize=10)
     ax.set_xlabel("gradient relative error")
-    ax.set_ylabel("forward+backward ms")
+    ax.set_ylabel("forward+backward ms (median, min-max bar)")
     ax.grid(True, which="both", alpha=0.25)
-    if not points:
-        return
-    on_front = set(front)
-    for row, point in zip(rows, points, strict=True):
-        ax.scatter(*point, s=22, color="C3" if point in on_front else "C0", zorder=3)
-        ax.annotate(row["config"], point, xytext=(3, 3), textcoords="offset points", fontsize=7)
-    errors, times = zip(*front, strict=True)
-    ax.step(errors, times, where="post", linestyle="--", color="C3", alpha=0.7, zorder=2)
+    drawn = [row for row in rows if _plottable(row)]
+    absent = [row for row in rows if not _plottable(row)]
+    rankable = verdict is not None and verdict["rankable"]
+    if drawn and not rankable:
+        reason = "spread too wide or times inconsistent" if verdict is None else verdict["reason"]
+        reason = reason if len(reason) <= 70 else reason[:67] + "..."
+        ax.set_title(f"{title}\nNOT RANKABLE: {reason}", fontsize=9, color="C3")
+    else:
+        ax.set_title(title, fontsize=10)
+    if absent:
+        lines = [f"{row['config']}: {_missing_reason(row)}" for row in absent]
+        heading = "not run" if not drawn else f"missing {len(absent)} of {len(rows)}"
+        ax.text(
+            0.02,
+            0.02 if drawn else 0.5,
+            heading + ":\n" + "\n".join(lines),
+            transform=ax.transAxes,
+            fontsize=6.5,
+            va="bottom" if drawn else "center",
+            color="C3",
+            bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "C3"},
+        )
+    if not drawn:
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.minorticks_off()
+        return {}
+    points = [(max(row["gradient_error"], _ERROR_FLOOR), row["forward_backward_ms"]) for row in drawn]
+    front = set(pareto_front(points)) if rankable else set()
+    entries = {}
+    for row, (error, time) in zip(drawn, points, strict=True):
+        low, high = row.get("forward_backward_min_ms", time), row.get("forward_backward_max_ms", time)
+        style = styles[row["config"]]
+        container = ax.errorbar(
+            error,
+            time,
+            yerr=[[max(time - low, 0.0)], [max(high - time, 0.0)]],
+            fmt=style["marker"],
+            color=style["color"],
+            markersize=6,
+            capsize=2,
+            markeredgecolor="black" if (error, time) in front else style["color"],
+            markeredgewidth=1.4 if (error, time) in front else 0.0,
+            zorder=3,
+        )
+        entries[_legend_label(row)] = container
+    # Plain numbers on the time axis; its minor ticks labelled only where it spans under a decade.
+    plain = FuncFormatter(lambda value, _: f"{value:.3g}")
+    ax.yaxis.set_major_formatter(plain)
+    spans_a_decade = max(row["forward_backward_max_ms"] for row in drawn) >= 10 * min(
+        row["forward_backward_min_ms"] for row in drawn
+    )
+    ax.yaxis.set_minor_formatter(NullFormatter() if spans_a_decade else plain)
+    ax.tick_params(axis="y", which="minor", labelsize=7)
+    if front:
+        errors, times = zip(*sorted(front), strict=True)
+        ax.step(errors, times, where="post", linestyle="--", color="0.3", alpha=0.7, zorder=2)
+    return entries

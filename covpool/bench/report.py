@@ -1,4 +1,4 @@
-"""Benchmark rows to CSV, JSON and an aligned text table."""
+"""Benchmark rows to CSV, JSON and aligned text tables, one block per comparison with its verdict."""
 
 from __future__ import annotations
 
@@ -48,6 +48,76 @@ def format_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
         return "  ".join(parts).rstrip()
 
     return "\n".join([line(columns)] + [line(values) for values in cells])
+
+
+def format_spread(row: dict, prefix: str) -> str:
+    """``"min / median / max"`` of the ``{prefix}_min_ms``, ``{prefix}_ms``, ``{prefix}_max_ms`` of ``row``.
+
+    Example:
+        >>> format_spread({"forward_min_ms": 1.0, "forward_ms": 1.234, "forward_max_ms": 12.5}, "forward")
+        '1.00 / 1.23 / 12.5'
+    """
+    values = (row[f"{prefix}_min_ms"], row[f"{prefix}_ms"], row[f"{prefix}_max_ms"])
+    return "-" if _is_nan(values[1]) else " / ".join(map(_format, values))
+
+
+def verdict_line(verdict: dict, label: str) -> str:
+    """The heading of one comparison's block: ranked, NOT RANKABLE with why, or NOT RUN."""
+    if verdict["rankable"]:
+        spread = verdict["widest_spread"]
+        line = f"== {label}: ranked (widest spread {spread:.2f}x)"
+    elif verdict["reason"] == "nothing timed":
+        return f"== {label}: NOT RUN (no configuration timed)"
+    else:
+        line = f"== {label}: NOT RANKABLE: {verdict['reason']}"
+    if verdict["missing"]:
+        line += f"; missing: {', '.join(verdict['missing'])}"
+    return line
+
+
+def format_comparisons(
+    rows: Sequence[dict], verdicts: Sequence[dict], columns: Sequence[str], labels: Sequence[str]
+) -> str:
+    """``rows`` as one table with aligned columns, cut into consecutive blocks of the comparisons of
+    ``verdicts`` (as many rows each as it has), each under its :func:`verdict_line` with its label.
+
+    The time spreads are shown as ``min / median / max`` in the columns ``forward ms`` and
+    ``forward+backward ms``.
+    """
+    display = [
+        {
+            **row,
+            "forward ms": format_spread(row, "forward"),
+            "forward+backward ms": format_spread(row, "forward_backward"),
+            "spread": "-" if _is_nan(row["spread"]) else f"{row['spread']:.2f}x",
+        }
+        for row in rows
+    ]
+    table = format_table(display, columns).splitlines()
+    lines, start = [table[0]], 1
+    sizes = _block_sizes(rows, verdicts)
+    for verdict, label, size in zip(verdicts, labels, sizes, strict=True):
+        lines.append(verdict_line(verdict, label))
+        lines.extend(table[start : start + size])
+        start += size
+    return "\n".join(lines)
+
+
+def _block_sizes(rows: Sequence[dict], verdicts: Sequence[dict]) -> list[int]:
+    if not verdicts:
+        return []
+    keys = [key for key in verdicts[0] if key not in ("rankable", "reason", "widest_spread", "missing")]
+    sizes = []
+    start = 0
+    for verdict in verdicts:
+        size = 0
+        while start + size < len(rows) and all(rows[start + size][k] == verdict[k] for k in keys):
+            size += 1
+        sizes.append(size)
+        start += size
+    if start != len(rows):
+        raise ValueError("rows are not in the order of the comparisons of verdicts")
+    return sizes
 
 
 def _is_nan(value: object) -> bool:
