@@ -16,7 +16,7 @@ import torch
 from covpool.bench.__main__ import main
 from covpool.bench.budget import run_groups_within_budget, run_within_budget
 from covpool.bench.configs import CONFIGS
-from covpool.bench.grid import Cell, accuracy, plan_grid, run_comparison, run_grid
+from covpool.bench.grid import Cell, accuracy, auto_twins, plan_grid, run_comparison, run_grid
 from covpool.bench.layers import run_layers
 from covpool.bench.plot import pareto_front, plot_pareto
 from covpool.bench.ranking import MAX_SPREAD, rank, rank_rows
@@ -185,10 +185,10 @@ class TestRanking:
         assert verdict.rankable and verdict.ranks == {"a": 1, "b": 1, "c": 3}
 
     def test_a_spread_wider_than_the_limit_forbids_ranking(self):
-        wide = Spread(1.0, 1.2, MAX_SPREAD * 1.01)
+        wide = Spread(1.0, 1.2, 1.6)
         verdict = rank({"a": (self.tight, self.tight), "b": (wide, self.tight)})
         assert not verdict.rankable and verdict.ranks == {}
-        assert verdict.reason.startswith("b: forward spread") and verdict.widest == pytest.approx(1.515)
+        assert verdict.reason == "spread above 1.5x: b 1.60x" and verdict.widest == pytest.approx(1.6)
         assert rank({"a": (self.tight, Spread(1.0, 1.2, MAX_SPREAD))}).rankable  # the limit itself is allowed
 
     def test_a_forward_slower_than_its_forward_backward_forbids_ranking(self):
@@ -215,9 +215,9 @@ class TestRanking:
 
         rows = [row("auto", "eigh", 1.0, 1.1, 1.2), row("eigh", "eigh", 1.0, 1.1, 1.2)]
         rows += [row("ns3", "ns", 3.0, 3.1, 3.2), row("mpa", "mpa", math.nan, math.nan, math.nan)]
-        verdict = rank_rows(rows, ["n"])
+        verdict = rank_rows(rows, ["n"], same={"auto": "eigh", "mpa": "eigh"})  # mpa was not timed
         assert verdict == {"n": 8, "rankable": True, "reason": "", "widest_spread": pytest.approx(1.2),
-                           "missing": ["mpa"]}  # fmt: skip
+                           "missing": ["mpa"], "same": {"auto": "eigh"}}  # fmt: skip
         assert [r["rank"] for r in rows] == [1, 1, 3, None]
         assert rows[0]["spread"] == pytest.approx(1.2) and math.isnan(rows[3]["spread"])
 
@@ -267,6 +267,9 @@ class TestNothingDropped:
             for key in ("forward_ms", "forward_backward_max_ms")
         )
         assert rows[0]["forward_error"] == rows[1]["forward_error"]
+        # Only auto is checked against what it runs: paper runs mpa, but with other settings.
+        paper = [{"config": "paper", "runs": "mpa"}, {"config": "mpa", "runs": "mpa"}]
+        assert auto_twins(rows) == {"auto": "eigh"} and auto_twins(paper) == {}
 
     def test_a_spent_budget_leaves_rows_table_lines_and_panels_for_every_cell(self, tmp_path):
         cells, _ = plan_grid(configs=["auto", "eigh"], functions=["sqrtm", "inv_sqrtm"], devices=["cpu"],

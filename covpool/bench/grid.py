@@ -170,6 +170,17 @@ def run_comparison(
     return [rows[cell] for cell in cells]
 
 
+def auto_twins(rows: Sequence[dict]) -> dict[str, str]:
+    """``{configuration: the configuration it runs}`` for the ``method="auto"`` configurations of
+    ``rows`` whose resolved method is benchmarked as a configuration of its own (``auto`` → ``eigh``)."""
+    names = {row["config"] for row in rows}
+    return {
+        row["config"]: row["runs"]
+        for row in rows
+        if (CONFIGS[row["config"]].options or {}).get("method") == "auto" and row["runs"] in names
+    }
+
+
 def group_cells(cells: Sequence[Cell]) -> list[list[Cell]]:
     """``cells`` cut into comparisons, in order of their first cell."""
     groups: dict[tuple, list[Cell]] = {}
@@ -218,7 +229,8 @@ def run_grid(
     keys = ("function", "device", "dtype", "n", "batch")
     comparisons, start = [], 0
     for group in group_cells(cells):
-        comparisons.append(rank_rows(budget.rows[start : start + len(group)], keys))
+        rows = budget.rows[start : start + len(group)]
+        comparisons.append(rank_rows(rows, keys, same=auto_twins(rows)))
         start += len(group)
     return GridResult(
         rows=budget.rows, missing=budget.missing, comparisons=comparisons, elapsed_s=budget.elapsed_s

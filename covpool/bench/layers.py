@@ -170,8 +170,11 @@ def run_layers(
     )
     verdicts, start = [], 0
     for group in groups:
-        verdicts.append(
-            rank_rows(result.rows[start : start + len(group)], ("layer", "device", "dtype"), name="method")
-        )
+        rows = result.rows[start : start + len(group)]
+        names = {row["method"] for row in rows}
+        same = {
+            row["method"]: row["runs"] for row in rows if row["method"] == "auto" and row["runs"] in names
+        }
+        verdicts.append(rank_rows(rows, ("layer", "device", "dtype"), name="method", same=same))
         start += len(group)
     return result, verdicts

@@ -17,6 +17,8 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+from covpool.bench.ranking import MAX_SPREAD
+
 # Below this a relative error is drawn at the floor: it is float64 round-off, and log axes need > 0.
 _ERROR_FLOOR = 1e-16
 
@@ -35,7 +37,7 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, flo
     return front
 
 
-_MARKERS = "os^Dv<>PX*"
+_MARKERS = "osD^vP*"  # 7 markers, coprime with the 10 colours: 70 distinct styles
 
 
 def _plottable(row: dict) -> bool:
@@ -43,11 +45,11 @@ def _plottable(row: dict) -> bool:
     return all(isinstance(value, float) and math.isfinite(value) for value in values)
 
 
-def _legend_label(row: dict) -> str:
-    """The configuration's name, with the method it runs where the name does not say (``auto (runs
+def _legend_label(row: dict, verdict: dict | None) -> str:
+    """The configuration's name, and what it runs where that is another configuration (``auto (runs
     eigh)``)."""
-    runs = row.get("runs") or row["config"]
-    return row["config"] if runs in row["config"] else f"{row['config']} (runs {runs})"
+    twin = (verdict or {}).get("same", {}).get(row["config"])
+    return f"{row['config']} (runs {twin})" if twin else row["config"]
 
 
 def _missing_reason(row: dict) -> str:
@@ -106,7 +108,9 @@ def _panel(ax, rows: Sequence[dict], verdict: dict | None, styles: dict, *, titl
     absent = [row for row in rows if not _plottable(row)]
     rankable = verdict is not None and verdict["rankable"]
     if drawn and not rankable:
-        reason = "spread too wide or times inconsistent" if verdict is None else verdict["reason"]
+        reason = "no verdict" if verdict is None else verdict["reason"]
+        if verdict is not None and verdict["widest_spread"] > MAX_SPREAD:
+            reason = f"spreads up to {verdict['widest_spread']:.2f}x (limit {MAX_SPREAD:g}x)"
         reason = reason if len(reason) <= 70 else reason[:67] + "..."
         ax.set_title(f"{title}\nNOT RANKABLE: {reason}", fontsize=9, color="C3")
     else:
@@ -147,9 +151,9 @@ def _panel(ax, rows: Sequence[dict], verdict: dict | None, styles: dict, *, titl
             markeredgewidth=1.4 if (error, time) in front else 0.0,
             zorder=3,
         )
-        entries[_legend_label(row)] = container
+        entries[_legend_label(row, verdict)] = container
     # Plain numbers on the time axis; its minor ticks labelled only where it spans under a decade.
-    plain = FuncFormatter(lambda value, _: f"{value:.3g}")
+    plain = FuncFormatter(lambda value, _: f"{value:.0f}" if value >= 10 else f"{value:.3g}")
     ax.yaxis.set_major_formatter(plain)
     spans_a_decade = max(row["forward_backward_max_ms"] for row in drawn) >= 10 * min(
         row["forward_backward_min_ms"] for row in drawn

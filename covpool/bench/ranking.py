@@ -34,6 +34,9 @@ Key = TypeVar("Key", bound=Hashable)
 MAX_SPREAD = 1.5
 """Largest ``max / min`` of one configuration's timed runs for its comparison to be ranked."""
 
+VERDICT_FIELDS = ("rankable", "reason", "widest_spread", "missing", "same")
+"""Fields of :func:`rank_rows`'s verdict after the comparison's own keys."""
+
 
 @dataclass(frozen=True)
 class Ranking:
@@ -65,15 +68,20 @@ def rank(
         >>> rank({"a": (fast, fast), "b": (fast, slow), "c": (fast, fast)}).ranks
         {'a': 1, 'b': 3, 'c': 1}
         >>> rank({"a": (fast, fast), "b": (fast, noisy)}).reason
-        'b: forward+backward spread 2.00x > 1.5x'
+        'spread above 1.5x: b 2.00x'
     """
     ratios = [spread.ratio for pair in times.values() for spread in pair if not math.isnan(spread.ratio)]
     widest = max(ratios, default=math.nan)
     problems = []
+    wide = {
+        key: max(pair[0].ratio, pair[1].ratio)
+        for key, pair in times.items()
+        if max(pair[0].ratio, pair[1].ratio) > max_spread
+    }
+    if wide:
+        listed = ", ".join(f"{key} {ratio:.2f}x" for key, ratio in wide.items())
+        problems.append(f"spread above {max_spread:g}x: {listed}")
     for key, (forward, forward_backward) in times.items():
-        for name, spread in (("forward", forward), ("forward+backward", forward_backward)):
-            if spread.ratio > max_spread:
-                problems.append(f"{key}: {name} spread {spread.ratio:.2f}x > {max_spread:g}x")
         if forward.min > forward_backward.max:
             problems.append(
                 f"{key}: forward ({forward.min:.3g} ms at best) slower than forward+backward "
@@ -126,20 +134,21 @@ def row_spreads(row: dict) -> tuple[Spread, Spread]:
 
 
 def rank_rows(
-    rows: Sequence[dict], keys: Sequence[str], *, name: str = "config", max_spread: float = MAX_SPREAD
+    rows: Sequence[dict],
+    keys: Sequence[str],
+    *,
+    name: str = "config",
+    same: Mapping[str, str] | None = None,
+    max_spread: float = MAX_SPREAD,
 ) -> dict:
     """Rank the timed ``rows`` of one comparison in place (their ``rank``, ``spread``); returns the
-    verdict ``{**the comparison's keys, "rankable", "reason", "widest_spread", "missing"}``.
+    verdict: the comparison's ``keys`` and :data:`VERDICT_FIELDS`.
 
-    ``rows[i][name]`` names the configuration; a row whose ``runs`` names another configuration of the
-    comparison (``auto`` running ``eigh``) must take about its time, or the timings were disturbed.
+    ``rows[i][name]`` names the configuration; ``same[a] = b`` says that ``a`` runs the same computation
+    as ``b`` (``auto`` resolving to ``eigh``), which is checked where both were timed.
     """
     timed = {row[name]: row_spreads(row) for row in rows if not math.isnan(row["forward_ms"])}
-    twins = {
-        row[name]: row["runs"]
-        for row in rows
-        if row[name] in timed and row["runs"] in timed and row["runs"] != row[name]
-    }
+    twins = {a: b for a, b in (same or {}).items() if a in timed and b in timed}
     verdict = rank(timed, max_spread=max_spread, same=twins)
     for row in rows:
         forward, forward_backward = row_spreads(row)
@@ -151,4 +160,5 @@ def rank_rows(
         "reason": verdict.reason or ("" if timed else "nothing timed"),
         "widest_spread": verdict.widest,
         "missing": [row[name] for row in rows if math.isnan(row["forward_ms"])],
+        "same": twins,
     }

@@ -8,6 +8,8 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+from covpool.bench.ranking import VERDICT_FIELDS
+
 
 def write_csv(rows: Sequence[dict], path: Path) -> None:
     """All ``rows`` (dicts with the same keys) as CSV with a header; NaN is written as an empty field."""
@@ -106,7 +108,7 @@ def format_comparisons(
 def _block_sizes(rows: Sequence[dict], verdicts: Sequence[dict]) -> list[int]:
     if not verdicts:
         return []
-    keys = [key for key in verdicts[0] if key not in ("rankable", "reason", "widest_spread", "missing")]
+    keys = [key for key in verdicts[0] if key not in VERDICT_FIELDS]
     sizes = []
     start = 0
     for verdict in verdicts:
