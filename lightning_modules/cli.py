@@ -1,6 +1,7 @@
 """``covpool-train``: LightningCLI for :class:`CovPoolClassifier` on any of the data modules.
 
-Examples::
+``covpool-train --help`` (and ``fit --help``) says what it trains, lists the shipped configs with
+their installed path and gives example lines. Examples::
 
     covpool-train fit --config lightning_modules/configs/digits_resnet18_isqrtcov.yaml
     covpool-train fit --data lightning_modules.CIFARDataModule --data.root data --model.model resnet18
@@ -13,11 +14,59 @@ data module.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
+from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lightning_modules.classifier import CovPoolClassifier
 from lightning_modules.data import ClassificationDataModule
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+"""The shipped configurations (package data, so installed with the package)."""
+
+DESCRIPTION = """\
+Train or fine-tune an image classifier with covpool's second-order layers: a timm model (ResNet, ViT,
+... by name) whose pooling and classifier become a covariance-pooling head (--model.head isqrtcov:
+iSQRT-COV; sovit: So-ViT's token head) and whose BatchNorms can become group ZCA whitening (--model.zca
+first|all), with the matrix root options in --model.matrix_root. Data: the digits bundled with
+scikit-learn (default, no download), CIFAR-10 (--data lightning_modules.CIFARDataModule) or a folder of
+images (--data lightning_modules.ImageFolderDataModule). It is Lightning's CLI for CovPoolClassifier:
+subcommands fit, validate, test, predict, and every option a flag or a key of a YAML config."""
+
+
+def _config_summary(path: Path) -> str:
+    """The first comment line of a shipped config: what it trains."""
+    for line in path.read_text().splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+    return ""
+
+
+def help_epilog() -> str:
+    """The end of ``covpool-train --help``: the shipped configs with what each trains, and examples."""
+    configs = sorted(CONFIG_DIR.glob("*.yaml"))
+    width = max(len(path.name) for path in configs)
+    lines = [f"shipped configs (in {CONFIG_DIR}):"]
+    lines += [f"  {path.name:{width}s}  {_config_summary(path)}" for path in configs]
+    example = CONFIG_DIR / "digits_resnet18_isqrtcov.yaml"
+    lines += [
+        "",
+        "examples:",
+        f"  covpool-train fit --config {example}",
+        "  covpool-train fit --config CONFIG --trainer.max_epochs 2 --model.matrix_root mtp",
+        "  covpool-train fit --model.model resnet18 --model.head isqrtcov --model.zca first",
+        "  covpool-train fit --help   (every option of the model, the data and the trainer)",
+        "  covpool-train fit --config CONFIG --print_config   (the resolved configuration)",
+    ]
+    return "\n".join(lines)
+
+
+class _HelpFormatter(DefaultHelpFormatter):
+    """jsonargparse's formatter, keeping the line breaks of the description and the epilog."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "".join(indent + line for line in text.splitlines(keepends=True))
 
 
 class CovPoolCLI(LightningCLI):
@@ -34,6 +83,7 @@ def create_cli(args: list[str] | None = None, *, run: bool = True) -> CovPoolCLI
     With ``run=False`` the arguments take no subcommand and the model, data module and trainer are only
     instantiated (``cli.model``, ``cli.datamodule``, ``cli.trainer``).
     """
+    help_kwargs = {"description": DESCRIPTION, "epilog": help_epilog(), "formatter_class": _HelpFormatter}
     return CovPoolCLI(
         CovPoolClassifier,
         ClassificationDataModule,
@@ -42,6 +92,7 @@ def create_cli(args: list[str] | None = None, *, run: bool = True) -> CovPoolCLI
         run=run,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
+        parser_kwargs={**help_kwargs, "fit": help_kwargs},
     )
 
 

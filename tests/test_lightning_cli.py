@@ -24,11 +24,19 @@ def clean_argv(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["covpool-train"])
 
 
-def test_help(capsys):
+@pytest.mark.parametrize("args", [["--help"], ["fit", "--help"]])
+def test_help_says_what_it_trains_lists_the_shipped_configs_and_gives_examples(args, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["--help"])
+        main(args)
     assert exit_info.value.code == 0
-    assert "fit" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "Train or fine-tune an image classifier with covpool's second-order layers" in printed
+    assert "Lightning Trainer command line tool" not in printed
+    configs = sorted(CONFIGS.glob("*.yaml"))
+    assert configs and f"shipped configs (in {CONFIGS.resolve()})" in printed
+    assert all(path.name in printed for path in configs)
+    assert "ResNet-18 with an iSQRT-COV head on the embedded digits" in printed  # the config's own comment
+    assert f"covpool-train fit --config {CONFIGS.resolve() / 'digits_resnet18_isqrtcov.yaml'}" in printed
 
 
 def test_fit_fast_dev_run_from_config(tmp_path):

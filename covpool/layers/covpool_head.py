@@ -26,6 +26,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from covpool.functional.covariance import MIN_POSITIONS, sqrt_covariance_pool
+from covpool.layers.constructor_doc import document_init
 from covpool.layers.head_base import CovarianceHead
 from covpool.linalg import RootOptions
 from covpool.linalg.checks import check_choice
@@ -33,6 +34,7 @@ from covpool.linalg.checks import check_choice
 INPUT_FORMATS = ("NCHW", "NLC")
 
 
+@document_init
 class CovPoolHead(CovarianceHead):
     """iSQRT-COV head: reduction, covariance, matrix square root, triu vector, classifier.
 
@@ -45,6 +47,8 @@ class CovPoolHead(CovarianceHead):
         drop_rate: dropout on the pooled features.
         input_format: ``"NCHW"`` feature maps or ``"NLC"`` token sequences.
         eps: relative ridge before the root (see the module docstring).
+        device, dtype: factory arguments, where and in which dtype the parameters and buffers are created
+            (as for :mod:`torch.nn` layers).
 
     Attributes:
         num_features: width of the pre-logits features, ``d (d + 1) / 2``.

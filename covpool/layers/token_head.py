@@ -20,11 +20,13 @@ import torch
 from torch import Tensor, nn
 
 from covpool.functional.covariance import MIN_POSITIONS, sqrt_covariance_pool
+from covpool.layers.constructor_doc import document_init
 from covpool.layers.head_base import CovarianceHead
 from covpool.linalg import RootOptions
 from covpool.linalg.checks import check_positive_int
 
 
+@document_init
 class SecondOrderTokenHead(CovarianceHead):
     """So-ViT head: ``fc([class token, triu(Σ^(1/2) of the visual tokens)])``.
 
@@ -39,6 +41,8 @@ class SecondOrderTokenHead(CovarianceHead):
             of its fields; default ``"auto"``), passed unchanged to :func:`covpool.sqrtm`.
         drop_rate: dropout on the concatenated features.
         eps: relative ridge before the root (see :func:`covpool.functional.sqrt_covariance_pool`).
+        device, dtype: factory arguments, where and in which dtype the parameters and buffers are created
+            (as for :mod:`torch.nn` layers).
 
     Attributes:
         num_features: width of the pre-logits features, ``C + d (d + 1) / 2``.

@@ -50,6 +50,7 @@ from covpool.functional.whitening import (
     moments_from_statistics,
     whitening_matrix,
 )
+from covpool.layers.constructor_doc import document_init
 from covpool.linalg import RootOptions
 from covpool.linalg.checks import check_float, check_positive_int, reads_values
 from covpool.linalg.numerics import working_dtype
@@ -240,6 +241,7 @@ class _ZCABatchNorm(nn.Module):
         )
 
 
+@document_init
 class ZCABatchNorm2d(_ZCABatchNorm):
     """Group ZCA whitening of the channels of ``(N, C, H, W)`` maps, statistics over ``(N, H, W)``.
 
@@ -257,6 +259,8 @@ class ZCABatchNorm2d(_ZCABatchNorm):
             of its fields; default ``"auto"``), passed unchanged to :func:`covpool.inv_sqrtm`.
         process_group: group whose ranks share statistics in training (default: the world) when
             ``torch.distributed`` is initialised with more than one rank.
+        device, dtype: factory arguments, where and in which dtype the parameters and buffers are created
+            (as for :mod:`torch.nn` layers).
 
     Shape:
         - input: :math:`(N, C, H, W)`
@@ -279,6 +283,7 @@ class ZCABatchNorm2d(_ZCABatchNorm):
         return rearrange(rows, "(n h w) c -> n c h w", n=n, h=h, w=w)
 
 
+@document_init(args_from=ZCABatchNorm2d)
 class ZCABatchNorm1d(_ZCABatchNorm):
     """Group ZCA whitening of features ``(N, C)`` or channels-last sequences ``(N, L, C)``.
 
