@@ -22,7 +22,7 @@ from covpool.models import CovPooledModel, SoViT
 from covpool.testing import reference_gradient, reference_root, relative_error
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-SCRIPTS = ("zca_resnet_cifar", "sovit_vit", "finetune_imagefolder")
+SCRIPTS = ("zca_resnet_cifar", "sovit_vit", "finetune_imagefolder", "zca_recalibration")
 
 
 @pytest.fixture
@@ -83,6 +83,14 @@ def test_sovit_vit(load, tmp_path: Path) -> None:
     net = trainer.lightning_module.model
     assert isinstance(net, SoViT) and net.patch_embed.num_patches == 64
     assert_tested(trainer)
+
+
+def test_zca_recalibration(load, tmp_path: Path) -> None:
+    script = load("zca_recalibration")
+    results = script.main(["--model", "test_resnet", "--group-size", "4", *common_args(tmp_path)])
+    expected = {"eval, running statistics", "eval, ZCA recalibrated", "train mode (batch statistics)"}
+    assert expected <= set(results)
+    assert results["lag_after"] < results["lag_before"]
 
 
 def test_finetune_imagefolder(load, tmp_path: Path) -> None:
