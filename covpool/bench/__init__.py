@@ -8,9 +8,17 @@ What is measured
     sizes, each with several root methods.
 
 How to read the table (also ``roots.csv`` / ``roots.json`` / ``layers.csv`` / ``layers.json``)
-    forward_ms, forward_backward_ms
-        median wall time of a forward under ``no_grad``, and of a forward plus the backward of a fixed
-        random upstream gradient (CUDA synchronised). Compare within one device, dtype, n and batch.
+    The table has one block per comparison (function, device, dtype, n, batch; or layer, device,
+    dtype), headed ``ranked`` or ``NOT RANKABLE`` with why (:mod:`covpool.bench.ranking`).
+    runs
+        the method a configuration runs there (``auto`` resolved, e.g. ``eigh`` on CPU).
+    forward ms, forward+backward ms (``forward_ms``, ``forward_min_ms``, ``forward_max_ms``, ...)
+        min / median / max wall time of a forward under ``no_grad``, and of a forward plus the backward
+        of a fixed random upstream gradient (CUDA synchronised), the repeats of the configurations of a
+        comparison interleaved round-robin. Compare only within one comparison.
+    spread, rank
+        the larger ``max / min`` of the two times; the rank on forward+backward time, 1 + the
+        configurations faster in every run, none where the comparison is not rankable.
     saved_mib
         MiB that autograd keeps between forward and backward (inputs and weights not counted). Methods
         with their own backward (eigh, mpa, mtp, paper) keep one or two ``n × n`` matrices per sample;
@@ -22,17 +30,20 @@ How to read the table (also ``roots.csv`` / ``roots.json`` / ``layers.csv`` / ``
         eigendecomposition references (:mod:`covpool.testing`); the gradient is ``∂⟨G, A^(±1/2)⟩/∂A``.
         They do not depend on the batch size.
     note
-        why a cell has no numbers (out of memory, an unsupported dtype, ...).
+        why a cell has no numbers (out of memory, an unsupported dtype, the time budget spent, ...).
 
 How to read the figures (``pareto_<device>_<dtype>_n<n>.png``)
-    One panel per function and batch size; each point is a configuration at its gradient error (x)
-    and forward+backward time (y), log-log: down and left is better. The dashed staircase joins the
-    Pareto front (red points): the configurations that no other is both faster and more accurate than.
+    One panel per function and batch size; each point is a configuration (named in the legend) at its
+    gradient error (x) and median forward+backward time (y, bar from min to max), log-log: down and
+    left is better. The dashed staircase joins the Pareto front (ringed points): the configurations that
+    no other is both faster and more accurate than; a panel that is not rankable has none, and cells
+    without a point are listed in their panel.
     Pick the fastest point left of the error your model tolerates; ``eigh`` shows what an exact
     method reaches in the dtype.
 
-Cells run from small to large sizes; when ``--time-budget`` is spent no new cell starts and the
-cells left out are listed.
+Comparisons run from small to large sizes. ``--time-budget`` is soft: once it is spent no new
+comparison starts (a started one finishes), and every cell left out is still a row, with the reason,
+and listed under ``MISSING:``.
 """
 
 from covpool.bench.configs import CONFIGS, RootConfig
