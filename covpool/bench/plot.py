@@ -14,6 +14,7 @@ drawn with matplotlib's Agg canvas, without pyplot's global state.
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -52,9 +53,12 @@ def _legend_label(row: dict, verdict: dict | None) -> str:
     return f"{row['config']} (runs {twin})" if twin else row["config"]
 
 
+def _shorten(text: str, width: int = 70) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
 def _missing_reason(row: dict) -> str:
-    note = row["note"] or "no finite time or error"
-    return note if len(note) <= 60 else note[:57] + "..."
+    return _shorten(row["note"] or "no finite time or error", 60)
 
 
 def plot_pareto(rows: Sequence[dict], comparisons: Sequence[dict], out_dir: Path) -> list[Path]:
@@ -97,6 +101,7 @@ def plot_pareto(rows: Sequence[dict], comparisons: Sequence[dict], out_dir: Path
 
 def _panel(ax, rows: Sequence[dict], verdict: dict | None, styles: dict, *, title: str) -> dict:
     """Draw one comparison; returns its legend entries ``{label: artist}``."""
+    from matplotlib.lines import Line2D
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
     ax.set_xscale("log")
@@ -107,24 +112,36 @@ def _panel(ax, rows: Sequence[dict], verdict: dict | None, styles: dict, *, titl
     drawn = [row for row in rows if _plottable(row)]
     absent = [row for row in rows if not _plottable(row)]
     rankable = verdict is not None and verdict["rankable"]
+    lines = [title]
     if drawn and not rankable:
         reason = "no verdict" if verdict is None else verdict["reason"]
         if verdict is not None and verdict["widest_spread"] > MAX_SPREAD:
             reason = f"spreads up to {verdict['widest_spread']:.2f}x (limit {MAX_SPREAD:g}x)"
-        reason = reason if len(reason) <= 70 else reason[:67] + "..."
-        ax.set_title(f"{title}\nNOT RANKABLE: {reason}", fontsize=9, color="C3")
-    else:
-        ax.set_title(title, fontsize=10)
-    if absent:
-        lines = [f"{row['config']}: {_missing_reason(row)}" for row in absent]
-        heading = "not run" if not drawn else f"missing {len(absent)} of {len(rows)}"
+        lines.append(f"NOT RANKABLE: {_shorten(reason)}")
+    # The missing configurations grouped by reason: in the title where points are drawn (not over them).
+    reasons: dict[str, list[str]] = {}
+    for row in absent:
+        reasons.setdefault(_missing_reason(row), []).append(row["config"])
+    missing = [
+        line
+        for reason, names in reasons.items()
+        for line in textwrap.wrap(f"{'missing ' if drawn else ''}{', '.join(names)}: {reason}", width=80)
+    ]
+    if drawn:
+        lines += missing
+    ax.set_title(
+        "\n".join(lines), fontsize=9 if len(lines) > 1 else 10, color="C3" if len(lines) > 1 else "black"
+    )
+    if absent and not drawn:
+        details = "\n".join(missing)
         ax.text(
-            0.02,
-            0.02 if drawn else 0.5,
-            heading + ":\n" + "\n".join(lines),
+            0.5,
+            0.5,
+            f"not run:\n{details}",
             transform=ax.transAxes,
-            fontsize=6.5,
-            va="bottom" if drawn else "center",
+            fontsize=7,
+            ha="center",
+            va="center",
             color="C3",
             bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "C3"},
         )
@@ -139,7 +156,7 @@ def _panel(ax, rows: Sequence[dict], verdict: dict | None, styles: dict, *, titl
     for row, (error, time) in zip(drawn, points, strict=True):
         low, high = row.get("forward_backward_min_ms", time), row.get("forward_backward_max_ms", time)
         style = styles[row["config"]]
-        container = ax.errorbar(
+        ax.errorbar(
             error,
             time,
             yerr=[[max(time - low, 0.0)], [max(high - time, 0.0)]],
@@ -151,7 +168,10 @@ def _panel(ax, rows: Sequence[dict], verdict: dict | None, styles: dict, *, titl
             markeredgewidth=1.4 if (error, time) in front else 0.0,
             zorder=3,
         )
-        entries[_legend_label(row, verdict)] = container
+        # The legend gets a plain proxy of the style, not a (possibly ringed) point.
+        entries[_legend_label(row, verdict)] = Line2D(
+            [], [], linestyle="none", marker=style["marker"], color=style["color"], markersize=6
+        )
     # Plain numbers on the time axis; its minor ticks labelled only where it spans under a decade.
     plain = FuncFormatter(lambda value, _: f"{value:.0f}" if value >= 10 else f"{value:.3g}")
     ax.yaxis.set_major_formatter(plain)
