@@ -241,8 +241,9 @@ class ZCARecalibration(L.Callback):
     under the trainer's precision and device transfer. BatchNorm statistics are left as they are unless
     ``batchnorm=True``. Validation, checkpoints saved after it, ``trainer.test`` and the model left after
     ``fit`` therefore use statistics of the weights they are evaluated with. The end-of-fit pass is skipped
-    when no optimiser step ran since the last one. Under DDP every rank runs its shard of the training data
-    and the statistics are summed over the ranks.
+    when no optimiser step ran since the last one. The pass runs on forked random generators (CPU and the
+    module's CUDA device), so training draws the same numbers as without it. Under DDP every rank runs its
+    shard of the training data and the statistics are summed over the ranks.
 
     :class:`lightning_modules.CovPoolClassifier` adds this callback with its defaults when its model has
     ZCA layers (``recalibrate_zca=True``); a ``ZCARecalibration`` passed to the ``Trainer`` takes its place.
@@ -307,12 +308,18 @@ class ZCARecalibration(L.Callback):
                 f"{type(loader).__name__}; call covpool.recalibrate_statistics with the loader of your choice"
             )
         limits = [n for n in (self.max_batches, trainer.num_training_batches) if n not in (None, math.inf)]
+        if limits and min(limits) < 1:
+            return {}
         progress = trainer.progress_bar_callback is not None if self.progress is None else self.progress
 
         def to_input(batch: Any) -> Any:
             return default_batch_input(trainer.strategy.batch_to_device(batch))
 
-        with trainer.precision_plugin.forward_context():
+        # The pass draws random numbers (sampler, augmentations, dropout): on forked generators, so that
+        # training goes on with the numbers it would have drawn without recalibration.
+        device = pl_module.device
+        cuda_devices = [device.index or 0] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda_devices), trainer.precision_plugin.forward_context():
             self.last_counts = recalibrate_statistics(
                 pl_module,
                 _own_iterator_loader(loader),

@@ -247,8 +247,8 @@ def _classifier(**kwargs) -> CovPoolClassifier:
 
 
 def _trainer(tmp_path: Path, callbacks=None, **kwargs) -> L.Trainer:
+    kwargs = {"max_epochs": 1, **kwargs}
     return L.Trainer(
-        max_epochs=1,
         accelerator="cpu",
         devices=1,
         logger=False,
@@ -286,6 +286,19 @@ class TestCallback:
         trainer = _trainer(tmp_path, callbacks=callbacks, limit_train_batches=3, limit_val_batches=1)
         trainer.fit(clf, train_dataloaders=loader, val_dataloaders=loader)
         assert checks == [3]
+
+    def test_training_is_the_same_with_and_without_it(self, tmp_path):
+        """Recalibration changes no weight and draws no random number of the training (shuffled loader)."""
+        weights = []
+        for recalibrate in (True, False):
+            clf, loader = _classifier(recalibrate_zca=recalibrate), _loader(shuffle=True)
+            L.seed_everything(0)
+            trainer = _trainer(tmp_path, max_epochs=2, limit_train_batches=2, limit_val_batches=1)
+            trainer.fit(clf, train_dataloaders=loader, val_dataloaders=_loader())
+            ran = any(isinstance(c, ZCARecalibration) and c.last_counts for c in trainer.callbacks)
+            assert ran == recalibrate
+            weights.append({name: p.detach().clone() for name, p in clf.named_parameters()})
+        assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
     def test_switch_off_and_models_without_zca(self, tmp_path):
         assert _classifier(recalibrate_zca=False).configure_callbacks() == []
