@@ -217,6 +217,9 @@ def recalibrate_statistics(
             variance); ``False`` restores them unchanged.
         progress: show a tqdm progress bar (on rank 0 only under ``torch.distributed``).
 
+    Each recalibrated layer's ``num_batches_tracked`` becomes the number of batches it saw in this pass
+    (as after ``update_bn``), so a layer with ``momentum=None`` goes on averaging from there.
+
     Returns:
         For every recalibrated layer (by ``named_modules`` name), the number of rows its statistics are
         over (samples times positions, summed over the ranks).
