@@ -10,7 +10,7 @@ from covpool.layers import (
     convert_zca_batchnorm,
     recalibrate_statistics,
 )
-from covpool.linalg import METHODS, PAPER_CONFIG, RootOptions, inv_sqrtm, sqrtm
+from covpool.linalg import METHODS, PAPER_CONFIG, RootOptions, flagged_matrices, inv_sqrtm, sqrtm
 from covpool.models import attach_head  # registers the timm models
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "attach_head",
     "convert_zca_batchnorm",
     "export_onnx",
+    "flagged_matrices",
     "inv_sqrtm",
     "recalibrate_statistics",
     "sqrtm",

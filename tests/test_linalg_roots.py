@@ -198,7 +198,17 @@ class TestGradients:
                 .products()
             )
 
-        assert products(1e-2) < products(1e-5) < products(1e-8)
+        assert products(1e-2) <= products(1e-3) < products(1e-5)
+        if dtype == torch.float64:
+            assert products(1e-5) < products(1e-8)
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+    def test_tol_below_the_products_rounding_is_refused(self, dtype):
+        floor = 50 * torch.finfo(dtype).eps
+        match = rf"tol={floor / 2:g} is below what {dtype} products can deliver"
+        with pytest.raises(ValueError, match=match):
+            covpool.sqrtm(random_spd(2, n=8, dtype=dtype), method="mtp", tol=floor / 2)
+        covpool.sqrtm(random_spd(2, n=8, dtype=dtype), method="mtp", tol=floor * 1.01)
 
 
 def head_covariances(n: int, samples: int = 49, batch: int = 4) -> torch.Tensor:
@@ -387,10 +397,9 @@ class TestNormalization:
             ValueError, match="normalization=.trace. certifies no spectrum bound with eps=1.19209e-07 at n=64"
         ):
             covpool.sqrtm(A, method="mtp", normalization="trace", eps=torch.finfo(torch.float32).eps)
-        out = covpool.sqrtm(
-            A, method="mtp", normalization="trace", eps=1e-7, condition=1e5
-        )  # condition stands in
-        assert out.shape == A.shape
+        options = covpool.RootOptions(method="mtp", normalization="trace", condition=1e5)  # stands in
+        plan = options.plan(64, eps=1e-7, device=A.device, dtype=A.dtype)
+        assert plan.lower == pytest.approx((1e5 * 64) ** -0.5)
 
 
 class TestShapesAndDtypes:
@@ -526,12 +535,22 @@ class TestDegenerateInput:
     def test_square_root_of_zero_is_zero(self, method):
         assert torch.equal(covpool.sqrtm(torch.zeros(2, 5, 5), method=method), torch.zeros(2, 5, 5))
 
-    @pytest.mark.parametrize("method", ["mpa", "mtp", "eigh"])
-    def test_square_root_of_singular_psd_matrix(self, method):
+    def test_square_root_of_singular_psd_matrix(self):
         A = random_covariance(2, n=16, samples=6)
-        options = {"condition": 1e12, "tol": 1e-4} if method != "eigh" else {}
-        out = covpool.sqrtm(A, method=method, **options)
-        assert_relative_close(out, reference_root(A), rtol=1e-3)
+        assert_relative_close(covpool.sqrtm(A, method="eigh"), reference_root(A), rtol=1e-3)
+
+    @pytest.mark.parametrize("method", ["mpa", "mtp"])
+    def test_singular_matrix_is_flagged_without_a_ridge_and_certified_with_one(self, method):
+        # Its forward is accurate, but its gradient is infinite: no finite gradient is within tol.
+        A = random_covariance(2, n=16, samples=6)
+        with pytest.raises(ValueError, match=r"not positive definite|κ\(A\)"):
+            covpool.sqrtm(A, method=method, condition=1e12, tol=1e-4)
+        out, grad = forward_and_gradient(covpool.sqrtm, A, torch.eye(16).expand(2, 16, 16).double(),
+                                         method=method, eps=1e-6, tol=1e-4)
+        target = ridged(A, 1e-6)
+        assert_relative_close(out, reference_root(target), rtol=1e-4)
+        exact = ridge_adjoint(reference_gradient(target, torch.eye(16).expand(2, 16, 16).double()), 1e-6)
+        assert_relative_close(grad, exact, rtol=1e-4)
 
     @pytest.mark.parametrize("method", ["mpa", "mtp", "eigh"])
     @pytest.mark.parametrize("scale", [1e-30, 1e30])
@@ -622,7 +641,10 @@ class TestBadInput:
 
     def test_spectrum_beyond_the_certified_bound_is_reported(self):
         A = random_spd(2, n=32, condition=1e7)
-        with pytest.raises(ValueError, match=r"condition=1000 is assumed.*larger condition="):
+        with pytest.raises(
+            ValueError,
+            match=r"condition=1000 is assumed.*κ\(A\): 1e\+07, 1e\+07. Pass eps=.*condition= at least that κ",
+        ):
             covpool.inv_sqrtm(A, method="mtp")
         assert_relative_close(
             covpool.inv_sqrtm(A, method="mtp", condition=1e7), reference_root(A, inverse=True)

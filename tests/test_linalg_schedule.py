@@ -171,9 +171,9 @@ class TestSchedules:
         options = RootOptions(method="mtp")
         plan = options.plan(32, eps=0.0, device=torch.device("cuda"), dtype=torch.float32)
         result = trace_root(lambda a: covpool.sqrtm(a, options), n=32, batch=4)
-        # + 2 for the Schatten-8 normalisation (the default without a ridge), + 2 for the validity estimate.
+        # + 2 for the Schatten-8 normalisation (the default without a ridge), + 3 for the residual test.
         assert plan.normalization == "schatten8"
-        assert result.forward.product_units == plan.forward.forward_products() + 4
+        assert result.forward.product_units == plan.forward.forward_products() + 5
         assert result.syncs == 0
         assert result.backward.product_units == plan.backward.backward_products()
 
@@ -183,5 +183,5 @@ class TestSchedules:
         for function in (covpool.sqrtm, covpool.inv_sqrtm):
             result = trace_root(lambda a, f=function: f(a, options, eps=1e-4), n=32, batch=4)
             assert result.syncs == 0
-            assert result.forward.product_units == plan.forward.forward_products() + 2
+            assert result.forward.product_units == plan.forward.forward_products() + 3  # the residual test
             assert result.backward.product_units == plan.forward.adjoint_products()

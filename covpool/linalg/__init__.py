@@ -1,6 +1,7 @@
 """Differentiable matrix square roots and inverse square roots of batches of SPD matrices."""
 
+from covpool.linalg.checks import flagged_matrices
 from covpool.linalg.options import METHODS, PAPER_CONFIG, RootOptions
 from covpool.linalg.roots import inv_sqrtm, sqrtm
 
-__all__ = ["METHODS", "PAPER_CONFIG", "RootOptions", "inv_sqrtm", "sqrtm"]
+__all__ = ["METHODS", "PAPER_CONFIG", "RootOptions", "flagged_matrices", "inv_sqrtm", "sqrtm"]

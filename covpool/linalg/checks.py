@@ -74,6 +74,62 @@ def raise_if_invalid(valid: torch.Tensor, message: str) -> None:
         raise ValueError(f"{message}; failing {_entries(~valid)}")
 
 
+_flagged: dict[torch.device, torch.Tensor] = {}
+
+
+def count_flagged(valid: torch.Tensor) -> None:
+    """Add the number of unset flags of ``valid`` to its device's count of flagged matrices, on the
+    device (no synchronisation; not while tracing, where the graph's NaN still marks them)."""
+    if is_tracing() or valid.numel() == 0:
+        return
+    count = _flagged.get(valid.device)
+    if count is None:
+        count = _flagged[valid.device] = torch.zeros((), dtype=torch.int64, device=valid.device)
+    count.add_((~valid).sum())
+
+
+def flagged_matrices(*, reset: bool = False) -> int:
+    """How many matrices the roots have flagged (returned NaN for, or raised on) since the start or the
+    last reset, over every device. The roots count on the device, without a synchronisation, so a NaN
+    that the sync-free CUDA path returns is still counted; reading the count synchronises once per
+    device: call it where a host read is cheap (a logging step, the end of an epoch). Not counted:
+    calls traced by ``torch.compile``/``torch.export`` (their NaN still marks the matrix).
+
+    Example:
+        >>> import torch, covpool
+        >>> _ = covpool.sqrtm(-torch.eye(3).expand(2, 3, 3), method="mtp", check_input=False)
+        >>> covpool.flagged_matrices(reset=True)
+        2
+        >>> covpool.flagged_matrices()
+        0
+    """
+    total = sum(int(count) for count in _flagged.values())
+    if reset:
+        for count in _flagged.values():
+            count.zero_()
+    return total
+
+
+def estimated_condition(A: torch.Tensor, mask: torch.Tensor) -> str:
+    """κ of the first matrices of ``A`` selected by ``mask``, by float64 eigenvalues, for error messages
+    (a host read; only called where the values are read anyway). Shapes: ``(*, n, n)`` and ``(*,)``."""
+    chosen = A[mask][:5].double()
+    if chosen.numel() == 0 or not bool(torch.isfinite(chosen).all()):
+        return "the flagged matrices hold non-finite values"
+    eigenvalues = torch.linalg.eigvalsh(0.5 * (chosen + chosen.mT))
+    parts = []
+    for values in eigenvalues:
+        low, high = float(values[0]), float(values[-1])
+        parts.append(
+            f"{high / low:.3g}"
+            if low > 0
+            else f"not positive definite (λmin/λmax = {low / high:.2g})"
+            if high > 0
+            else "not positive semi-definite"
+        )
+    return "their κ(A): " + ", ".join(parts)
+
+
 def _entries(mask: torch.Tensor) -> str:
     if mask.ndim == 0:
         return "the matrix"

@@ -25,6 +25,7 @@ import torch
 
 from covpool.linalg.checks import refuse_double_backward
 from covpool.linalg.numerics import eye_like
+from covpool.linalg.precision import products_in
 
 _RELATIVE_ROUNDING = 10.0
 
@@ -69,6 +70,11 @@ class EighRoot(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor, _valid_grad: torch.Tensor):  # noqa: D102
         refuse_double_backward("eigh")
+        with products_in("full", grad.dtype):
+            return EighRoot._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         roots, vectors, scale = ctx.saved_tensors
         pair_sum = roots.unsqueeze(-1) + roots.unsqueeze(-2)
         if ctx.inverse:

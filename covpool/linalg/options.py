@@ -21,16 +21,22 @@ import torch
 from covpool.linalg.auto import choose_method
 from covpool.linalg.checks import check_choice, check_float, check_positive_int, reads_values
 from covpool.linalg.coefficients import pade_coefficients, taylor_coefficients
+from covpool.linalg.iteration import residual_rounding
 from covpool.linalg.lyapunov import rounding_error
 from covpool.linalg.numerics import is_tracing
+from covpool.linalg.precision import PRECISIONS, Precision
 from covpool.linalg.schedule import (
     BACKWARD_DEGREES,
     FORWARD_DEGREES,
+    ResidualTest,
     Schedule,
     differentiable_schedule,
     minimax_schedule,
     newton_schulz_schedule,
     pade_schedule,
+    passing_edge,
+    residual_test,
+    valid_residual,
 )
 
 Method = Literal["auto", "mtp", "mpa", "ns", "eigh"]
@@ -43,14 +49,24 @@ BACKWARDS: tuple[str, ...] = ("minimax", "newton-schulz", "unrolled")
 DEFAULT_TOL = 1e-3
 DEFAULT_CONDITION = 1e3
 _SERIES_OPTIONS = frozenset(
-    {"tol", "condition", "degree", "steps", "normalization", "backward", "backward_steps", "check_input"}
+    {
+        "tol",
+        "condition",
+        "degree",
+        "steps",
+        "normalization",
+        "backward",
+        "backward_steps",
+        "precision",
+        "check_input",
+    }
 )
 _USED_BY = {
-    "auto": frozenset({"tol", "condition", "check_input"}),
+    "auto": frozenset({"tol", "condition", "precision", "check_input"}),
     "mtp": _SERIES_OPTIONS,
     "mpa": _SERIES_OPTIONS,
-    "ns": frozenset({"steps", "normalization", "check_input"}),
-    "eigh": frozenset({"check_input"}),
+    "ns": frozenset({"steps", "normalization", "precision", "check_input"}),
+    "eigh": frozenset({"precision", "check_input"}),
 }
 _NORMALIZATION_SLACK = {"schatten8": 0.125, "frobenius": 0.5, "trace": 1.0}
 """``c / λmax <= n^slack`` for the normalising constant ``c`` (Schatten-8 norm, Frobenius norm, trace)."""
@@ -66,9 +82,12 @@ constant lies below the trace for any input of rank > 1, which leaves that room 
 _TRACE_BOUND_SHARE = 0.9
 """The trace normalises (saving the Schatten-8 norm's two products) where its bound is at least this share
 of the Schatten-8 norm's."""
-_REJECT_FLOOR = 1e-2
-"""A matrix is rejected (NaN, or an error with checks) when its a-posteriori error exceeds
-``max(10 tol, 1e-2)``: far beyond what the certified schedule reaches on valid input."""
+_VALID_SHARE = 0.5
+"""A valid input's residual test (its Schatten-8 overestimate and rounding included) stays below this
+share of the limit, where a schedule split allows (:func:`_check`)."""
+TOL_FLOOR = 50
+"""Smallest ``tol`` accepted, in machine epsilons of the working dtype (6e-6 in float32, 1.1e-14 in
+float64): below it the products' rounding, not the schedule, sets the error."""
 
 
 @dataclass(frozen=True)
@@ -82,7 +101,10 @@ class RootPlan:
         direct_degree: degree of the paper's single approximant when ``steps == 1``, else None.
         backward: schedule of the Lyapunov sign iteration (mtp and mpa), else None (see ``gradient``).
         lower: assumed lower end of the spectrum of ``Â^(1/2)``.
-        reject_above: a-posteriori error above which a matrix is invalid (``inf``: not checked).
+        check: the a-posteriori test of every result (mtp and mpa iterations; None for the single
+            approximant, ns and eigh, which have checks of their own).
+        precision: the precision of the products the schedules are certified for
+            (:mod:`covpool.linalg.precision`).
         read_values: read validity flags on the host and raise (``check_input`` resolved).
         gradient: how the backward runs: ``"lyapunov"`` (:mod:`covpool.linalg.lyapunov`), ``"adjoint"``
             (the fused reverse mode of polynomial steps, :mod:`covpool.linalg.unrolled`), ``"autograd"``
@@ -95,13 +117,14 @@ class RootPlan:
     direct_degree: int | None
     backward: Schedule | None
     lower: float
-    reject_above: float
+    check: ResidualTest | None
+    precision: str
     read_values: bool
     gradient: str
 
     def products(self) -> int | None:
         """Matrix products of forward and backward as planned, without the normalisation's (two for the
-        Schatten-8 norm, none for the trace) and the validity estimate's two; None where autograd or eigh
+        Schatten-8 norm, none for the trace) and the residual test's three; None where autograd or eigh
         differentiates."""
         if self.gradient == "lyapunov":
             forward = self.forward.forward_products() if self.forward is not None else 0
@@ -149,6 +172,9 @@ class RootOptions:
             float32 the Lyapunov gradient loses up to about ``0.04 u κ(A)`` (``u`` = 1.2e-7), 1e-3 at
             ``κ ≈ 2e5``, which a covariance head's ridge allows.
         backward_steps: fixed number of backward steps instead of the certified count.
+        precision: precision of the matrix products, ``"full"`` (default: the working dtype's own,
+            IEEE float32 or float64, whatever torch's global matmul setting; see
+            :mod:`covpool.linalg.precision`).
         check_input: read validity on the host and raise on bad input (default None: yes where that needs
             no device synchronisation, i.e. off CUDA and outside tracing). Invalid matrices give NaN either
             way.
@@ -170,6 +196,7 @@ class RootOptions:
     normalization: Normalization | None = None
     backward: Backward | None = None
     backward_steps: int | None = None
+    precision: Precision | None = None
     check_input: bool | None = None
 
     def __post_init__(self) -> None:
@@ -192,6 +219,8 @@ class RootOptions:
             check_choice(self.normalization, "normalization", NORMALIZATIONS)
         if self.backward is not None:
             check_choice(self.backward, "backward", BACKWARDS)
+        if self.precision is not None:
+            check_choice(self.precision, "precision", PRECISIONS)
         if self.backward == "newton-schulz" and self.backward_steps is None:
             raise ValueError("backward='newton-schulz' needs backward_steps (it has no certified count)")
         if self.backward == "unrolled" and self.backward_steps is not None:
@@ -237,11 +266,23 @@ class RootOptions:
         return f"RootOptions({given})"
 
     def plan(self, n: int, *, eps: float, device: torch.device, dtype: torch.dtype) -> RootPlan:
-        """Resolve for one call on matrices of size ``n`` with relative ridge ``eps``."""
+        """Resolve for one call on matrices of size ``n`` with relative ridge ``eps``.
+
+        Raises:
+            ValueError: ``tol`` below what products in ``dtype`` can deliver (:data:`TOL_FLOOR`), or no
+                schedule certifies it.
+        """
         method = self.method
         if method == "auto":
             method = choose_method(device.type, self.tol or DEFAULT_TOL, dtype, is_tracing())
         unit_roundoff = torch.finfo(dtype).eps
+        if method in ("mtp", "mpa") and self.tol is not None and self.tol < TOL_FLOOR * unit_roundoff:
+            raise ValueError(
+                f"tol={self.tol:g} is below what {dtype} products can deliver (the rounding of the products "
+                f"alone is about {TOL_FLOOR} x {unit_roundoff:.2g} = {TOL_FLOOR * unit_roundoff:.2g}); pass "
+                f"tol >= {TOL_FLOOR * unit_roundoff:.2g}"
+                + (", or float64 input" if dtype != torch.float64 else "")
+            )
         return _plan(self, method, n, float(eps), unit_roundoff, reads_values(self.check_input, device))
 
 
@@ -299,13 +340,16 @@ def _direct_error(series: str, degree: int, lower: float) -> float:
 def _plan(
     options: RootOptions, method: str, n: int, eps: float, unit_roundoff: float, read_values: bool
 ) -> RootPlan:
+    precision = options.precision or "full"
     if method == "eigh":
-        return RootPlan("eigh", None, None, None, None, 0.0, math.inf, read_values, "eigh")
+        return RootPlan("eigh", None, None, None, None, 0.0, None, precision, read_values, "eigh")
     if method == "ns":
         normalization = options.normalization or "trace"
         lower = _lower_bound(normalization, max(n, 1), eps, None)
         forward = newton_schulz_schedule(lower, 1.0 + _FLOAT_SLACK, options.steps or 5)
-        return RootPlan("ns", normalization, forward, None, None, lower, 1.0, read_values, "autograd")
+        return RootPlan(
+            "ns", normalization, forward, None, None, lower, None, precision, read_values, "autograd"
+        )
     normalization = options.normalization or _default_normalization(
         max(n, 1), eps, options.condition, unit_roundoff
     )
@@ -320,38 +364,70 @@ def _plan(
             "eps, a condition=, or leave normalization to its default"
         )
     upper = 1.0 + _FLOAT_SLACK
+    # a valid input's residual test: Schatten-8 overestimate of the largest |u - 1|, and rounding
+    overestimate, noise = max(n, 1) ** 0.125, residual_rounding(method, max(n, 1), unit_roundoff, lower)
+
+    def check(forward: Schedule, backward: Schedule | None) -> ResidualTest:
+        floor = (overestimate * valid_residual(forward) + noise) / _VALID_SHARE
+        return residual_test(forward, tol, backward=backward, floor=floor)
+
+    def cheapest(candidates: list[tuple[Schedule, Schedule | None]]) -> tuple[Schedule, Schedule | None]:
+        """The cheapest candidate whose residual test certifies ``tol`` (a valid input then passes it
+        with room), else the one whose test certifies the least error."""
+        cost = {
+            id(c): c[0].forward_products() + (c[1].backward_products() if c[1] else 0) for c in candidates
+        }
+        tests = {id(c): check(*c) for c in candidates}
+        sound = [c for c in candidates if tests[id(c)].certifies <= tol]
+        if sound:
+            return min(sound, key=lambda c: cost[id(c)])
+        return min(candidates, key=lambda c: (tests[id(c)].certifies, cost[id(c)]))
+
     forward, direct_degree = None, None
     if options.steps == 1:
         direct_degree = options.degree or (5 if method == "mpa" else 8)
         forward_error = _direct_error("pade" if method == "mpa" else "taylor", direct_degree, lower)
-        reject_above = math.inf
     else:
         forward = _forward_schedule(method, options, lower, upper, tol)
         forward_error = forward.error
-        reject_above = max(10 * tol, _REJECT_FLOOR)
     backward_kind = options.backward or (
         "minimax" if options.steps == 1 or rounding_error(lower, unit_roundoff) <= tol else "unrolled"
     )
     if backward_kind == "unrolled":
         if options.steps is None:  # tighter forward targets can need fewer flat steps: take the cheapest
-            forward = min(
+            forward, _ = cheapest(
                 _reachable(
-                    lambda t: differentiable_schedule(
-                        _forward_schedule(method, options, lower, upper, t), tol
+                    lambda t: (
+                        differentiable_schedule(_forward_schedule(method, options, lower, upper, t), tol),
+                        None,
                     ),
                     (tol, tol / 10, tol / 100),
                     tol,
-                ),
-                key=Schedule.forward_products,
+                )
             )
         gradient = "autograd" if method == "mpa" else "adjoint"
         return RootPlan(
-            method, normalization, forward, None, None, lower, reject_above, read_values, gradient
+            method,
+            normalization,
+            forward,
+            None,
+            None,
+            lower,
+            check(forward, None),
+            precision,
+            read_values,
+            gradient,
         )
 
-    def lyapunov_schedule(forward_error: float, target: float) -> Schedule:
+    def lyapunov_schedule(forward: Schedule | None, forward_error: float, target: float) -> Schedule:
+        """The sign iteration's schedule, on the spectrum of every computed root that passes the
+        residual test (with a limit of ``tol``), so that the test sees every eigenvalue the backward
+        does not cover; for the single approximant, on the assumed interval."""
         slack = min(max(forward_error, _FLOAT_SLACK), 0.5)
-        lower_end, upper_end = lower * (1.0 - slack), 1.0 + slack
+        lower_end = lower * (1.0 - slack)
+        if forward is not None:
+            lower_end = min(lower_end, passing_edge(forward, tol)[0] * (1.0 - _FLOAT_SLACK))
+        upper_end = 1.0 + slack
         if backward_kind == "newton-schulz":
             return newton_schulz_schedule(lower_end, upper_end, options.backward_steps)
         return minimax_schedule(
@@ -365,8 +441,9 @@ def _plan(
 
     # The Lyapunov gradient solves with the computed roots, so the forward's error E enters it, once to
     # first order: in the eigenbasis Y = s P(s) and Z = P(s) / s share P, and either root's gradient is off
-    # by a weighted mean of P_i - 1 and P_j - 1. The solver gets what tol leaves; where both are certified,
-    # the cheapest of a few splits is taken.
+    # by a weighted mean of P_i - 1 and P_j - 1. The solver gets what tol leaves of the largest forward
+    # error a passing matrix can have; the cheapest of a few forward targets whose residual test has room
+    # is taken.
     if (
         forward is not None
         and options.steps is None
@@ -376,16 +453,24 @@ def _plan(
 
         def split(target: float) -> tuple[Schedule, Schedule]:
             candidate = _forward_schedule(method, options, lower, upper, target)
-            return candidate, lyapunov_schedule(candidate.error, tol - candidate.error)
+            passing_error = passing_edge(candidate, tol)[1]
+            return candidate, lyapunov_schedule(candidate, candidate.error, tol - passing_error)
 
-        forward, backward = min(
-            _reachable(split, (tol / 2, tol / 5, tol / 20), tol),
-            key=lambda pair: pair[0].forward_products() + pair[1].backward_products(),
-        )
+        forward, backward = cheapest(_reachable(split, (tol / 2, tol / 5, tol / 20, tol / 100), tol))
     else:
-        backward = lyapunov_schedule(forward_error, max(tol - forward_error, tol / 2))
+        backward = lyapunov_schedule(forward, forward_error, max(tol - forward_error, tol / 2))
+    test = check(forward, backward) if forward is not None else None
     return RootPlan(
-        method, normalization, forward, direct_degree, backward, lower, reject_above, read_values, "lyapunov"
+        method,
+        normalization,
+        forward,
+        direct_degree,
+        backward,
+        lower,
+        test,
+        precision,
+        read_values,
+        "lyapunov",
     )
 
 

@@ -20,16 +20,23 @@ from covpool.linalg.checks import (
     check_finite,
     check_float,
     check_square_batch,
+    count_flagged,
+    estimated_condition,
     raise_if_invalid,
     refuse_double_backward,
 )
 from covpool.linalg.eigh import eigh_root
-from covpool.linalg.iteration import coupled_root, direct_root, within_error
+from covpool.linalg.iteration import coupled_root, direct_root, residual_norm, within_error
 from covpool.linalg.lyapunov import solve_lyapunov
 from covpool.linalg.normalization import normalise
 from covpool.linalg.numerics import symmetrize, with_relative_ridge, working_dtype
 from covpool.linalg.options import DEFAULT_CONDITION, RootOptions, RootPlan
+from covpool.linalg.precision import products_in, scoped_backward
 from covpool.linalg.unrolled import coupled_root_adjoint
+
+NS_DIVERGED = 1.0
+"""ns's test of gross failure (:func:`covpool.linalg.iteration.within_error`): a few Newton-Schulz steps
+are far from converged on ill-conditioned input by design, so only divergence is caught."""
 
 
 class MatmulRoot(torch.autograd.Function):
@@ -39,12 +46,21 @@ class MatmulRoot(torch.autograd.Function):
     Symmetrisation and ridge sit inside, so that their adjoint costs nothing extra: the Lyapunov solution
     ``X`` is symmetric, and the ridge adds ``(eps / n) tr(X) I``. The normalising scale ``c`` is held
     constant in both backwards (the exact root is homogeneous, so its gradient through ``c`` vanishes).
-    Returns the root and a per-matrix validity flag (``(*,)`` bool, not differentiable); an invalid
-    matrix gets NaN.
+    Returns the root and a per-matrix validity flag (``(*,)`` bool, not differentiable): whether the
+    matrix passes the plan's residual test (:class:`covpool.linalg.schedule.ResidualTest`), which
+    certifies forward and gradient within ``tol`` wherever the spectrum lies; a matrix that fails gets
+    NaN. Both directions run their products at the plan's precision (:mod:`covpool.linalg.precision`).
     """
 
     @staticmethod
     def forward(  # noqa: D102
+        ctx, A: torch.Tensor, inverse: bool, plan: RootPlan, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        with products_in(plan.precision, A.dtype):
+            return MatmulRoot._forward(ctx, A, inverse, plan, eps)
+
+    @staticmethod
+    def _forward(
         ctx, A: torch.Tensor, inverse: bool, plan: RootPlan, eps: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
         A_hat, scale = normalise(with_relative_ridge(symmetrize(A), eps), plan.normalization)
@@ -55,7 +71,9 @@ class MatmulRoot(torch.autograd.Function):
         else:
             record = [] if plan.gradient == "adjoint" else None
             Y, Z = coupled_root(A_hat, plan.forward, record)
-            valid = within_error(Y, Z, plan.reject_above, inverse=inverse)
+            valid = residual_norm(Y, Z) < plan.check.limit
+            if not inverse:  # the root of an all-zero matrix is exact (its gradient is not defined)
+                valid = valid | (A_hat == 0).flatten(-2).all(-1)
             Z = Z if inverse else None
         root_scale = scale.sqrt()
         # NaN for an invalid matrix, folded into the scale (a (*, 1, 1) tensor) rather than the result.
@@ -74,6 +92,11 @@ class MatmulRoot(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor, _valid_grad: torch.Tensor):  # noqa: D102
         refuse_double_backward(ctx.plan.method)
+        with products_in(ctx.plan.precision, grad.dtype):
+            return MatmulRoot._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         root_scale, *saved = ctx.saved_tensors
         if ctx.plan.gradient == "adjoint":
             # out = √c Y or Z / √c with c held constant; Â = A / c.
@@ -98,36 +121,48 @@ def _unrolled_root(A: torch.Tensor, plan: RootPlan, inverse: bool) -> tuple[torc
     """The coupled iteration on ``A / c``, differentiated by autograd through every step.
 
     iSQRT-COV's Newton-Schulz (ns), and mpa with ``backward="unrolled"`` (unrolled mtp takes the fused
-    adjoint of :class:`MatmulRoot` instead). Validity: the estimated error must be within
-    ``plan.reject_above``, which for ns only catches gross failures (a negative eigenvalue, NaN): a few
-    Newton-Schulz steps are far from converged on ill-conditioned input by design. The inverse root of an
-    all-zero matrix is invalid as well.
+    adjoint of :class:`MatmulRoot` instead). Validity: mpa passes the plan's residual test; ns only its
+    test of gross failure (:data:`NS_DIVERGED`). The inverse root of an all-zero matrix is invalid as
+    well. The backward's first and last nodes scope its products (:func:`scoped_backward`).
     """
+    A = scoped_backward(A, plan.precision, enter=False)
     A_hat, scale = normalise(A, plan.normalization)
     Y, Z = coupled_root(A_hat, plan.forward)
     with torch.no_grad():
-        valid = within_error(Y, Z, plan.reject_above, inverse=inverse)
+        if plan.check is None:
+            valid = within_error(Y, Z, NS_DIVERGED, inverse=inverse)
+        else:
+            valid = residual_norm(Y, Z) < plan.check.limit
         if inverse:
             valid = valid & (scale[..., 0, 0] > torch.finfo(scale.dtype).tiny)
     factor = torch.where(valid[..., None, None], scale.sqrt(), float("nan"))
-    return (Z / factor if inverse else Y * factor), valid
+    return scoped_backward(Z / factor if inverse else Y * factor, plan.precision, enter=True), valid
 
 
-def _invalid_message(plan: RootPlan, options: RootOptions, inverse: bool, n: int, eps: float) -> str:
+def _invalid_message(
+    plan: RootPlan, options: RootOptions, inverse: bool, A: torch.Tensor, valid: torch.Tensor, eps: float
+) -> str:
     definite = "definite" if inverse else "semi-definite"
     if plan.method == "eigh":
         return f"A must be symmetric positive {definite}: eigenvalues below the rounding level were found"
     if plan.method == "ns":
         return f"A must be symmetric positive {definite}: the Newton-Schulz iteration diverged"
+    n = A.shape[-1]
     bound = (
         f"eps={eps:g} bounds κ(A) by {(n + eps) / eps:.3g}"
         if eps > 0
         else f"condition={options.condition or DEFAULT_CONDITION:g} is assumed"
     )
+    tol = (
+        f"tol={options.tol or 1e-3:g}"
+        if plan.check.certifies <= (options.tol or 1e-3)
+        else (f"{plan.check.certifies:.2g} (the residual test's reach)")
+    )
     return (
         f"A must be symmetric positive {definite} with a spectrum inside the bound method={plan.method!r} "
-        f"was certified for ({bound}): the estimated relative error exceeds {plan.reject_above:g}. "
-        "Add a ridge (eps > 0), pass a larger condition=, or use method='eigh'"
+        f"was certified for ({bound}): the residual of Z Y = I shows an error beyond {tol}; "
+        f"{estimated_condition(with_relative_ridge(A, eps), ~valid)}. Pass eps= (a relative ridge), a "
+        "condition= at least that κ, or method='eigh'"
     )
 
 
@@ -171,11 +206,13 @@ def _root(
         if plan.gradient in ("lyapunov", "adjoint"):
             out, valid = MatmulRoot.apply(A_work, inverse, plan, eps)
         else:
-            A_work = with_relative_ridge(symmetrize(A_work), eps)  # differentiated by autograd
-            root = eigh_root if plan.method == "eigh" else functools.partial(_unrolled_root, plan=plan)
-            out, valid = root(A_work, inverse=inverse)
-    if plan.read_values:
-        raise_if_invalid(valid, _invalid_message(plan, resolved, inverse, n, eps))
+            with products_in(plan.precision, work_dtype):
+                A_ridged = with_relative_ridge(symmetrize(A_work), eps)  # differentiated by autograd
+                root = eigh_root if plan.method == "eigh" else functools.partial(_unrolled_root, plan=plan)
+                out, valid = root(A_ridged, inverse=inverse)
+    count_flagged(valid)
+    if plan.read_values and not bool(valid.all()):
+        raise_if_invalid(valid, _invalid_message(plan, resolved, inverse, A_work.detach(), valid, eps))
     return out.to(A.dtype)
 
 

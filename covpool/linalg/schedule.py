@@ -322,3 +322,88 @@ def differentiable_schedule(schedule: Schedule, tol: float) -> Schedule:
         steps.append(step)
         a, b = image(step, a, b)
     raise ValueError(f"no gradient within tol={tol} after {MAX_FLAT_STEPS} flat steps")
+
+
+def composed_map(schedule: Schedule, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The composed scalar map ``P(s)`` of all steps and its slope ``P'(s)``, in float64."""
+    value, slope = s, np.ones_like(s)
+    for step in schedule.steps:
+        value, step_slope = step_map_and_slope(step, value)
+        slope = step_slope * slope
+    return value, slope
+
+
+_RESIDUAL_GRID = np.geomspace(1e-10, 1.0, 30_001)
+
+
+@functools.cache
+def _curve(forward: Schedule) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(s, P(s), P'(s))`` on a grid from 1e-10 (κ = 1e20) to the schedule's upper end, dense on its
+    interval (cached: a plan tests several candidates against the same forward)."""
+    s = np.concatenate([_RESIDUAL_GRID, np.linspace(forward.lower, forward.upper, 10_001)])
+    s = np.unique(s[s <= forward.upper])
+    return (s, *composed_map(forward, s))
+
+
+def valid_residual(forward: Schedule) -> float:
+    """The largest ``|P(s)² - 1|`` over the schedule's interval: a valid input's residual."""
+    s, value, _ = _curve(forward)
+    return float(np.abs(value * value - 1.0)[s >= forward.lower].max())
+
+
+@dataclass(frozen=True)
+class ResidualTest:
+    """The a-posteriori test of a result: a matrix passes when the eigenvalues ``u_i = P(s_i)²`` of
+    ``U = Z Y`` all satisfy ``|u_i - 1| < limit``.
+
+    Attributes:
+        limit: the test's bound on ``max_i |u_i - 1|``.
+        certifies: relative error of forward and gradient that any passing matrix is within, wherever its
+            spectrum lies (to first order, in exact arithmetic).
+        valid_residual: the largest ``|u - 1|`` an input inside the schedule's interval gives.
+    """
+
+    limit: float
+    certifies: float
+    valid_residual: float
+
+
+def passing_edge(forward: Schedule, limit: float) -> tuple[float, float]:
+    """``(y, e)``: the smallest eigenvalue ``y = s P(s)`` of the computed root that a matrix passing the
+    residual test with ``limit`` can have, and the largest forward error ``|P(s) - 1|`` it can have. A
+    Lyapunov backward certified down to ``y`` covers every matrix that passes."""
+    s, value, _ = _curve(forward)
+    passing = np.abs(value * value - 1.0) < limit
+    if not passing.any():
+        raise ValueError(f"no eigenvalue passes a residual test with limit {limit:g}")
+    return float((s * value)[passing].min()), float(np.abs(value - 1.0)[passing].max())
+
+
+def residual_test(
+    forward: Schedule, tol: float, *, backward: Schedule | None, floor: float = 0.0
+) -> ResidualTest:
+    """The residual test that certifies ``tol`` (or, for a fixed schedule that misses ``tol``, what it
+    reaches on its interval), its limit raised to at least ``floor``.
+
+    The error at an eigenvalue ``s`` of ``Â^(1/2)``, wherever it lies, is known from the scalar maps: the
+    forward's ``|P(s) - 1|``; the Lyapunov gradient's adds the sign map's ``|B(y) - 1|`` at the computed
+    root's eigenvalue ``y = s P(s)`` (``backward``); the unrolled gradient's (``backward=None``) adds
+    ``|s P'(s)|`` (:func:`gradient_error`). With ``E(a)`` the sum of their maxima over ``[a, upper]``, the
+    limit is the smallest ``|P(s)² - 1|`` over the ``s`` where ``E(s)`` exceeds the target: a matrix whose
+    every ``|u_i - 1|`` is below it has no eigenvalue there. Below the interval ``P`` rises from 0 (every
+    step is increasing there), so the limit is about ``2 |P(a) - 1|`` at the edge ``a`` of the target.
+    ``floor`` (the rounding a valid input's test sees) can only widen the limit; ``certifies`` then says
+    what the wider test still guarantees.
+    """
+    s, value, slope = _curve(forward)
+    extra = np.abs(s * slope) if backward is None else np.abs(composed_map(backward, s * value)[0] - 1.0)
+    # maxima over [s, upper], cumulative from the right
+    worst = np.maximum.accumulate(np.abs(value - 1.0)[::-1])[::-1] + np.maximum.accumulate(extra[::-1])[::-1]
+    inside = s >= forward.lower
+    target = max(tol, float(worst[inside][0]) * (1.0 + 1e-9))
+    residual = np.abs(value * value - 1.0)
+    beyond = residual[worst > target]
+    limit = max(min(float(beyond.min()) if beyond.size else 1.0, 1.0), floor)
+    passing = residual < limit
+    certifies = float(worst[int(np.argmax(passing))]) if passing.any() else math.inf
+    return ResidualTest(limit, certifies, valid_residual(forward))

@@ -1,0 +1,201 @@
+"""Never silently wrong: the products' precision is the root's own; every result is certified or flagged."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+import covpool
+from covpool.linalg import precision
+from covpool.testing import random_covariance, random_spd, reference_gradient, reference_root, relative_error
+
+ROOTS = {"sqrtm": (covpool.sqrtm, False), "inv_sqrtm": (covpool.inv_sqrtm, True)}
+
+
+@pytest.fixture(params=["high", "medium"])
+def reduced_precision(request):
+    """torch's float32 matmul precision set to TF32 ("high", as Lightning advises) or bfloat16 ("medium");
+    restored after. Yields the setting as :func:`precision.current_precision` reads it."""
+    torch.set_float32_matmul_precision(request.param)
+    yield precision.current_precision()
+    torch.set_float32_matmul_precision("highest")
+
+
+class SeenPrecision(torch.overrides.TorchFunctionMode):
+    """Records torch's float32 matmul precision at every matrix product the root makes."""
+
+    PRODUCTS = {torch.matmul, torch.bmm, torch.baddbmm, torch.Tensor.__matmul__, torch.Tensor.matmul}
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.PRODUCTS:
+            self.seen.append(precision.current_precision())
+        return func(*args, **(kwargs or {}))
+
+
+class TestPrecisionScope:
+    @pytest.mark.parametrize("method", ["mtp", "mpa", "ns", "eigh"])
+    @pytest.mark.parametrize("name", ROOTS)
+    def test_products_run_at_full_precision_and_the_setting_is_restored(
+        self, reduced_precision, method, name
+    ):
+        fn, _ = ROOTS[name]
+        A = random_spd(2, n=16, dtype=torch.float32).requires_grad_(True)
+        mode = SeenPrecision()
+        with mode:
+            out = fn(A, method=method)
+            out.backward(torch.ones_like(out))
+        assert reduced_precision != "highest"
+        assert mode.seen and set(mode.seen) == {"highest"}, f"{method}: products ran at {set(mode.seen)}"
+        assert precision.current_precision() == reduced_precision
+
+    def test_allow_tf32_set_directly_is_restored(self):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        try:
+            before = precision.current_precision()
+            assert before != "highest"
+            A = random_spd(2, n=8, dtype=torch.float32)
+            mode = SeenPrecision()
+            with mode:
+                covpool.sqrtm(A, method="mtp")
+            assert set(mode.seen) == {"highest"}
+            assert precision.current_precision() == before
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = False
+
+    def test_setting_is_restored_when_the_root_raises(self, reduced_precision):
+        with pytest.raises(ValueError, match="positive"):
+            covpool.sqrtm(-torch.eye(4).expand(2, 4, 4), method="mtp")
+        assert precision._depth == 0
+        assert precision.current_precision() == reduced_precision
+
+    def test_concurrent_roots_restore_the_setting_once_all_have_left(self, reduced_precision):
+        A = random_spd(4, n=32, dtype=torch.float32)
+        errors: list[BaseException] = []
+
+        def work():
+            try:
+                for _ in range(5):
+                    covpool.sqrtm(A, method="mtp").sum()
+            except BaseException as error:  # noqa: BLE001 - reported below
+                errors.append(error)
+
+        threads = [threading.Thread(target=work) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not errors
+        assert precision._depth == 0
+        assert precision.current_precision() == reduced_precision
+
+    def test_float64_is_left_alone(self, reduced_precision):
+        A = random_spd(2, n=8)
+        mode = SeenPrecision()
+        with mode:
+            covpool.sqrtm(A, method="mtp")
+        assert set(mode.seen) == {reduced_precision}  # float64 products have no reduced mode
+
+    def test_compiling_under_reduced_precision_raises_with_what_to_change(self, reduced_precision):
+        compiled = torch.compile(lambda a: covpool.sqrtm(a, method="mtp"), backend="eager", fullgraph=True)
+        with pytest.raises(Exception, match=r"set_float32_matmul_precision\('highest'\) before compiling"):
+            compiled(random_spd(2, n=8, dtype=torch.float32))
+        torch._dynamo.reset()
+
+    def test_precision_is_a_validated_option(self):
+        assert covpool.RootOptions(method="mtp", precision="full").precision == "full"
+        with pytest.raises(ValueError, match=r"precision must be one of \('full',\), got 'tf32'"):
+            covpool.RootOptions(precision="tf32")
+
+
+def user_ridged_covariance(batch: int, n: int, condition: float, dtype: torch.dtype) -> torch.Tensor:
+    """A sample covariance the user ridged: rank-deficient, plus ``λmax / condition`` on the diagonal."""
+    C = random_covariance(batch, n=n, samples=n // 2)
+    top = torch.linalg.eigvalsh(C)[..., -1:, None]
+    return (C + top / condition * torch.eye(n, dtype=C.dtype)).to(dtype)
+
+
+class TestSelfCertification:
+    """Inputs beyond the assumed bound: within tol (up to the first-order factor 2) or flagged."""
+
+    @pytest.mark.parametrize("name", ROOTS)
+    @pytest.mark.parametrize("method", ["mtp", "mpa"])
+    @pytest.mark.parametrize("condition", [1e3, 1e4, 1e6])
+    @pytest.mark.parametrize("kind", ["ridged", "spd"])
+    def test_beyond_the_bound_is_within_tol_or_flagged(self, name, method, condition, kind, dtype):
+        fn, inverse = ROOTS[name]
+        n = 32
+        A = (
+            user_ridged_covariance(3, n, condition, torch.float64)
+            if kind == "ridged"
+            else random_spd(3, n=n, condition=condition)
+        )
+        X = A.to(dtype).requires_grad_(True)
+        out = fn(X, method=method, check_input=False)
+        upstream = torch.randn(3, n, n, dtype=torch.float64)
+        out.backward(upstream.to(dtype))
+        flagged = torch.isnan(out).flatten(-2).all(-1)
+        forward = relative_error(out.detach().double(), reference_root(A, inverse=inverse))
+        gradient = relative_error(X.grad.double(), reference_gradient(A, upstream, inverse=inverse))
+        silently_wrong = ~flagged & ((forward > 2e-3) | (gradient > 2e-3))
+        assert not silently_wrong.any(), (
+            f"{method} {name} κ={condition:g} ({kind}, {dtype}): forward {forward.tolist()}, "
+            f"gradient {gradient.tolist()}, flagged {flagged.tolist()}"
+        )
+
+    def test_flagged_entries_raise_with_their_condition_and_what_to_pass(self):
+        A = torch.stack([random_spd(n=16, condition=10), random_spd(n=16, condition=1e6)])
+        with pytest.raises(ValueError) as raised:
+            covpool.sqrtm(A, method="mtp")
+        message = str(raised.value)
+        assert "condition=1000 is assumed" in message and "κ(A): 1e+06" in message
+        assert "Pass eps=" in message and "condition=" in message and "method='eigh'" in message
+        assert "batch entries [1] (1 of 2)" in message
+
+    def test_flags_are_counted_on_the_device_without_a_host_read(self):
+        covpool.flagged_matrices(reset=True)
+        A = torch.stack([random_spd(n=16, condition=10), random_spd(n=16, condition=1e6)] * 2)
+        out = covpool.sqrtm(A, method="mtp", check_input=False)
+        assert torch.isnan(out[1]).all() and torch.isfinite(out[0]).all()
+        assert covpool.flagged_matrices() == 2
+        assert covpool.flagged_matrices(reset=True) == 2 and covpool.flagged_matrices() == 0
+
+    @pytest.mark.parametrize("method", ["mtp", "mpa"])
+    def test_indefinite_input_raises_with_checks_and_is_nan_without(self, method):
+        A = random_spd(2, n=8, dtype=torch.float32)
+        A[1] = A[1] - 0.5 * torch.eye(8) * A[1].diagonal().max()
+        with pytest.raises(ValueError, match=r"failing batch entries \[1\]"):
+            covpool.sqrtm(A, method=method, check_input=True)
+        out = covpool.sqrtm(A, method=method, check_input=False)
+        assert torch.isnan(out[1]).all() and torch.isfinite(out[0]).all()
+
+    @pytest.mark.parametrize("method", ["mtp", "mpa"])
+    def test_negative_definite_float32_input_is_flagged(self, method):
+        with pytest.raises(ValueError, match="positive"):
+            covpool.sqrtm(-random_spd(2, n=8, dtype=torch.float32), method=method)
+
+    @pytest.mark.parametrize("method", ["mtp", "mpa"])
+    def test_mixed_scales_in_one_batch_are_each_finite(self, method):
+        A = random_spd(4, n=8, condition=10, dtype=torch.float32)
+        A = A * torch.tensor([0.0, 1e-30, 1e30, 1.0])[:, None, None]
+        out = covpool.sqrtm(A, method=method)
+        assert torch.isfinite(out).all()
+        exact = reference_root(A.double())
+        assert (relative_error(out[1:].double(), exact[1:]) < 1e-3).all()
+        assert torch.equal(out[0], torch.zeros(8, 8))
+
+    def test_the_certified_reach_of_every_default_plan_is_within_tol(self):
+        # The residual test of a plan with an assumed bound certifies tol wherever the spectrum lies.
+        for n in (16, 64, 256):
+            for dtype in (torch.float32, torch.float64):
+                for method in ("mtp", "mpa"):
+                    plan = covpool.RootOptions(method=method).plan(
+                        n, eps=0.0, device=torch.device("cpu"), dtype=dtype
+                    )
+                    assert plan.check.certifies <= 1e-3, (n, dtype, method, plan.check)
+                    assert plan.check.limit > plan.check.valid_residual * n**0.125
