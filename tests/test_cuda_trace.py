@@ -41,4 +41,6 @@ def test_looser_tolerance_traces_fewer_products():
     def products(tol):
         return trace_root(lambda a: covpool.sqrtm(a, tol=tol), n=64, batch=4).products
 
-    assert products(1e-2) < products(1e-3) < products(1e-5)
+    # at n = 64 tol=1e-2 costs as much as 1e-3: the forward is held tighter so that a valid input passes
+    # the residual test with room
+    assert products(1e-2) <= products(1e-3) < products(1e-5)
