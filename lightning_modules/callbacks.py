@@ -218,9 +218,13 @@ def _own_iterator_loader(loader: DataLoader) -> DataLoader:
     """
     if not (isinstance(loader, DataLoader) and loader.persistent_workers and loader.num_workers > 0):
         return loader
+    if loader.batch_sampler is not None:
+        batching = {"batch_sampler": loader.batch_sampler}
+    else:  # an IterableDataset, batched by the loader
+        batching = {"batch_size": loader.batch_size, "drop_last": loader.drop_last}
     return DataLoader(
         loader.dataset,
-        batch_sampler=loader.batch_sampler,
+        **batching,
         num_workers=loader.num_workers,
         collate_fn=loader.collate_fn,
         pin_memory=loader.pin_memory,
