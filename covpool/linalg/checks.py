@@ -80,7 +80,7 @@ _flagged: dict[torch.device, torch.Tensor] = {}
 def count_flagged(valid: torch.Tensor) -> None:
     """Add the number of unset flags of ``valid`` to its device's count of flagged matrices, on the
     device (no synchronisation; not while tracing, where the graph's NaN still marks them)."""
-    if is_tracing() or valid.numel() == 0:
+    if is_tracing() or valid.numel() == 0 or torch._subclasses.fake_tensor.is_fake(valid):
         return
     count = _flagged.get(valid.device)
     if count is None:
@@ -97,6 +97,7 @@ def flagged_matrices(*, reset: bool = False) -> int:
 
     Example:
         >>> import torch, covpool
+        >>> _ = covpool.flagged_matrices(reset=True)
         >>> _ = covpool.sqrtm(-torch.eye(3).expand(2, 3, 3), method="mtp", check_input=False)
         >>> covpool.flagged_matrices(reset=True)
         2

@@ -85,8 +85,8 @@ of the Schatten-8 norm's."""
 _VALID_SHARE = 0.5
 """A valid input's residual test (its Schatten-8 overestimate and rounding included) stays below this
 share of the limit, where a schedule split allows (:func:`_check`)."""
-TOL_FLOOR = 50
-"""Smallest ``tol`` accepted, in machine epsilons of the working dtype (6e-6 in float32, 1.1e-14 in
+TOL_FLOOR = 8
+"""Smallest ``tol`` accepted, in machine epsilons of the working dtype (9.5e-7 in float32, 1.8e-15 in
 float64): below it the products' rounding, not the schedule, sets the error."""
 
 
@@ -185,7 +185,7 @@ class RootOptions:
         >>> RootOptions(method="eigh", steps=3)
         Traceback (most recent call last):
         ...
-        ValueError: steps is not used by method='eigh' (it uses: check_input); remove it
+        ValueError: steps is not used by method='eigh' (it uses: check_input, precision); remove it
     """
 
     method: Method = "auto"

@@ -133,6 +133,8 @@ def _unrolled_root(A: torch.Tensor, plan: RootPlan, inverse: bool) -> tuple[torc
             valid = within_error(Y, Z, NS_DIVERGED, inverse=inverse)
         else:
             valid = residual_norm(Y, Z) < plan.check.limit
+            if not inverse:  # the root of an all-zero matrix is exact
+                valid = valid | (A_hat == 0).flatten(-2).all(-1)
         if inverse:
             valid = valid & (scale[..., 0, 0] > torch.finfo(scale.dtype).tiny)
     factor = torch.where(valid[..., None, None], scale.sqrt(), float("nan"))
