@@ -21,6 +21,7 @@ Every error names the argument, what was seen and what was expected.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -68,10 +69,11 @@ def check_finite(A: torch.Tensor, name: str = "A") -> None:
         raise ValueError(f"{name} must hold only finite values, found NaN or Inf in {_entries(~finite)}")
 
 
-def raise_if_invalid(valid: torch.Tensor, message: str) -> None:
-    """Raise ``ValueError(message + the failing batch entries)`` unless every flag of ``valid`` is set."""
+def raise_if_invalid(valid: torch.Tensor, message: Callable[[], str]) -> None:
+    """Raise ``ValueError(message() + the failing batch entries)`` unless every flag of ``valid`` is set;
+    the message is built only then (it may read values)."""
     if not bool(valid.all()):
-        raise ValueError(f"{message}; failing {_entries(~valid)}")
+        raise ValueError(f"{message()}; failing {_entries(~valid)}")
 
 
 _flagged: dict[torch.device, torch.Tensor] = {}
@@ -117,18 +119,16 @@ def estimated_condition(A: torch.Tensor, mask: torch.Tensor) -> str:
     chosen = A[mask][:5].double()
     if chosen.numel() == 0 or not bool(torch.isfinite(chosen).all()):
         return "the flagged matrices hold non-finite values"
-    eigenvalues = torch.linalg.eigvalsh(0.5 * (chosen + chosen.mT))
-    parts = []
-    for values in eigenvalues:
-        low, high = float(values[0]), float(values[-1])
-        parts.append(
-            f"{high / low:.3g}"
-            if low > 0
-            else f"not positive definite (λmin/λmax = {low / high:.2g})"
-            if high > 0
-            else "not positive semi-definite"
-        )
-    return "their κ(A): " + ", ".join(parts)
+    return "their κ(A): " + ", ".join(map(_condition, torch.linalg.eigvalsh(0.5 * (chosen + chosen.mT))))
+
+
+def _condition(eigenvalues: torch.Tensor) -> str:
+    low, high = float(eigenvalues[0]), float(eigenvalues[-1])
+    if low > 0:
+        return f"{high / low:.3g}"
+    if high > 0:
+        return f"not positive definite (λmin/λmax = {low / high:.2g})"
+    return "not positive semi-definite"
 
 
 def _entries(mask: torch.Tensor) -> str:

@@ -42,7 +42,9 @@ class EighRoot(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, A: torch.Tensor, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: D102
+    def forward(  # noqa: D102
+        ctx, A: torch.Tensor, inverse: bool, precision: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         # LAPACK refuses NaN/Inf; such a matrix is swapped for the identity and marked invalid below.
         finite = torch.isfinite(A).flatten(-2).all(-1)
         A = torch.where(finite[..., None, None], A, eye_like(A))
@@ -64,17 +66,18 @@ class EighRoot(torch.autograd.Function):
         out = torch.where(valid[..., None, None], out, torch.full_like(out, float("nan")))
         ctx.save_for_backward(floored, vectors, scale)
         ctx.inverse = inverse
+        ctx.precision = precision
         ctx.mark_non_differentiable(valid)
         return out, valid
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor, _valid_grad: torch.Tensor):  # noqa: D102
         refuse_double_backward("eigh")
-        with products_in("full", grad.dtype):
+        with products_in(ctx.precision, grad.dtype):
             return EighRoot._backward(ctx, grad)
 
     @staticmethod
-    def _backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def _backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         roots, vectors, scale = ctx.saved_tensors
         pair_sum = roots.unsqueeze(-1) + roots.unsqueeze(-2)
         if ctx.inverse:
@@ -86,9 +89,11 @@ class EighRoot(torch.autograd.Function):
         grad_sym = 0.5 * (grad + grad.mT)
         inner = vectors.mT @ grad_sym @ vectors
         grad_A = vectors @ (kernel * inner) @ vectors.mT
-        return grad_A * factor, None
+        return grad_A * factor, None, None
 
 
-def eigh_root(A: torch.Tensor, *, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(A^(±1/2), valid)`` of symmetric ``A`` of shape ``(*, n, n)``; ``valid`` has shape ``(*,)``."""
-    return EighRoot.apply(A, inverse)
+def eigh_root(A: torch.Tensor, *, inverse: bool, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A^(±1/2), valid)`` of symmetric ``A`` of shape ``(*, n, n)``; ``valid`` has shape ``(*,)``. The
+    backward's products run at ``precision`` (:mod:`covpool.linalg.precision`); the caller scopes the
+    forward's."""
+    return EighRoot.apply(A, inverse, precision)

@@ -146,9 +146,8 @@ def residual_rounding(method: str, n: int, unit_roundoff: float, lower: float) -
     smallest eigenvalue of ``Â^(1/2)`` (``1 / lower`` bounds ``‖Z‖``).
 
     Measured on float32 ridged sample covariances (n = 16 … 256, 4 … 49 positions, eps = 1e-6 … 1e-4):
-    mtp up to
-    ``0.11 √n u / lower``, modelled as ``0.25 √n u / lower``; mpa, whose Cholesky solves leave ``Z Y``
-    further from ``I``, up to ``0.1 u / lower²``, modelled as ``0.2 u / lower²``.
+    mtp up to ``0.11 √n u / lower``, modelled as ``0.25 √n u / lower``; mpa, whose Cholesky solves leave
+    ``Z Y`` further from ``I``, up to ``0.1 u / lower²``, modelled as ``0.2 u / lower²``.
     """
     if method == "mpa":
         return 0.2 * unit_roundoff / lower**2
@@ -167,6 +166,18 @@ def residual_norm(Y: torch.Tensor, Z: torch.Tensor) -> torch.Tensor:
     R = torch.baddbmm(eye_like(Y), Z, Y, beta=-1.0)
     R2 = R @ R
     return torch.linalg.matrix_norm(R2 @ R2).pow(0.25).reshape(batch)
+
+
+def passes_residual_test(
+    A_hat: torch.Tensor, Y: torch.Tensor, Z: torch.Tensor, limit: float, *, inverse: bool
+) -> torch.Tensor:
+    """Whether :func:`residual_norm` is below ``limit`` (the plan's
+    :class:`covpool.linalg.schedule.ResidualTest`). The square root of an all-zero ``Â`` passes: it is
+    exact (its gradient is not defined). Shapes: ``(*, n, n)`` each → ``(*,)`` bool."""
+    passes = residual_norm(Y, Z) < limit
+    if inverse:
+        return passes
+    return passes | (A_hat == 0).flatten(-2).all(-1)
 
 
 def direct_root(A_hat: torch.Tensor, *, series: str, degree: int, inverse: bool) -> torch.Tensor:

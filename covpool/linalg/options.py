@@ -84,7 +84,7 @@ _TRACE_BOUND_SHARE = 0.9
 of the Schatten-8 norm's."""
 _VALID_SHARE = 0.5
 """A valid input's residual test (its Schatten-8 overestimate and rounding included) stays below this
-share of the limit, where a schedule split allows (:func:`_check`)."""
+share of the limit, where a forward target allows (``check`` in :func:`_plan`)."""
 TOL_FLOOR = 8
 """Smallest ``tol`` accepted, in machine epsilons of the working dtype (9.5e-7 in float32, 1.8e-15 in
 float64): below it the products' rounding, not the schedule, sets the error."""
@@ -374,14 +374,13 @@ def _plan(
     def cheapest(candidates: list[tuple[Schedule, Schedule | None]]) -> tuple[Schedule, Schedule | None]:
         """The cheapest candidate whose residual test certifies ``tol`` (a valid input then passes it
         with room), else the one whose test certifies the least error."""
-        cost = {
-            id(c): c[0].forward_products() + (c[1].backward_products() if c[1] else 0) for c in candidates
-        }
-        tests = {id(c): check(*c) for c in candidates}
-        sound = [c for c in candidates if tests[id(c)].certifies <= tol]
-        if sound:
-            return min(sound, key=lambda c: cost[id(c)])
-        return min(candidates, key=lambda c: (tests[id(c)].certifies, cost[id(c)]))
+
+        def rank(pair: tuple[Schedule, Schedule | None]) -> tuple[float, int]:
+            forward, backward = pair
+            cost = forward.forward_products() + (backward.backward_products() if backward else 0)
+            return max(check(forward, backward).certifies, tol), cost
+
+        return min(candidates, key=rank)
 
     forward, direct_degree = None, None
     if options.steps == 1:

@@ -98,6 +98,12 @@ def _traced_precision() -> str:
     return global_precision()
 
 
+def _reduced(precision: str, dtype: torch.dtype) -> bool:
+    """Whether torch's setting would run ``dtype`` products below ``precision``: float32 products under
+    TF32/bfloat16 (float64 products have no reduced mode in torch)."""
+    return precision == "full" and dtype == torch.float32 and _traced_precision() != "highest"
+
+
 def _enter() -> None:
     global _depth, _saved
     with _lock:
@@ -120,12 +126,12 @@ def _exit() -> None:
 def products_in(precision: str, dtype: torch.dtype) -> Iterator[None]:
     """Run the enclosed products at ``precision`` for a root working in ``dtype``; restore on exit.
 
-    float64 products have no reduced mode in torch, so nothing is changed for them.
+    Nothing is changed where the setting is not reduced (:func:`_reduced`).
 
     Raises:
         RuntimeError: while ``torch.compile``/``torch.export`` trace with the global setting reduced.
     """
-    if precision != "full" or dtype != torch.float32 or _traced_precision() == "highest":
+    if not _reduced(precision, dtype):
         yield
         return
     if is_tracing():
@@ -166,12 +172,6 @@ class ScopeBoundary(torch.autograd.Function):
 def scoped_backward(x: torch.Tensor, precision: str, *, enter: bool) -> torch.Tensor:
     """``x``, marked so that its backward enters or leaves the scope of ``precision`` (see
     :class:`ScopeBoundary`); ``x`` itself where nothing needs scoping or no graph is recorded."""
-    if (
-        precision != "full"
-        or x.dtype != torch.float32
-        or not (torch.is_grad_enabled() and x.requires_grad)
-        or is_tracing()
-        or _traced_precision() == "highest"
-    ):
+    if not (torch.is_grad_enabled() and x.requires_grad) or is_tracing() or not _reduced(precision, x.dtype):
         return x
     return ScopeBoundary.apply(x, enter)

@@ -11,7 +11,6 @@ differentiated through their steps instead. ``"ns"`` always is, by autograd, as 
 
 from __future__ import annotations
 
-import functools
 from typing import Any, TypedDict, Unpack
 
 import torch
@@ -26,11 +25,11 @@ from covpool.linalg.checks import (
     refuse_double_backward,
 )
 from covpool.linalg.eigh import eigh_root
-from covpool.linalg.iteration import coupled_root, direct_root, residual_norm, within_error
+from covpool.linalg.iteration import coupled_root, direct_root, passes_residual_test, within_error
 from covpool.linalg.lyapunov import solve_lyapunov
 from covpool.linalg.normalization import normalise
 from covpool.linalg.numerics import symmetrize, with_relative_ridge, working_dtype
-from covpool.linalg.options import DEFAULT_CONDITION, RootOptions, RootPlan
+from covpool.linalg.options import DEFAULT_CONDITION, DEFAULT_TOL, RootOptions, RootPlan
 from covpool.linalg.precision import products_in, scoped_backward
 from covpool.linalg.unrolled import coupled_root_adjoint
 
@@ -71,9 +70,7 @@ class MatmulRoot(torch.autograd.Function):
         else:
             record = [] if plan.gradient == "adjoint" else None
             Y, Z = coupled_root(A_hat, plan.forward, record)
-            valid = residual_norm(Y, Z) < plan.check.limit
-            if not inverse:  # the root of an all-zero matrix is exact (its gradient is not defined)
-                valid = valid | (A_hat == 0).flatten(-2).all(-1)
+            valid = passes_residual_test(A_hat, Y, Z, plan.check.limit, inverse=inverse)
             Z = Z if inverse else None
         root_scale = scale.sqrt()
         # NaN for an invalid matrix, folded into the scale (a (*, 1, 1) tensor) rather than the result.
@@ -132,9 +129,7 @@ def _unrolled_root(A: torch.Tensor, plan: RootPlan, inverse: bool) -> tuple[torc
         if plan.check is None:
             valid = within_error(Y, Z, NS_DIVERGED, inverse=inverse)
         else:
-            valid = residual_norm(Y, Z) < plan.check.limit
-            if not inverse:  # the root of an all-zero matrix is exact
-                valid = valid | (A_hat == 0).flatten(-2).all(-1)
+            valid = passes_residual_test(A_hat, Y, Z, plan.check.limit, inverse=inverse)
         if inverse:
             valid = valid & (scale[..., 0, 0] > torch.finfo(scale.dtype).tiny)
     factor = torch.where(valid[..., None, None], scale.sqrt(), float("nan"))
@@ -155,14 +150,13 @@ def _invalid_message(
         if eps > 0
         else f"condition={options.condition or DEFAULT_CONDITION:g} is assumed"
     )
-    tol = (
-        f"tol={options.tol or 1e-3:g}"
-        if plan.check.certifies <= (options.tol or 1e-3)
-        else (f"{plan.check.certifies:.2g} (the residual test's reach)")
+    tol = options.tol or DEFAULT_TOL
+    reach = (
+        f"tol={tol:g}" if plan.check.certifies <= tol else f"{plan.check.certifies:.2g} (the test's reach)"
     )
     return (
         f"A must be symmetric positive {definite} with a spectrum inside the bound method={plan.method!r} "
-        f"was certified for ({bound}): the residual of Z Y = I shows an error beyond {tol}; "
+        f"was certified for ({bound}): the residual of Z Y = I shows an error beyond {reach}; "
         f"{estimated_condition(with_relative_ridge(A, eps), ~valid)}. Pass eps= (a relative ridge), a "
         "condition= at least that κ, or method='eigh'"
     )
@@ -210,11 +204,15 @@ def _root(
         else:
             with products_in(plan.precision, work_dtype):
                 A_ridged = with_relative_ridge(symmetrize(A_work), eps)  # differentiated by autograd
-                root = eigh_root if plan.method == "eigh" else functools.partial(_unrolled_root, plan=plan)
-                out, valid = root(A_ridged, inverse=inverse)
+                if plan.method == "eigh":
+                    out, valid = eigh_root(A_ridged, inverse=inverse, precision=plan.precision)
+                else:
+                    out, valid = _unrolled_root(A_ridged, plan, inverse=inverse)
     count_flagged(valid)
-    if plan.read_values and not bool(valid.all()):
-        raise_if_invalid(valid, _invalid_message(plan, resolved, inverse, A_work.detach(), valid, eps))
+    if plan.read_values:
+        raise_if_invalid(
+            valid, lambda: _invalid_message(plan, resolved, inverse, A_work.detach(), valid, eps)
+        )
     return out.to(A.dtype)
 
 

@@ -164,6 +164,15 @@ def step_map_and_slope(step: Step, s: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return s * q, q + 2.0 * u * dq_du
 
 
+def composed_map(schedule: Schedule, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The composed scalar map ``P(s)`` of all steps and its slope ``P'(s)``, in float64."""
+    value, slope = s, np.ones_like(s)
+    for step in schedule.steps:
+        value, step_slope = step_map_and_slope(step, value)
+        slope = step_slope * slope
+    return value, slope
+
+
 def gradient_error(schedule: Schedule) -> float:
     """Certified relative error of the gradient when the iteration itself is differentiated.
 
@@ -178,10 +187,7 @@ def gradient_error(schedule: Schedule) -> float:
     Evaluated on a dense geometric grid, with ``P'`` by the chain rule.
     """
     s = np.geomspace(schedule.lower, schedule.upper, 200_001)
-    value, slope = s, np.ones_like(s)
-    for step in schedule.steps:
-        value, step_slope = step_map_and_slope(step, value)
-        slope = step_slope * slope
+    value, slope = composed_map(schedule, s)
     return float(np.abs(value - 1.0).max() + np.abs(s * slope).max())
 
 
@@ -322,15 +328,6 @@ def differentiable_schedule(schedule: Schedule, tol: float) -> Schedule:
         steps.append(step)
         a, b = image(step, a, b)
     raise ValueError(f"no gradient within tol={tol} after {MAX_FLAT_STEPS} flat steps")
-
-
-def composed_map(schedule: Schedule, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The composed scalar map ``P(s)`` of all steps and its slope ``P'(s)``, in float64."""
-    value, slope = s, np.ones_like(s)
-    for step in schedule.steps:
-        value, step_slope = step_map_and_slope(step, value)
-        slope = step_slope * slope
-    return value, slope
 
 
 _RESIDUAL_GRID = np.geomspace(1e-10, 1.0, 30_001)
