@@ -328,7 +328,7 @@ class ZCARecalibration(L.Callback):
                 pl_module,
                 _own_iterator_loader(loader),
                 max_batches=int(min(limits)) if limits else None,
-                device=pl_module.device,
+                device=device,
                 batch_to_input=to_input,
                 batchnorm=self.batchnorm,
                 progress=progress,

@@ -5,15 +5,13 @@ clear errors, the callback's wiring in CovPoolClassifier, and 2 gloo processes a
 from __future__ import annotations
 
 import copy
-import datetime
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from einops import rearrange
+from gloo_ranks import run_on_ranks
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -348,32 +346,20 @@ def _shards() -> tuple[nn.Module, list[list[torch.Tensor]]]:
     ]
 
 
-def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=WORLD_SIZE,
-        timeout=datetime.timedelta(seconds=120),
-    )
-    try:
-        model, shards = _shards()
-        counts = recalibrate_statistics(model, shards[rank], progress=False)
-        results = {"counts": counts, "state": model.state_dict()}
-        try:  # uneven batch counts are refused on every rank, before any batch runs
-            recalibrate_statistics(model, shards[rank][: rank + 1], progress=False)
-        except ValueError as error:
-            results["uneven"] = str(error)
-        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def _on_rank(rank: int) -> dict:
+    model, shards = _shards()
+    counts = recalibrate_statistics(model, shards[rank], progress=False)
+    results = {"counts": counts, "state": model.state_dict()}
+    try:  # uneven batch counts are refused on every rank, before any batch runs
+        recalibrate_statistics(model, shards[rank][: rank + 1], progress=False)
+    except ValueError as error:
+        results["uneven"] = str(error)
+    return results
 
 
 @pytest.mark.ddp
 def test_ddp_statistics_are_those_of_the_union(tmp_path):
-    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
-    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
+    ranks = run_on_ranks(_on_rank, tmp_path, WORLD_SIZE)
     model, shards = _shards()
     # One process on the union batch of each step: the ZCA layers synchronise every batch in training.
     union = [torch.cat([shards[rank][step] for rank in range(WORLD_SIZE)]) for step in range(2)]

@@ -7,13 +7,10 @@ in a single process.
 
 from __future__ import annotations
 
-import datetime
-from pathlib import Path
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_ranks import run_on_ranks
 
 from covpool import ZCABatchNorm1d, ZCABatchNorm2d
 from covpool.functional import is_distributed
@@ -85,30 +82,17 @@ def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=WORLD_SIZE,
-        timeout=datetime.timedelta(seconds=120),
-    )
-    try:
-        results = {"distributed": torch.tensor(is_distributed())}
-        for name, (module, inputs, projections) in _scenarios().items():
-            for key, value in _run(module, inputs, projections, _rank_slice(rank), _all_reduce).items():
-                results[f"{name}/{key}"] = value
-        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def _on_rank(rank: int) -> dict[str, torch.Tensor]:
+    results = {"distributed": torch.tensor(is_distributed())}
+    for name, (module, inputs, projections) in _scenarios().items():
+        for key, value in _run(module, inputs, projections, _rank_slice(rank), _all_reduce).items():
+            results[f"{name}/{key}"] = value
+    return results
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict[str, torch.Tensor]]:
-    directory = tmp_path_factory.mktemp("zca_ddp")
-    mp.spawn(_worker, args=(str(directory / "init"), str(directory)), nprocs=WORLD_SIZE, join=True)
-    return [torch.load(directory / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
+    return run_on_ranks(_on_rank, tmp_path_factory.mktemp("zca_ddp"), WORLD_SIZE)
 
 
 @pytest.fixture(scope="module")
