@@ -81,7 +81,9 @@ _flagged: dict[torch.device, torch.Tensor] = {}
 
 def count_flagged(valid: torch.Tensor) -> None:
     """Add the number of unset flags of ``valid`` to its device's count of flagged matrices, on the
-    device (no synchronisation; not while tracing, where the graph's NaN still marks them)."""
+    device (no synchronisation; three kernels). Not while tracing, where the graph's NaN still marks them,
+    nor on fake tensors, which cannot keep a count (so ``python -m covpool.bench --trace`` leaves those
+    three kernels out)."""
     if is_tracing() or valid.numel() == 0 or torch._subclasses.fake_tensor.is_fake(valid):
         return
     count = _flagged.get(valid.device)

@@ -40,31 +40,31 @@ PRECISIONS: tuple[str, ...] = ("full",)
 global matmul setting."""
 
 _NEW_API = hasattr(torch.backends.cuda.matmul, "fp32_precision")
-"""torch >= 2.9 keeps the setting per backend (``fp32_precision``); reading the legacy flags after a
-mix of both APIs raises there, so only the new one is used where it exists."""
-_FULL = ("ieee", "ieee") if _NEW_API else ("highest", False)
+"""torch >= 2.9 keeps the setting per backend (``fp32_precision``: CUDA, oneDNN); reading the legacy
+flags after a mix of both APIs raises there, so only the new one is used where it exists. Before, the
+setting is one string, which ``allow_tf32`` reads and writes as ``!= "highest"``."""
+_FULL = ("ieee", "ieee") if _NEW_API else ("highest", "")
 
 _lock = threading.Lock()
 _depth = 0
-_saved: tuple[str, str | bool] | None = None
+_saved: tuple[str, str] | None = None
 """torch's setting when the outermost scope was entered."""
 
 
-def _read() -> tuple[str, str | bool]:
+def _read() -> tuple[str, str]:
     if _NEW_API:
         return torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision
-    return torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32
+    return torch.get_float32_matmul_precision(), ""
 
 
-def _write(state: tuple[str, str | bool]) -> None:
+def _write(state: tuple[str, str]) -> None:
     if _NEW_API:
         torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision = state
     else:
         torch.set_float32_matmul_precision(state[0])
-        torch.backends.cuda.matmul.allow_tf32 = state[1]  # after: the string setting sets it too
 
 
-def _describe(state: tuple[str, str | bool]) -> str:
+def _describe(state: tuple[str, str]) -> str:
     if _NEW_API:
         inherited = torch.backends.fp32_precision
         cuda, cpu = (inherited if value == "none" else value for value in state)
@@ -74,8 +74,7 @@ def _describe(state: tuple[str, str | bool]) -> str:
             if value not in ("none", "ieee")
         ]
         return ", ".join(reduced) or "highest"
-    setting, tf32 = state
-    return "high" if setting == "highest" and tf32 else setting
+    return state[0]
 
 
 def current_precision() -> str:
