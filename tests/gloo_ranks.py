@@ -4,6 +4,7 @@ running a module-level ``compute(rank) -> dict`` and saving its result for the p
 from __future__ import annotations
 
 import datetime
+import faulthandler
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
+TIMEOUT_S = 300
+"""A rank that has not finished by then prints its stack and exits, so that a hang fails the test instead
+of stalling the run (CI has a wall-clock limit)."""
+
+
 def _worker(rank: int, compute: Callable[[int], dict[str, Any]], directory: str, world_size: int) -> None:
+    faulthandler.dump_traceback_later(TIMEOUT_S, exit=True)
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo",
@@ -22,10 +29,11 @@ def _worker(rank: int, compute: Callable[[int], dict[str, Any]], directory: str,
         world_size=world_size,
         timeout=datetime.timedelta(seconds=120),
     )
-    try:
-        torch.save(compute(rank), Path(directory) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    torch.save(compute(rank), Path(directory) / f"rank{rank}.pt")
+    # Every rank reaches the teardown together: on torch 2.4, a rank that destroys the group after its
+    # peer has exited can block forever (seen in CI, the whole suite before this file).
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def run_on_ranks(
