@@ -119,6 +119,16 @@ class TestSchedules:
         assert schedule.error <= tol
         assert self.composed_error(schedule, grid) <= schedule.error * (1 + 1e-4) + 1e-14
 
+    @pytest.mark.parametrize("backward", [False, True])
+    def test_minimax_steps_start_below_where_the_exchange_breaks_down(self, backward):
+        # float64's rounding-level ridge puts the lower end near 2e-9; the exchange fails below ~1e-7.
+        lower = 2e-9
+        degrees = BACKWARD_DEGREES if backward else FORWARD_DEGREES
+        schedule = minimax_schedule(lower, 1.0, 1e-3, degrees=degrees, backward=backward)
+        grid = np.concatenate([np.geomspace(lower, 1.0, 50_001), np.linspace(lower, 1.0, 50_001)])
+        assert schedule.error <= 1e-3
+        assert self.composed_error(schedule, grid) <= schedule.error * (1 + 1e-4) + 1e-14
+
     @pytest.mark.parametrize("kind", ["minimax", "pade"])
     def test_gradient_certificate_bounds_divided_differences(self, kind):
         # The gradient's relative error in the eigenbasis is the divided difference of s P(s) (minus 1):

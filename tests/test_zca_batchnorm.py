@@ -11,7 +11,7 @@ from torch.autograd import gradcheck
 
 from covpool import ZCABatchNorm1d, ZCABatchNorm2d, convert_zca_batchnorm
 from covpool.functional import covariance
-from covpool.testing import reference_root
+from covpool.testing import assert_relative_close, reference_root
 
 TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6}
 
@@ -77,6 +77,22 @@ class TestTrainMode:
         assert out.shape == x.shape
         covs = _group_covariances(out.reshape(-1, 6), 3)
         assert (covs - torch.eye(3, dtype=torch.float64, device=device)).abs().max() <= 1e-6
+
+    @pytest.mark.parametrize("method", ["mtp", "mpa"])
+    @pytest.mark.parametrize("group_size", [1, 2, 4])
+    def test_float64_groups_at_the_rounding_level_ridge_are_planned(self, method, group_size, device):
+        # 12 rows per channel, rank-deficient groups: the plan sees only float64's relative floor
+        # (2.2e-16) and once refused them ("tol=0.001 cannot be reached in 40 steps").
+        x = torch.randn(3, 4, 2, 2, dtype=torch.float64, device=device, requires_grad=True)
+        weights = torch.randn(3, 4, 2, 2, dtype=torch.float64, device=device)
+        outputs, grads = [], []
+        for root in (method, "eigh"):
+            layer = ZCABatchNorm2d(4, group_size=group_size, root=root, dtype=torch.float64, device=device)
+            out = layer(x)
+            outputs.append(out)
+            grads.append(torch.autograd.grad((out * weights).sum(), x)[0])
+        assert_relative_close(outputs[0].flatten(), outputs[1].flatten(), what="output")
+        assert_relative_close(grads[0].flatten(), grads[1].flatten(), what="input gradient")
 
     def test_gradcheck(self, device):
         layer = ZCABatchNorm2d(4, group_size=2, eps=1e-3, root="eigh", device=device, dtype=torch.float64)
@@ -239,12 +255,17 @@ class TestConvert:
         assert net[1].group_size == 12  # 16 does not divide 12: largest divisor below it
         assert net[1].running_cov.dtype == torch.float64
 
-    def test_all_matches_batchnorm_in_eval(self, device):
+    # "auto" is eigh on CPU and mtp on CUDA: each method is named so that every device runs all three.
+    # The float64 ridge at the rounding level (1e-16 relative) is planned since the minimax steps
+    # below 1e-7 (#17); before, tol=1e-11 was refused on CUDA.
+    @pytest.mark.parametrize(
+        "root", ["eigh", {"method": "mtp", "tol": 1e-11}, {"method": "mpa", "tol": 1e-11}], ids=str
+    )
+    def test_all_matches_batchnorm_in_eval(self, root, device):
         net = self._trained_net(device).eval()
         x = torch.randn(4, 3, 5, 5, dtype=torch.float64, device=device)
         expected = net(x)
-        # tol: "auto" is exact eigh on CPU but the certified mtp on CUDA, held here to float64 accuracy.
-        net = convert_zca_batchnorm(net, layers="all", group_size=8, root={"tol": 1e-11})
+        net = convert_zca_batchnorm(net, layers="all", group_size=8, root=root)
         assert [type(net[i]) for i in (1, 4, 7)] == [ZCABatchNorm2d, ZCABatchNorm2d, ZCABatchNorm1d]
         assert [net[i].group_size for i in (1, 4, 7)] == [6, 8, 6]
         assert not net[1].training

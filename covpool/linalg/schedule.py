@@ -209,18 +209,29 @@ def _minimax_step(a: float, b: float, degree: int) -> tuple[PolynomialStep, tupl
 
     Once the interval is within rounding of 1, the minimax problem degenerates (its reference points
     coincide), and any step that fixes 1 to second order keeps it there: Newton-Schulz does.
+
+    Below about ``a = 1e-7`` the exchange breaks down at every degree (float64 ridges at the rounding
+    level, ZCA's, reach 1e-9). There the step is designed on ``[a', b]`` for the smallest ``a' = a · 10^k``
+    where it succeeds, and the interval it maps to is its image of ``[a, b]``: the polynomial is odd and
+    increasing from 0 to ``a'`` (slope about 8.4 at 0), so ``[a, a']`` goes to ``[p(a), 1 - error]``.
     """
     if b - a < _CONVERGED:
         step = PolynomialStep(NEWTON_SCHULZ)
         return step, image(step, a, b)
-    b = b + SAFETY * (b - a)
-    for trial in range(degree, 0, -1):  # a high degree can break down on a tiny a; a lower one will not
-        try:
-            coefficients, error = minimax_odd_polynomial(a, b, trial)
-        except ArithmeticError:
-            continue
-        if error < 1.0:
-            return PolynomialStep(coefficients), (1.0 - error, 1.0 + error)
+    top = b + SAFETY * (b - a)
+    design = a
+    while design < b:
+        for trial in range(degree, 0, -1):  # a high degree can break down on a tiny a; a lower one will not
+            try:
+                coefficients, error = minimax_odd_polynomial(design, top, trial)
+            except ArithmeticError:
+                continue
+            if error < 1.0:
+                step = PolynomialStep(coefficients)
+                if design == a:
+                    return step, (1.0 - error, 1.0 + error)
+                return step, (float(step_map(step, np.array([a]))[0]), 1.0 + error)
+        design *= 10.0
     raise ArithmeticError(f"no minimax step of degree <= {degree} on [{a:g}, {b:g}]")
 
 
