@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 
 import pytest
@@ -203,3 +204,19 @@ class TestSelfCertification:
                     )
                     assert plan.check.certifies <= 1e-3, (n, dtype, method, plan.check)
                     assert plan.check.limit > plan.check.valid_residual * n**0.125
+
+    @pytest.mark.parametrize("method", ["mtp", "mpa"])
+    def test_a_promised_condition_rounding_cannot_serve_is_refused_with_the_tol_it_can(self, method):
+        # float32 at κ = 1e6: rounding alone puts every method's gradient near u·κ = 0.1 (eigh: 2.4e-2)
+        A = random_spd(3, n=32, condition=1e6)
+        X = A.float().requires_grad_(True)
+        with pytest.raises(ValueError, match=f"tol=0.001 cannot be certified for method='{method}'") as raised:
+            covpool.sqrtm(X, method=method, condition=1e6)
+        tol = float(re.search(r"pass tol >= ([0-9.e+-]+)", str(raised.value)).group(1)) * 1.01
+        out = covpool.sqrtm(X, method=method, condition=1e6, tol=tol, check_input=False)
+        upstream = torch.randn(3, 32, 32, dtype=torch.float64)
+        out.backward(upstream.float())
+        flagged = torch.isnan(out).flatten(-2).all(-1)
+        forward = relative_error(out.detach().double(), reference_root(A))
+        gradient = relative_error(X.grad.double(), reference_gradient(A, upstream))
+        assert not (~flagged & ((forward > 2 * tol) | (gradient > 2 * tol))).any(), (tol, forward, gradient)

@@ -208,7 +208,11 @@ class TestGradients:
         match = rf"tol={floor / 2:g} is below what {dtype} products can deliver"
         with pytest.raises(ValueError, match=match):
             covpool.sqrtm(random_spd(2, n=8, dtype=dtype), method="mtp", tol=floor / 2)
-        covpool.sqrtm(random_spd(2, n=8, dtype=dtype), method="mtp", tol=floor * 1.01)
+        # at the floor, rounding grows with κ: accepted where the promised condition is small
+        A = random_spd(2, n=8, condition=100, dtype=dtype)
+        covpool.sqrtm(A, method="mtp", tol=floor * 1.01, condition=100)
+        with pytest.raises(ValueError, match="cannot be certified for method='mtp' at condition=1000"):
+            covpool.sqrtm(random_spd(2, n=8, dtype=dtype), method="mtp", tol=floor * 1.01)
 
 
 def head_covariances(n: int, samples: int = 49, batch: int = 4) -> torch.Tensor:

@@ -85,6 +85,10 @@ of the Schatten-8 norm's."""
 _VALID_SHARE = 0.5
 """A valid input's residual test (its Schatten-8 overestimate and rounding included) stays below this
 share of the limit, where a forward target allows (``check`` in :func:`_plan`)."""
+CERTIFY_SLACK = 2.0
+"""Where the spectrum bound is assumed, a plan whose residual test certifies more than this many times
+``tol`` is refused (:func:`_refuse_uncertified`): the a-posteriori test is what keeps a matrix beyond the
+bound from being silently wrong, and the beyond-bound grid is held to 2 ``tol``."""
 TOL_FLOOR = 8
 """Smallest ``tol`` accepted, in machine epsilons of the working dtype (9.5e-7 in float32, 1.8e-15 in
 float64): below it the products' rounding, not the schedule, sets the error."""
@@ -405,6 +409,9 @@ def _plan(
                 )
             )
         gradient = "autograd" if method == "mpa" else "adjoint"
+        test = check(forward, None)
+        if _assumed_bound(eps, options):
+            _refuse_uncertified(test.certifies, tol, method, options.condition, unit_roundoff)
         return RootPlan(
             method,
             normalization,
@@ -412,7 +419,7 @@ def _plan(
             None,
             None,
             lower,
-            check(forward, None),
+            test,
             precision,
             read_values,
             gradient,
@@ -459,6 +466,8 @@ def _plan(
     else:
         backward = lyapunov_schedule(forward, forward_error, max(tol - forward_error, tol / 2))
     test = check(forward, backward) if forward is not None else None
+    if test is not None and _assumed_bound(eps, options):
+        _refuse_uncertified(test.certifies, tol, method, options.condition, unit_roundoff)
     return RootPlan(
         method,
         normalization,
@@ -470,6 +479,31 @@ def _plan(
         precision,
         read_values,
         "lyapunov",
+    )
+
+
+def _assumed_bound(eps: float, options: RootOptions) -> bool:
+    """Whether the plan answers for ``tol`` on a spectrum bound that is the caller's promise
+    (``condition``, or the default one without a ridge) rather than a ridge the root adds itself: only
+    then can an input lie beyond it. Fixed ``steps`` or ``backward_steps`` are the caller's schedule, not
+    a plan for ``tol``."""
+    chosen = options.steps is None and options.backward_steps is None
+    return chosen and (eps <= 0.0 or options.condition is not None)
+
+
+def _refuse_uncertified(
+    certifies: float, tol: float, method: str, condition: float | None, unit_roundoff: float
+) -> None:
+    """Raise where the residual test cannot hold a matrix beyond the assumed bound to ``tol``: what it
+    certifies, widened by the products' rounding at that condition, is more than :data:`CERTIFY_SLACK`
+    times ``tol`` (float32 at condition 1e6: every method's gradient is off by about u·κ)."""
+    if certifies <= CERTIFY_SLACK * tol:
+        return
+    raise ValueError(
+        f"tol={tol:g} cannot be certified for method={method!r} at condition="
+        f"{condition or DEFAULT_CONDITION:g} in products of machine epsilon {unit_roundoff:.2g}: the "
+        f"rounding there leaves results the residual test can only hold to {certifies:.2g}; pass "
+        f"tol >= {certifies / CERTIFY_SLACK:.2g}, a smaller condition, or float64 input"
     )
 
 
