@@ -1,7 +1,12 @@
-"""Lightning integration of covpool: classifier, data modules, spectrum monitor, ZCA recalibration, CLI
+"""Lightning integration of covpool: classifier, data modules, spectrum and flagged-matrix monitors, ZCA recalibration, CLI
 and demo."""
 
-from lightning_modules.callbacks import CovarianceSpectrumMonitor, TrainingHistory, ZCARecalibration
+from lightning_modules.callbacks import (
+    CovarianceSpectrumMonitor,
+    FlaggedMatrixMonitor,
+    TrainingHistory,
+    ZCARecalibration,
+)
 from lightning_modules.classifier import CovPoolClassifier
 from lightning_modules.data import CIFARDataModule, DigitsDataModule, ImageFolderDataModule
 
@@ -10,6 +15,7 @@ __all__ = [
     "CovPoolClassifier",
     "CovarianceSpectrumMonitor",
     "DigitsDataModule",
+    "FlaggedMatrixMonitor",
     "ImageFolderDataModule",
     "TrainingHistory",
     "ZCARecalibration",

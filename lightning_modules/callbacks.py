@@ -1,11 +1,15 @@
-"""Callbacks: the spectrum of the covariances inside covpool layers, a per-step training history, and the
-recalibration of ZCA running statistics on the training data.
+"""Callbacks: the spectrum of the covariances inside covpool layers, a per-step training history, the
+matrices covpool's roots flagged, and the recalibration of ZCA running statistics on the training data.
 
 :class:`CovarianceSpectrumMonitor` watches the layers that form covariances — :class:`covpool.CovPoolHead`
 and :class:`covpool.SecondOrderTokenHead` (the covariance of the reduced features that is pooled) and
 :class:`covpool.ZCABatchNorm2d` / :class:`covpool.ZCABatchNorm1d` (the batch covariance of each whitening
 group). Every ``every_n_steps`` training steps it registers forward hooks, lets the training step run,
 logs the spectra and removes the hooks, so the other steps pay nothing.
+
+:class:`FlaggedMatrixMonitor` reads :func:`covpool.flagged_matrices` every few steps (one host read) and
+reports, with what to change, the matrices whose roots came out NaN because their spectrum lay beyond the
+certified bound: the sync-free path cannot raise, and a NaN in one sample ends a run.
 
 :class:`ZCARecalibration` runs :func:`covpool.recalibrate_statistics` on the training data before every
 validation and at the end of fitting, so that validation, test and the saved model whiten with statistics
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -28,7 +33,14 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torch.utils.hooks import RemovableHandle
 
-from covpool import CovPoolHead, SecondOrderTokenHead, ZCABatchNorm1d, ZCABatchNorm2d, recalibrate_statistics
+from covpool import (
+    CovPoolHead,
+    SecondOrderTokenHead,
+    ZCABatchNorm1d,
+    ZCABatchNorm2d,
+    flagged_matrices,
+    recalibrate_statistics,
+)
 from covpool.functional.covariance import covariance
 from covpool.functional.whitening import group_statistics, moments_from_statistics
 from covpool.layers.recalibrate import default_batch_input, zca_layers
@@ -207,6 +219,67 @@ class TrainingHistory(L.Callback):
         metrics = trainer.callback_metrics
         values = {key: float(metrics[key]) for key in self.monitor if key in metrics}
         self.validations.append((trainer.global_step, values))
+
+
+class FlaggedMatrixMonitor(L.Callback):
+    """Report the matrices covpool's roots flagged during training: log their count and warn (or raise).
+
+    A root whose input lies beyond the spectrum bound its plan was certified for returns NaN for that
+    matrix and counts it on the device (:func:`covpool.flagged_matrices`), without a synchronisation.
+    Every ``every_n_steps`` training steps and at the end of each epoch this callback reads and resets
+    the count (one host read), logs ``covpool/flagged_matrices`` at those steps (the matrices flagged
+    since the last read, per rank), and, when it is not zero, warns with what to change, or raises when
+    ``raise_on_flag`` (stopping at the first report instead of training on NaN).
+
+    Args:
+        every_n_steps: training steps between reads.
+        raise_on_flag: raise ``RuntimeError`` instead of warning.
+
+    Example:
+        >>> trainer = L.Trainer(callbacks=[FlaggedMatrixMonitor(every_n_steps=100)])  # doctest: +SKIP
+    """
+
+    def __init__(self, every_n_steps: int = 50, *, raise_on_flag: bool = False) -> None:
+        super().__init__()
+        if not isinstance(every_n_steps, int) or every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be a positive int, got {every_n_steps!r}")
+        self.every_n_steps = every_n_steps
+        self.raise_on_flag = raise_on_flag
+        self.total = 0
+        """Flagged matrices seen on this rank since fitting started."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        flagged_matrices(reset=True)  # what earlier work flagged is not this run's
+        self.total = 0
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step % self.every_n_steps == 0:
+            count = self._report(trainer)
+            pl_module.log("covpool/flagged_matrices", float(count), on_step=True, on_epoch=False)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._report(trainer)  # the steps since the last read (Lightning logs no step value here)
+
+    def _report(self, trainer: L.Trainer) -> int:
+        """Read and reset the count; warn or raise when it is not zero. Returns the count."""
+        count = flagged_matrices(reset=True)
+        self.total += count
+        if not count:
+            return count
+            return
+        message = (
+            f"covpool flagged {count} matrices (NaN roots) up to step {trainer.global_step} on rank "
+            f"{trainer.global_rank} ({self.total} since fitting started): their spectrum lay beyond the "
+            "bound the root was certified for. Raise the layer's eps (a larger ridge), pass a root "
+            "condition= at least their condition number (root={'condition': ...}), or root='eigh'; "
+            "CovarianceSpectrumMonitor logs the condition numbers the layers see"
+        )
+        if self.raise_on_flag:
+            raise RuntimeError(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+        return count
 
 
 def _own_iterator_loader(loader: DataLoader) -> DataLoader:

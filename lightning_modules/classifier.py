@@ -27,7 +27,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from covpool import CovPoolHead, RootOptions, SecondOrderTokenHead, attach_head, convert_zca_batchnorm
 from covpool.layers.recalibrate import zca_layers
 from covpool.models import create_timm_model
-from lightning_modules.callbacks import ZCARecalibration
+from lightning_modules.callbacks import FlaggedMatrixMonitor, ZCARecalibration
 
 STAGES = ("train", "val", "test")
 COVPOOL_MODEL_MODULES = ["isqrtcov_resnet", "sovit"]
@@ -219,13 +219,16 @@ class CovPoolClassifier(L.LightningModule):
         return self.model(x)
 
     def configure_callbacks(self) -> list[L.Callback]:
-        """:class:`ZCARecalibration` with its defaults when ``recalibrate_zca`` and the model has ZCA layers
-        and the trainer has no ``ZCARecalibration`` of its own."""
-        if not self.hparams.get("recalibrate_zca", True) or not zca_layers(self.model):
-            return []
-        if any(isinstance(callback, ZCARecalibration) for callback in self.trainer.callbacks):
-            return []
-        return [ZCARecalibration()]
+        """The callbacks this model needs that the trainer does not have already: a
+        :class:`FlaggedMatrixMonitor` (every 50 steps, a NaN root is reported with what to change), and
+        :class:`ZCARecalibration` when ``recalibrate_zca`` and the model has ZCA layers."""
+        has = {type(callback) for callback in self.trainer.callbacks}
+        callbacks: list[L.Callback] = []
+        if FlaggedMatrixMonitor not in has:
+            callbacks.append(FlaggedMatrixMonitor())
+        if self.hparams.get("recalibrate_zca", True) and zca_layers(self.model) and ZCARecalibration not in has:
+            callbacks.append(ZCARecalibration())
+        return callbacks
 
     def _shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
         images, targets = batch

@@ -1,4 +1,4 @@
-"""CovarianceSpectrumMonitor and TrainingHistory."""
+"""CovarianceSpectrumMonitor, FlaggedMatrixMonitor and TrainingHistory."""
 
 from __future__ import annotations
 
@@ -9,11 +9,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+import covpool
 from covpool import CovPoolHead, ZCABatchNorm2d
 from covpool.functional.covariance import covariance
 from lightning_modules import CovPoolClassifier
 from lightning_modules.callbacks import (
     CovarianceSpectrumMonitor,
+    FlaggedMatrixMonitor,
     TrainingHistory,
     group_covariance,
     spectrum_statistics,
@@ -48,6 +50,19 @@ class TestSpectrumStatistics:
         rows = x.permute(0, 2, 3, 1).reshape(-1, 8)
         expected = torch.stack([torch.cov(rows[:, g * 4 : (g + 1) * 4].T, correction=0) for g in range(2)])
         assert torch.allclose(group_covariance(x, 4), expected)
+
+
+def quiet_trainer(tmp_path, **kwargs) -> L.Trainer:
+    """A CPU trainer without logger, checkpoints, progress bar or summary."""
+    return L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        **kwargs,
+    )
 
 
 def tiny_loader(n=32, size=32) -> DataLoader:
@@ -91,16 +106,7 @@ def test_monitor_logs_every_n_steps_and_removes_hooks(tmp_path):
         reduced = head.reduce(clf.model.forward_features(first))
     expected = spectrum_statistics(covariance(reduced.flatten(2).transpose(1, 2)))
 
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=4,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        callbacks=[monitor, Inspect()],
-    )
+    trainer = quiet_trainer(tmp_path, max_steps=4, callbacks=[monitor, Inspect()])
     trainer.fit(clf, train_dataloaders=tiny_loader())
     assert sorted(seen) == [0, 1, 2, 3]
     key = f"spectrum/{head_name}/effective_rank"
@@ -115,18 +121,70 @@ def test_monitor_logs_every_n_steps_and_removes_hooks(tmp_path):
 def test_training_history(tmp_path):
     history = TrainingHistory(monitor=("val/acc1",))
     clf = CovPoolClassifier("test_resnet", num_classes=4)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        callbacks=[history],
-    )
+    trainer = quiet_trainer(tmp_path, max_epochs=2, callbacks=[history])
     trainer.fit(clf, tiny_loader(16), tiny_loader(8))
     assert [s for s, _ in history.steps] == [1, 2, 3, 4]
     assert len(history.step_times) == 4 and all(t > 0 for t in history.step_times)
     assert [s for s, _ in history.validations] == [2, 4]
     assert all(0 <= v["val/acc1"] <= 1 for _, v in history.validations)
+
+
+class RootOfABatch(L.LightningModule):
+    """Each step takes the square root of a batch of 2 matrices, the second beyond the default bound when
+    ``beyond`` (κ = 1e6 where 1e3 is assumed): it is flagged (NaN, counted) and left out of the loss."""
+
+    def __init__(self, beyond: bool) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))
+        conditions = (10.0, 1e6 if beyond else 10.0)
+        generator = torch.Generator().manual_seed(0)
+        self.register_buffer(
+            "A", torch.stack([covpool.testing.random_spd(n=8, condition=c, generator=generator) for c in conditions])
+        )
+
+    def training_step(self, batch, batch_idx):
+        root = covpool.sqrtm(self.A.float() * self.scale, method="mtp", check_input=False)
+        return root[0].sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+
+class TestFlaggedMatrixMonitor:
+    @staticmethod
+    def fit(tmp_path, monitor: FlaggedMatrixMonitor, beyond: bool) -> dict[int, float]:
+        logged: dict[int, float] = {}
+
+        class Read(L.Callback):
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                if "covpool/flagged_matrices" in trainer.callback_metrics:
+                    logged[trainer.global_step] = float(trainer.callback_metrics["covpool/flagged_matrices"])
+
+        covpool.flagged_matrices(reset=True)
+        trainer = quiet_trainer(tmp_path, max_steps=4, callbacks=[monitor, Read()])
+        trainer.fit(RootOfABatch(beyond), train_dataloaders=DataLoader(TensorDataset(torch.zeros(8, 1)), batch_size=2))
+        return logged
+
+    def test_flags_are_logged_and_warned_with_what_to_change(self, tmp_path):
+        monitor = FlaggedMatrixMonitor(every_n_steps=2)
+        with pytest.warns(RuntimeWarning) as warned:
+            logged = self.fit(tmp_path, monitor, beyond=True)
+        assert logged[2] == 2.0 and logged[4] == 2.0 and monitor.total == 4  # one flagged matrix per step
+        messages = [str(w.message) for w in warned if "covpool flagged" in str(w.message)]
+        assert messages[0].startswith("covpool flagged 2 matrices (NaN roots) up to step 2 on rank 0")
+        assert "eps" in messages[0] and "condition=" in messages[0] and "root='eigh'" in messages[0]
+        assert covpool.flagged_matrices() == 0  # read and reset
+
+    def test_no_flag_no_warning(self, tmp_path, recwarn):
+        monitor = FlaggedMatrixMonitor(every_n_steps=2)
+        assert self.fit(tmp_path, monitor, beyond=False)[2] == 0.0 and monitor.total == 0
+        assert not [w for w in recwarn if "covpool flagged" in str(w.message)]
+
+    def test_raise_on_flag_stops_at_the_first_read(self, tmp_path):
+        with pytest.raises(RuntimeError, match="covpool flagged 1 matrices .* up to step 1"):
+            self.fit(tmp_path, FlaggedMatrixMonitor(every_n_steps=1, raise_on_flag=True), beyond=True)
+
+    @pytest.mark.parametrize("every_n_steps", [0, 1.5])
+    def test_bad_every_n_steps(self, every_n_steps):
+        with pytest.raises(ValueError, match="every_n_steps must be a positive int"):
+            FlaggedMatrixMonitor(every_n_steps=every_n_steps)

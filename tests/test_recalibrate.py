@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import covpool
 from covpool import ZCABatchNorm1d, ZCABatchNorm2d, recalibrate_statistics
 from covpool.layers.recalibrate import default_batch_input, zca_layers
-from lightning_modules import CovPoolClassifier, ZCARecalibration
+from lightning_modules import CovPoolClassifier, FlaggedMatrixMonitor, ZCARecalibration
 from lightning_modules.callbacks import _own_iterator_loader
 
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-10}
@@ -299,10 +299,9 @@ class TestCallback:
         assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
     def test_switch_off_and_models_without_zca(self, tmp_path):
-        assert _classifier(recalibrate_zca=False).configure_callbacks() == []
-        plain = CovPoolClassifier("test_resnet", num_classes=4)
-        plain.trainer = _trainer(tmp_path)
-        assert plain.configure_callbacks() == []
+        for clf in (_classifier(recalibrate_zca=False), CovPoolClassifier("test_resnet", num_classes=4)):
+            clf.trainer = _trainer(tmp_path)
+            assert [type(c) for c in clf.configure_callbacks()] == [FlaggedMatrixMonitor]
 
     def test_a_trainer_callback_takes_its_place(self, tmp_path):
         clf, loader = _classifier(), _loader()
