@@ -328,19 +328,18 @@ class TestRejectedBatches:
         layer.eval()
         assert torch.isfinite(layer(torch.randn(2, 8, 3, 3, device=device))).all()
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="since the residual test (#17) widens mpa's float32 limit by its rounding, this group "
-        "passes; a group the root rejects needs another construction (left open)",
-    )
-    def test_group_the_root_rejects_names_the_layer_and_changes_no_state(self, device):
-        # 32 channels of rank 8 at unit scale: mpa's certified bound does not hold in float32.
-        layer = ZCABatchNorm1d(32, group_size=32, root={"method": "mpa", "check_input": True}, device=device)
+    @pytest.mark.parametrize("method", ["mtp", "mpa"])
+    def test_group_the_root_rejects_names_the_layer_and_changes_no_state(self, method, device):
+        # The layer's own ridge leaves no group beyond its bound; a promised condition can be broken:
+        # 32 channels of rank 8 (κ ~ 1e7 after the ridge) where condition=10 is promised.
+        root = {"method": method, "condition": 10.0, "check_input": True}
+        layer = ZCABatchNorm1d(32, group_size=32, root=root, device=device)
         before = {k: v.clone() for k, v in layer.state_dict().items()}
         generator = torch.Generator().manual_seed(0)
         x = torch.randn(64, 8, generator=generator) @ torch.randn(8, 32, generator=generator)
         with pytest.raises(
-            ValueError, match=r"ZCABatchNorm1d\(32, group_size=32\): a group's covariance .*raise eps"
+            ValueError,
+            match=r"ZCABatchNorm1d\(32, group_size=32\): a group's covariance .*condition=10 is assumed.*raise eps",
         ):
             layer(x.to(device))
         assert all(torch.equal(before[k], v) for k, v in layer.state_dict().items())

@@ -147,7 +147,7 @@ def _invalid_message(
     n = A.shape[-1]
     bound = (
         f"eps={eps:g} bounds κ(A) by {(n + eps) / eps:.3g}"
-        if eps > 0
+        if eps > 0 and options.condition is None
         else f"condition={options.condition or DEFAULT_CONDITION:g} is assumed"
     )
     tol = options.tol or DEFAULT_TOL
