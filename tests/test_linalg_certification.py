@@ -210,7 +210,9 @@ class TestSelfCertification:
         # float32 at κ = 1e6: rounding alone puts every method's gradient near u·κ = 0.1 (eigh: 2.4e-2)
         A = random_spd(3, n=32, condition=1e6)
         X = A.float().requires_grad_(True)
-        with pytest.raises(ValueError, match=f"tol=0.001 cannot be certified for method='{method}'") as raised:
+        with pytest.raises(
+            ValueError, match=f"tol=0.001 cannot be certified for method='{method}'"
+        ) as raised:
             covpool.sqrtm(X, method=method, condition=1e6)
         tol = float(re.search(r"pass tol >= ([0-9.e+-]+)", str(raised.value)).group(1)) * 1.01
         out = covpool.sqrtm(X, method=method, condition=1e6, tol=tol, check_input=False)
@@ -220,3 +222,16 @@ class TestSelfCertification:
         forward = relative_error(out.detach().double(), reference_root(A))
         gradient = relative_error(X.grad.double(), reference_gradient(A, upstream))
         assert not (~flagged & ((forward > 2 * tol) | (gradient > 2 * tol))).any(), (tol, forward, gradient)
+
+    @pytest.mark.parametrize("name", ROOTS)
+    def test_float32_eigh_holds_tol_where_float32_decompositions_do_not(self, name):
+        # decomposed in float64: a float32 eigh is off by about u·κ (gradient 2e-2 at κ = 1e6)
+        fn, inverse = ROOTS[name]
+        X = random_spd(3, n=32, condition=1e6).float().requires_grad_(True)
+        given = X.detach().double()  # the root of the float32 input as passed
+        out = fn(X, method="eigh")
+        upstream = torch.randn(3, 32, 32, dtype=torch.float64)
+        out.backward(upstream.float())
+        assert out.dtype == X.grad.dtype == torch.float32
+        assert (relative_error(out.detach(), reference_root(given, inverse=inverse)) < 1e-5).all()
+        assert (relative_error(X.grad, reference_gradient(given, upstream, inverse=inverse)) < 1e-4).all()
