@@ -1,5 +1,5 @@
-"""Lightning integration of covpool: classifier, data modules, spectrum and flagged-matrix monitors, ZCA recalibration, CLI
-and demo."""
+"""Lightning integration of covpool: classifier, data modules, spectrum and flagged-matrix monitors, ZCA
+recalibration, CLI and demo."""
 
 from lightning_modules.callbacks import (
     CovarianceSpectrumMonitor,

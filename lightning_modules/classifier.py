@@ -226,7 +226,11 @@ class CovPoolClassifier(L.LightningModule):
         callbacks: list[L.Callback] = []
         if FlaggedMatrixMonitor not in has:
             callbacks.append(FlaggedMatrixMonitor())
-        if self.hparams.get("recalibrate_zca", True) and zca_layers(self.model) and ZCARecalibration not in has:
+        if (
+            self.hparams.get("recalibrate_zca", True)
+            and zca_layers(self.model)
+            and ZCARecalibration not in has
+        ):
             callbacks.append(ZCARecalibration())
         return callbacks
 

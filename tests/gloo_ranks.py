@@ -13,7 +13,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
 TIMEOUT_S = 300
 """A rank that has not finished by then prints its stack and exits, so that a hang fails the test instead
 of stalling the run (CI has a wall-clock limit)."""

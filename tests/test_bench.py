@@ -361,3 +361,27 @@ def test_input_rounding_stays_within_the_traces_room():
     # Rank-deficient inputs (8 positions) sit on the bound, so rounding puts some of them below it.
     assert max(row["below_bound_in_u"] for row in rows) > 0.0
     assert all(row["below_bound_in_u"] <= TRACE_ROUNDING for row in rows)
+
+
+class TestBeyondTheBound:
+    def test_each_verdict_is_what_the_root_did(self):
+        from covpool.bench.beyond import Case, classify
+
+        spd = dict(kind="spd", condition=1e6, n=32, function="sqrtm")
+        # mtp at κ = 1e6 where 1e3 is assumed: every matrix flagged, none wrong
+        assert classify(Case(**spd, dtype="float64", method="mtp"))["verdict"] == "flagged"
+        within = classify(Case(**spd, dtype="float64", method="auto"))  # eigh on CPU: exact
+        assert within["verdict"] == "within" and within["gradient"] < 1e-8
+        ridged = Case(kind="ridged", condition=1e3, n=32, dtype="float32", method="mpa", function="inv_sqrtm")
+        row = classify(ridged)
+        assert row["verdict"] == "within" and row["forward"] < 2e-3 and row["gradient"] < 2e-3
+
+    def test_cli_prints_counts_and_writes_every_case(self, tmp_path, capsys):
+        main(["--beyond", "--sizes", "32", "--dtype", "float64", "--out", str(tmp_path), "--no-progress"])
+        out = capsys.readouterr().out
+        rows = json.loads((tmp_path / "beyond.json").read_text())["rows"]
+        assert len(rows) == 2 * 4 * 3 * 2  # kinds × conditions × methods × functions
+        assert "silently wrong" in out and "(48 cases)" in out
+        assert not any(r["verdict"] == "silently wrong" for r in rows), out
+        with pytest.raises(SystemExit, match="float32 and float64"):
+            main(["--beyond", "--dtype", "float16", "--out", str(tmp_path)])

@@ -139,7 +139,10 @@ class RootOfABatch(L.LightningModule):
         conditions = (10.0, 1e6 if beyond else 10.0)
         generator = torch.Generator().manual_seed(0)
         self.register_buffer(
-            "A", torch.stack([covpool.testing.random_spd(n=8, condition=c, generator=generator) for c in conditions])
+            "A",
+            torch.stack(
+                [covpool.testing.random_spd(n=8, condition=c, generator=generator) for c in conditions]
+            ),
         )
 
     def training_step(self, batch, batch_idx):
@@ -162,7 +165,9 @@ class TestFlaggedMatrixMonitor:
 
         covpool.flagged_matrices(reset=True)
         trainer = quiet_trainer(tmp_path, max_steps=4, callbacks=[monitor, Read()])
-        trainer.fit(RootOfABatch(beyond), train_dataloaders=DataLoader(TensorDataset(torch.zeros(8, 1)), batch_size=2))
+        trainer.fit(
+            RootOfABatch(beyond), train_dataloaders=DataLoader(TensorDataset(torch.zeros(8, 1)), batch_size=2)
+        )
         return logged
 
     def test_flags_are_logged_and_warned_with_what_to_change(self, tmp_path):

@@ -339,7 +339,8 @@ class TestRejectedBatches:
         x = torch.randn(64, 8, generator=generator) @ torch.randn(8, 32, generator=generator)
         with pytest.raises(
             ValueError,
-            match=r"ZCABatchNorm1d\(32, group_size=32\): a group's covariance .*condition=10 is assumed.*raise eps",
+            match=r"ZCABatchNorm1d\(32, group_size=32\): a group's covariance .*"
+            r"condition=10 is assumed.*raise eps",
         ):
             layer(x.to(device))
         assert all(torch.equal(before[k], v) for k, v in layer.state_dict().items())

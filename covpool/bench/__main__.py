@@ -15,6 +15,8 @@ from tqdm.auto import tqdm
 
 import covpool
 import covpool.bench
+from covpool.bench.beyond import SIZES as BEYOND_SIZES
+from covpool.bench.beyond import run_beyond, summary
 from covpool.bench.configs import CONFIGS
 from covpool.bench.deploy import DEPLOY_BATCHES, DEPLOY_MODELS, run_deploy
 from covpool.bench.grid import FUNCTIONS, comparison_label, describe_missing, plan_grid, run_grid
@@ -180,6 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     trace.add_argument(
         "--no-heads", action="store_true", help="with --rounding: leave out the heads and trace tables"
+    )
+    trace.add_argument(
+        "--beyond",
+        action="store_true",
+        help="inputs beyond the assumed spectrum bound (user-ridged and full-rank SPD, condition 1e3 … 1e6, "
+        "mtp/mpa/auto, sqrtm and inv_sqrtm, the --dtype given): within 2 tol, flagged, refused or silently "
+        f"wrong, per case (--sizes default {' '.join(map(str, BEYOND_SIZES))}, first of --devices)",
     )
 
     deploy = parser.add_argument_group("deployment")
@@ -443,6 +452,24 @@ def run_rounding(args: argparse.Namespace) -> None:
     print(f"wrote {args.out / 'rounding.csv'} and {args.out / 'rounding.json'}")
 
 
+def run_beyond_bound(args: argparse.Namespace) -> None:
+    """The beyond-the-bound grid (:mod:`covpool.bench.beyond`): counts per method and dtype on stdout,
+    every case in ``beyond.csv`` and ``beyond.json``."""
+    rows = run_beyond(
+        device=args.devices[0],
+        sizes=tuple(args.sizes),
+        dtypes=tuple(args.dtype),
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    write_csv(rows, args.out / "beyond.csv")
+    write_json(
+        {"environment": _environment(), "settings": _settings(args), "rows": rows}, args.out / "beyond.json"
+    )
+    print(summary(rows))
+    print(f"wrote {args.out / 'beyond.csv'} and {args.out / 'beyond.json'}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Parse ``argv`` and run the matrix-root grid, the layer benchmark (``--layers``) or the deployment
     benchmark (``--deploy``)."""
@@ -453,6 +480,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.batches = args.batches or list(DEPLOY_BATCHES)
     if args.rounding:
         args.sizes = args.sizes or list(ROUNDING_SIZES)
+    if args.beyond:
+        args.sizes = args.sizes or list(BEYOND_SIZES)
+        if not set(args.dtype) <= {"float32", "float64"}:
+            raise SystemExit(f"--beyond runs float32 and float64 (the working dtypes), got {args.dtype}")
     args.sizes = args.sizes or list(QUICK_SIZES if args.quick else FULL_SIZES)
     args.batches = args.batches or list(QUICK_BATCHES if args.quick else FULL_BATCHES)
     args.repeats = args.repeats or (QUICK_REPEATS if args.quick else FULL_REPEATS)
@@ -464,6 +495,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     start = time.perf_counter()
     if args.trace:
         run_trace(args)
+    elif args.beyond:
+        run_beyond_bound(args)
     elif args.rounding:
         run_rounding(args)
     elif args.deploy:
