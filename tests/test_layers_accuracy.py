@@ -93,3 +93,31 @@ class TestZCA:
         limit = 1e-3 if group_size == 16 else 5e-2
         assert_relative_close(flat(out), flat(out_ref), rtol=limit, what=f"{method} whitened output")
         assert_relative_close(flat(grad), flat(grad_ref), rtol=limit, what=f"{method} input gradients")
+
+
+@pytest.mark.parametrize("setting", ["high", "medium"])
+class TestUnderReducedMatmulPrecision:
+    """With TF32 ("high", as Lightning advises) or bfloat16 ("medium") products set globally, the layers
+    keep the accuracy of the tests above: their roots scope their products to full float32. On CPU the
+    setting reaches oneDNN only; run with ``--device cuda`` for the tensor-core case."""
+
+    @pytest.fixture(autouse=True)
+    def _reduced(self, setting):
+        torch.set_float32_matmul_precision(setting)
+        yield
+        torch.set_float32_matmul_precision("highest")
+
+    @pytest.mark.parametrize("method", ["auto", "mtp", "mpa"])
+    def test_covpool_head(self, method, device):
+        head = covpool.CovPoolHead(64, 0, reduction_dim=None, root=method).to(device)
+        out, out_ref, grad, grad_ref = compare(head, head_input(4, 64, 7, device))
+        assert torch.isfinite(out).all() and torch.isfinite(grad).all()
+        assert_relative_close(flat(out), flat(out_ref), rtol=1e-3, what=f"{method} pooled features")
+        assert_relative_close(flat(grad), flat(grad_ref), rtol=1e-3, what=f"{method} input gradients")
+
+    @pytest.mark.parametrize("method", ["auto", "mtp", "mpa"])
+    def test_zca(self, method, device):
+        layer = covpool.ZCABatchNorm2d(64, group_size=16, root=method, affine=False).to(device)
+        out, out_ref, grad, grad_ref = compare(layer, rank_27_features(8, device))
+        assert_relative_close(flat(out), flat(out_ref), rtol=1e-3, what=f"{method} whitened output")
+        assert_relative_close(flat(grad), flat(grad_ref), rtol=1e-3, what=f"{method} input gradients")
