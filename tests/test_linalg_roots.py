@@ -331,6 +331,21 @@ class TestUnrolledBackward:
             torch.autograd.grad(out.square().sum(), A, create_graph=True)
 
 
+class TestPlanCache:
+    def test_a_plan_is_resolved_once_per_options_size_ridge_and_dtype(self):
+        cpu = torch.device("cpu")
+        first = covpool.RootOptions(method="mtp").plan(24, eps=1e-4, device=cpu, dtype=torch.float32)
+        # Equal options built anew (as every call from keywords does) find the same plan object.
+        assert covpool.RootOptions(method="mtp").plan(24, eps=1e-4, device=cpu, dtype=torch.float32) is first
+        others = [
+            covpool.RootOptions(method="mtp", tol=1e-4).plan(24, eps=1e-4, device=cpu, dtype=torch.float32),
+            covpool.RootOptions(method="mtp").plan(25, eps=1e-4, device=cpu, dtype=torch.float32),
+            covpool.RootOptions(method="mtp").plan(24, eps=1e-3, device=cpu, dtype=torch.float32),
+            covpool.RootOptions(method="mtp").plan(24, eps=1e-4, device=cpu, dtype=torch.float64),
+        ]
+        assert all(other is not first for other in others)
+
+
 class TestNormalization:
     """``Â = A / c``: the spectrum the schedules are certified on, and the default choice of ``c``."""
 
