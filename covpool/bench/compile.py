@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import statistics
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -105,7 +106,9 @@ def measure_compile(*, backend: str = "inductor", device: str = "cpu", repeats: 
     x = torch.randn(COMPILE_INPUT, device=device)
     eager_step_ms = _median_ms(model, x, repeats, device)  # before inductor's compile workers start
     compiled = torch.compile(model, backend=backend)
-    with torch._inductor.config.patch(force_disable_caches=True):
+    with torch._inductor.config.patch(force_disable_caches=True), warnings.catch_warnings():
+        # dynamo says, once, that the caches being off turn its profile-guided cache off too
+        warnings.filterwarnings("ignore", message="dynamo_pgo force disabled")
         start = time.perf_counter()
         out = compiled(x)
         first_forward = time.perf_counter() - start
