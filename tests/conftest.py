@@ -1,10 +1,20 @@
 """Shared fixtures (kornia's manner): ``--device`` (cpu by default; cuda runs the same tests on a GPU),
-``--dtype`` (the float dtypes the numerical tests run in), and the session seed."""
+``--dtype`` (the float dtypes the numerical tests run in), the session seed, and ``covpool_warnings`` (the
+warnings covpool's code gives while a block runs, e.g. dynamo's about a call it traces)."""
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from pathlib import Path
+
 import pytest
 import torch
+import torch._dynamo
+
+import covpool
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -43,6 +53,30 @@ def device(request: pytest.FixtureRequest) -> torch.device:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@contextlib.contextmanager
+def _recorded_covpool_warnings() -> Iterator[list[str]]:
+    package = str(Path(covpool.__file__).parent)
+    recorded: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield recorded
+    # dynamo warns from its own files and names the traced caller's file in the message.
+    recorded.extend(
+        f"{w.filename}:{w.lineno}: {w.message}"
+        for w in caught
+        if w.filename.startswith(package) or package in str(w.message)
+    )
+
+
+@pytest.fixture
+def covpool_warnings(monkeypatch: pytest.MonkeyPatch) -> Callable[[], AbstractContextManager[list[str]]]:
+    """``with covpool_warnings() as caught:`` fills ``caught`` on exit with the warnings raised in covpool's
+    files or naming one of them. Dynamo's warn-once memory is emptied first, so that a warning an earlier
+    test already gave is seen again."""
+    monkeypatch.setattr(torch._dynamo.utils, "warn_once_cache", set())
+    return _recorded_covpool_warnings
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -385,3 +385,27 @@ class TestBeyondTheBound:
         assert not any(r["verdict"] == "silently wrong" for r in rows), out
         with pytest.raises(SystemExit, match="float32 and float64"):
             main(["--beyond", "--dtype", "float16", "--out", str(tmp_path)])
+
+
+@pytest.mark.skipif(
+    torch.torch_version.TorchVersion(torch.__version__) < "2.12",
+    reason="dynamo before torch 2.12 cannot compile the roots (tests/test_linalg_roots.py says why)",
+)
+def test_compile_run_reports_one_frame_one_graph_and_no_break(tmp_path, capsys):
+    # Dynamo alone (the eager backend): the counts, not the times, are what this checks.
+    main(["--compile", "--compile-backend", "eager", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "compile.json").read_text())["report"]
+    assert (report["frames"], report["graphs"], report["graph_breaks"]) == (1, 1, 0)
+    assert report["break_reasons"] == []
+    assert "frames 1, graphs 1, graph breaks 0" in capsys.readouterr().out
+
+
+def test_host_rows_count_each_methods_operators():
+    from covpool.bench.host import HOST_METHODS, host_rows
+
+    rows = host_rows(sizes=(4,), batch=2, calls=5)
+    assert [row["method"] for row in rows] == list(HOST_METHODS)
+    for row in rows:
+        # The backward dispatches operators of its own; every figure is a measured, positive time.
+        assert 0 < row["forward_ops"] < row["forward_backward_ops"]
+        assert min(row["forward_us"], row["forward_backward_us"], row["options_plan_us"]) > 0

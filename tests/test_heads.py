@@ -8,6 +8,7 @@ from einops import rearrange
 from torch import nn
 from torch.autograd import gradcheck
 
+import covpool
 from covpool import CovPoolHead, SecondOrderTokenHead
 from covpool.functional import covariance, triu_vectorize
 from covpool.testing import reference_root
@@ -19,6 +20,28 @@ def _pool_reference(tokens: torch.Tensor) -> torch.Tensor:
 
 
 class TestCovPoolHead:
+    @pytest.mark.skipif(
+        torch.torch_version.TorchVersion(torch.__version__) < "2.12",
+        reason="dynamo before torch 2.12 cannot compile the roots (tests/test_linalg_roots.py says why)",
+    )
+    def test_torch_compile_of_a_conv_model_is_one_quiet_graph_guarded_on_the_options(self, covpool_warnings):
+        # d = 32 with the default ridge takes mtp's fused unrolled backward while tracing.
+        model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), CovPoolHead(8, 4, reduction_dim=32))
+        x = torch.randn(2, 3, 8, 8)
+        compiled = torch.compile(model, backend="eager", fullgraph=True)
+        with covpool_warnings() as caught:
+            out = compiled(x)
+            out.sum().backward()
+        assert caught == []
+        torch.testing.assert_close(out, model(x), rtol=1e-3, atol=1e-4)
+        # The plan is a constant of the graph: other options must give another graph, not the old plan
+        # (the paper's single Taylor approximant is far off at the head's ridge).
+        model[2].root = covpool.RootOptions(method="mtp", steps=1)
+        with torch.no_grad():
+            approximated, expected = compiled(x), model(x)
+        torch.testing.assert_close(approximated, expected, rtol=1e-3, atol=1e-4)
+        assert not torch.allclose(approximated, out.detach(), rtol=1e-2, atol=1e-3)
+
     @pytest.mark.parametrize("reduction_dim", [None, 6])
     @pytest.mark.parametrize("input_format", ["NCHW", "NLC"])
     def test_shapes_and_num_features(self, reduction_dim, input_format, device):

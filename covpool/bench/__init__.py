@@ -5,7 +5,9 @@ What is measured
     methods and settings, and the peers ``eigh-autograd`` and ``torch.linalg.matrix_sqrth``) on batches
     of ``random_spd(batch, n=n, condition=...)`` matrices (geometric spectrum from 1 to 1/condition),
     for ``sqrtm`` and ``inv_sqrtm``. Layers (``--layers``): covpool's heads and ZCA batch norm at typical
-    sizes, each with several root methods.
+    sizes, each with several root methods. ``--compile``: the compile time of a conv + CovPoolHead model
+    and its frames, graphs and graph breaks (:mod:`covpool.bench.compile`). ``--host``: the host time of
+    eager calls, operators per call and the options and plan's share (:mod:`covpool.bench.host`).
 
 How to read the table (also ``roots.csv`` / ``roots.json`` / ``layers.csv`` / ``layers.json``)
     The table has one block per comparison (function, device, dtype, n, batch; or layer, device,

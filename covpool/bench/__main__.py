@@ -8,6 +8,7 @@ import platform
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -17,9 +18,11 @@ import covpool
 import covpool.bench
 from covpool.bench.beyond import SIZES as BEYOND_SIZES
 from covpool.bench.beyond import run_beyond, summary
+from covpool.bench.compile import COMPILE_BACKENDS, format_compile, measure_compile
 from covpool.bench.configs import CONFIGS
 from covpool.bench.deploy import DEPLOY_BATCHES, DEPLOY_MODELS, run_deploy
 from covpool.bench.grid import FUNCTIONS, comparison_label, describe_missing, plan_grid, run_grid
+from covpool.bench.host import HOST_BATCH, HOST_SIZES, host_rows
 from covpool.bench.layers import LAYER_CASES, LAYER_METHODS, run_layers
 from covpool.bench.plot import plot_pareto
 from covpool.bench.ranking import MAX_SPREAD
@@ -189,6 +192,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="inputs beyond the assumed spectrum bound (user-ridged and full-rank SPD, condition 1e3 … 1e6, "
         "mtp/mpa/auto, sqrtm and inv_sqrtm, the --dtype given): within 2 tol, flagged, refused or silently "
         f"wrong, per case (--sizes default {' '.join(map(str, BEYOND_SIZES))}, first of --devices)",
+    )
+
+    overhead = parser.add_argument_group("overhead")
+    overhead.add_argument(
+        "--compile",
+        action="store_true",
+        help="time torch.compile of a conv + CovPoolHead model (caches off) and count its frames, graphs "
+        "and graph breaks",
+    )
+    overhead.add_argument(
+        "--compile-backend",
+        choices=COMPILE_BACKENDS,
+        default=COMPILE_BACKENDS[0],
+        help=f"with --compile: torch.compile's backend (default {COMPILE_BACKENDS[0]}; eager: dynamo alone)",
+    )
+    overhead.add_argument(
+        "--host",
+        action="store_true",
+        help="host time of eager sqrtm calls on CPU: median per call, operators per call, options and plan "
+        f"(--sizes default {' '.join(map(str, HOST_SIZES))}, --batches default {HOST_BATCH})",
     )
 
     deploy = parser.add_argument_group("deployment")
@@ -419,6 +442,26 @@ def run_deploy_benchmark(args: argparse.Namespace) -> None:
     print(f"wrote {facts['onnx_file']}, {args.out / 'deploy.csv'} and {args.out / 'deploy.json'}")
 
 
+def run_compile(args: argparse.Namespace) -> None:
+    """Print and write (``compile.json``) the compile time of :mod:`covpool.bench.compile`."""
+    report = measure_compile(backend=args.compile_backend, device=args.devices[0])
+    print(format_compile(report))
+    write_json(
+        {"environment": _environment(), "settings": _settings(args), "report": asdict(report)},
+        args.out / "compile.json",
+    )
+    print(f"wrote {args.out / 'compile.json'}")
+
+
+def run_host(args: argparse.Namespace) -> None:
+    """Print and write (``host.csv``) the eager host times of :mod:`covpool.bench.host`."""
+    rows = [row for batch in args.batches for row in host_rows(sizes=tuple(args.sizes), batch=batch)]
+    print(f"eager sqrtm on CPU, float32, {torch.get_num_threads()} threads, median of each call:")
+    print(format_table(rows, list(rows[0])))
+    write_csv(rows, args.out / "host.csv")
+    print(f"wrote {args.out / 'host.csv'}")
+
+
 def run_rounding(args: argparse.Namespace) -> None:
     """Print and write the rounding table of :mod:`covpool.bench.rounding`."""
     cases = [(n, s, eps) for n in args.sizes for s in (SAMPLES, max(n // 4, 8)) for eps in ROUNDING_EPS]
@@ -484,6 +527,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.sizes = args.sizes or list(BEYOND_SIZES)
         if not set(args.dtype) <= {"float32", "float64"}:
             raise SystemExit(f"--beyond runs float32 and float64 (the working dtypes), got {args.dtype}")
+    if args.host:
+        args.sizes = args.sizes or list(HOST_SIZES)
+        args.batches = args.batches or [HOST_BATCH]
     args.sizes = args.sizes or list(QUICK_SIZES if args.quick else FULL_SIZES)
     args.batches = args.batches or list(QUICK_BATCHES if args.quick else FULL_BATCHES)
     args.repeats = args.repeats or (QUICK_REPEATS if args.quick else FULL_REPEATS)
@@ -497,6 +543,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         run_trace(args)
     elif args.beyond:
         run_beyond_bound(args)
+    elif args.compile:
+        run_compile(args)
+    elif args.host:
+        run_host(args)
     elif args.rounding:
         run_rounding(args)
     elif args.deploy:

@@ -31,11 +31,14 @@ from covpool.linalg.schedule import PadeStep, Schedule
 
 
 @torch.compiler.assume_constant_result
-def _series_floats(series: str, degree: int, exponent: Fraction) -> tuple[tuple[float, ...], ...]:
-    """Float coefficients of the series: ``(taylor,)`` or ``(numerator, denominator)``.
+def _series_floats(series: str, degree: int, inverse: bool) -> tuple[tuple[float, ...], ...]:
+    """Float coefficients of the series of ``(1 - z)^(1/2)`` (``^(-1/2)`` if ``inverse``): ``(taylor,)`` or
+    ``(numerator, denominator)``.
 
-    Marked constant so that ``torch.compile`` evaluates it once instead of tracing rational arithmetic.
+    Marked constant so that ``torch.compile`` evaluates it on the host instead of tracing rational
+    arithmetic; its arguments are plain constants (dynamo cannot pass a ``Fraction`` to it).
     """
+    exponent = Fraction(-1 if inverse else 1, 2)
     if series == "taylor":
         tables = (taylor_coefficients(exponent, degree),)
     else:
@@ -183,7 +186,7 @@ def passes_residual_test(
 def direct_root(A_hat: torch.Tensor, *, series: str, degree: int, inverse: bool) -> torch.Tensor:
     """The paper's approximant ``(I - Z)^(±1/2)`` at ``Z = I - Â``. Shape: ``(*, n, n)``."""
     W = eye_like(A_hat) - A_hat
-    polynomials = matrix_polynomials(W, _series_floats(series, degree, Fraction(-1 if inverse else 1, 2)))
+    polynomials = matrix_polynomials(W, _series_floats(series, degree, inverse))
     if series == "taylor":
         return polynomials[0]
     P, Q = polynomials

@@ -9,7 +9,6 @@ every device): a value out of range, or an option the chosen method does not use
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
@@ -103,6 +102,9 @@ class RootPlan:
         normalization: how ``A`` is scaled before an iteration (None for eigh).
         forward: schedule of the coupled iteration (None for eigh and for a single approximant).
         direct_degree: degree of the paper's single approximant when ``steps == 1``, else None.
+        series: that approximant's series, ``"taylor"`` (mtp) or ``"pade"`` (mpa), else None. A field,
+            not a property: traced code reads only fields of the plan (dynamo cannot call a property of
+            the constant plan an autograd function is passed).
         backward: schedule of the Lyapunov sign iteration (mtp and mpa), else None (see ``gradient``).
         lower: assumed lower end of the spectrum of ``Â^(1/2)``.
         check: the a-posteriori test of every result (mtp and mpa iterations; None for the single
@@ -119,6 +121,7 @@ class RootPlan:
     normalization: str | None
     forward: Schedule | None
     direct_degree: int | None
+    series: str | None
     backward: Schedule | None
     lower: float
     check: ResidualTest | None
@@ -136,11 +139,6 @@ class RootPlan:
         if self.gradient == "adjoint":
             return self.forward.forward_products() + self.forward.adjoint_products()
         return None
-
-    @property
-    def series(self) -> str:
-        """``"pade"`` for mpa, ``"taylor"`` for mtp (the single approximant's series)."""
-        return "pade" if self.method == "mpa" else "taylor"
 
 
 @dataclass(frozen=True)
@@ -287,10 +285,31 @@ class RootOptions:
                 f"tol >= {TOL_FLOOR * unit_roundoff:.2g}"
                 + (", or float64 input" if dtype != torch.float64 else "")
             )
-        return _plan(self, method, n, float(eps), unit_roundoff, reads_values(self.check_input, device))
+        read_values = reads_values(self.check_input, device)
+        return _cached_plan(self, method, n, float(eps), unit_roundoff, read_values)
 
 
-@functools.cache
+_PLANS: dict[tuple[RootOptions, str, int, float, float, bool], RootPlan] = {}
+"""The plans resolved so far, keyed on every argument of :func:`_plan`."""
+
+
+@torch.compiler.assume_constant_result
+def _cached_plan(
+    options: RootOptions, method: str, n: int, eps: float, unit_roundoff: float, read_values: bool
+) -> RootPlan:
+    """:func:`_plan`, resolved once per distinct arguments (:data:`_PLANS`).
+
+    Marked constant: while tracing, dynamo calls it on the host with the traced call's arguments, which
+    it guards (options, size, ridge, dtype), and puts the plan in the graph as a constant. The cache is a
+    plain dict rather than ``functools.cache``, whose wrapper dynamo would trace through with a warning.
+    """
+    key = (options, method, n, eps, unit_roundoff, read_values)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = _plan(*key)
+    return plan
+
+
 def _lower_bound(normalization: str, n: int, eps: float, condition: float | None, room: float = 0.0) -> float:
     """Lower end of the spectrum of ``Â^(1/2)``: from the ridge less ``room``, else from the condition bound
     (assumed when there is no ridge); 0 where a ridge is given but does not clear ``room``."""
@@ -339,20 +358,19 @@ def _direct_error(series: str, degree: int, lower: float) -> float:
     return float(np.abs(approx * np.sqrt(x) - 1.0).max())
 
 
-@functools.cache
-@torch.compiler.assume_constant_result
 def _plan(
     options: RootOptions, method: str, n: int, eps: float, unit_roundoff: float, read_values: bool
 ) -> RootPlan:
+    """The plan of ``options`` for ``method`` (resolved from ``"auto"``) on matrices of size ``n``."""
     precision = options.precision or "full"
     if method == "eigh":
-        return RootPlan("eigh", None, None, None, None, 0.0, None, precision, read_values, "eigh")
+        return RootPlan("eigh", None, None, None, None, None, 0.0, None, precision, read_values, "eigh")
     if method == "ns":
         normalization = options.normalization or "trace"
         lower = _lower_bound(normalization, max(n, 1), eps, None)
         forward = newton_schulz_schedule(lower, 1.0 + _FLOAT_SLACK, options.steps or 5)
         return RootPlan(
-            "ns", normalization, forward, None, None, lower, None, precision, read_values, "autograd"
+            "ns", normalization, forward, None, None, None, lower, None, precision, read_values, "autograd"
         )
     normalization = options.normalization or _default_normalization(
         max(n, 1), eps, options.condition, unit_roundoff
@@ -386,10 +404,11 @@ def _plan(
 
         return min(candidates, key=rank)
 
-    forward, direct_degree = None, None
+    forward, direct_degree, series = None, None, None
     if options.steps == 1:
         direct_degree = options.degree or (5 if method == "mpa" else 8)
-        forward_error = _direct_error("pade" if method == "mpa" else "taylor", direct_degree, lower)
+        series = "pade" if method == "mpa" else "taylor"
+        forward_error = _direct_error(series, direct_degree, lower)
     else:
         forward = _forward_schedule(method, options, lower, upper, tol)
         forward_error = forward.error
@@ -416,6 +435,7 @@ def _plan(
             method,
             normalization,
             forward,
+            None,
             None,
             None,
             lower,
@@ -473,6 +493,7 @@ def _plan(
         normalization,
         forward,
         direct_degree,
+        series,
         backward,
         lower,
         test,

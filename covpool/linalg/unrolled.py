@@ -94,7 +94,8 @@ def coupled_root_adjoint(
     for k, step in enumerate(schedule.steps):
         if not isinstance(step, PolynomialStep):
             raise TypeError("the fused unrolled backward takes polynomial steps only")
-        size = 3 + (k > 0) + (step.degree - 1)
+        # The degree from the coefficients: dynamo cannot call the step's degree property here.
+        size = 3 + (k > 0) + (len(step.coefficients) - 2)
         Y, *rest = record[position : position + size]
         Z = rest.pop(0) if k > 0 else None
         U, *partials, T = rest
