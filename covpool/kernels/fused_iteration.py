@@ -8,48 +8,27 @@ differ is rounding only: the order of the sums inside a product, and for Padé s
 factorisation written out in the kernel where the reference calls LAPACK/cuSOLVER.
 
 :func:`fused_coupled_root` launches :func:`covpool.kernels.triton_iteration.coupled_root_kernel` once for
-the whole schedule, one program per matrix, the matrix held in registers (``n <= MAX_N``), the products
-as ``tl.dot`` at ``input_precision="ieee"``: Triton's default for float32 operands is TF32, whose
-rounding the plans are not certified for (:mod:`covpool.linalg.precision`).
-
-:func:`uses_fused_kernel` is the one place that decides whether a call takes it: CUDA float32 input,
-``n <= MAX_N``, a plan differentiated by the Lyapunov solver (the kernel keeps no iterates) at its
-``"full"`` precision, polynomial steps or Padé steps of degree up to 4, Triton importable, not tracing
-(``torch.compile``/``torch.export`` see the reference). :class:`covpool.linalg.roots.MatmulRoot` asks it.
-Triton is imported lazily, on the first launch: CPU builds of torch run without it.
+the whole schedule, one program per matrix, the matrix held in registers, the products as ``tl.dot`` at
+``input_precision="ieee"``: Triton's default for float32 operands is TF32, whose rounding the plans are
+not certified for (:mod:`covpool.linalg.precision`). :mod:`covpool.kernels.dispatch` decides where it
+runs; Triton is imported lazily, on the first launch: CPU builds of torch run without it.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib.util
-from typing import TYPE_CHECKING
 
 import torch
 
 from covpool.linalg.iteration import coupled_root
-from covpool.linalg.numerics import is_tracing
 from covpool.linalg.polynomial import best_block
 from covpool.linalg.schedule import PadeStep, PolynomialStep, Schedule
-
-if TYPE_CHECKING:
-    from covpool.linalg.options import RootPlan
 
 reference = coupled_root
 """The plain-torch path the kernel must match (``(Â, schedule) → (Y, Z)``)."""
 
-MAX_N = 64
-"""Largest ``n`` dispatched to the kernel: a program holds about six ``64 × 64`` float32 tiles, which fit
-the registers of one CUDA block. Larger ``n`` run correctly (checked at n = 100 in the interpreter) but are
-not measured on a GPU, where their tiles would spill."""
 INPUT_PRECISION = "ieee"
 """``tl.dot``'s precision for float32 operands: IEEE, what the plans are certified for."""
-
-
-@functools.cache
-def triton_available() -> bool:
-    """Whether Triton can be imported (CPU builds of torch come without it)."""
-    return importlib.util.find_spec("triton") is not None
 
 
 def _pade_in_kernel(step: PadeStep) -> bool:
@@ -71,22 +50,10 @@ def schedule_in_kernel(schedule: Schedule) -> bool:
     )
 
 
-def uses_fused_kernel(A_hat: torch.Tensor, plan: RootPlan) -> bool:
-    """Whether the forward iteration of ``A_hat`` (``(*, n, n)``) under ``plan`` runs in the fused kernel:
-    the one place that decides, checked in order of cost; the reference stays the path everywhere else.
-    Only plans differentiated by the Lyapunov solver qualify (the fused adjoint needs the iterates the
-    reference records)."""
-    return (
-        A_hat.is_cuda
-        and A_hat.dtype == torch.float32
-        and A_hat.shape[-1] <= MAX_N
-        and plan.gradient == "lyapunov"
-        and plan.precision == "full"
-        and plan.forward is not None
-        and not is_tracing()
-        and schedule_in_kernel(plan.forward)
-        and triton_available()
-    )
+def tile_size(n: int) -> int:
+    """The kernels' tile side for ``n × n`` matrices: the next power of two, at least 16 (``tl.dot``'s
+    smallest)."""
+    return max(16, 1 << (n - 1).bit_length())
 
 
 def _table_rows(schedule: Schedule) -> list[list[float]]:
@@ -109,11 +76,11 @@ def _device_table(schedule: Schedule, device: torch.device) -> torch.Tensor:
 def fused_coupled_root(A_hat: torch.Tensor, schedule: Schedule) -> tuple[torch.Tensor, torch.Tensor]:
     """``(Y, Z) ≈ (Â^(1/2), Â^(-1/2))`` after the steps of ``schedule``, in one launch.
 
-    The caller checks :func:`uses_fused_kernel` (on CPU tensors the kernel runs only under
-    ``TRITON_INTERPRET=1``, which the tests use). No graph is recorded.
+    The caller checks :func:`covpool.kernels.dispatch.uses_fused_forward` (on CPU tensors the kernel runs
+    only under ``TRITON_INTERPRET=1``, which the tests use). No graph is recorded.
 
     Shapes: ``A_hat (*, n, n)`` float32 → ``Y``, ``Z`` of the same shape. Each matrix is padded in
-    registers to the next power of two (at least 16, ``tl.dot``'s smallest tile).
+    registers to :func:`tile_size`.
     """
     from covpool.kernels.triton_iteration import coupled_root_kernel
 
@@ -124,7 +91,7 @@ def fused_coupled_root(A_hat: torch.Tensor, schedule: Schedule) -> tuple[torch.T
         return Y.reshape(shape), Z.reshape(shape)
     table = _device_table(schedule, A.device)
     first = schedule.steps[0]
-    block = max(16, 1 << (n - 1).bit_length())
+    block = tile_size(n)
     coupled_root_kernel[(A.shape[0],)](
         A,
         Y,
