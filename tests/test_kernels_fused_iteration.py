@@ -18,11 +18,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import covpool
 from covpool import PAPER_CONFIG, RootOptions
+from covpool.bench.trace import FAKE_CUDA_SUPPORTED
 from covpool.kernels import fused_iteration, fused_lyapunov
-from covpool.kernels.dispatch import triton_available, uses_fused_backward, uses_fused_forward
+from covpool.kernels.dispatch import MAX_N, triton_available, uses_fused_backward, uses_fused_forward
 from covpool.linalg.iteration import passes_residual_test
 from covpool.linalg.lyapunov import rounding_error
 from covpool.linalg.normalization import normalise
@@ -155,6 +157,49 @@ class TestFusedLyapunov:
         assert relative_error(X, exact).max() <= bound
 
 
+_SIGNATURES = {
+    "coupled_root_kernel": dict.fromkeys(("A", "Y_out", "Z_out", "table"), "*fp32")
+    | dict.fromkeys(("n", "num_steps", "width", "degree"), "i32"),
+    "sign_iteration_kernel": dict.fromkeys(("Y", "C_in", "X_out", "table"), "*fp32")
+    | dict.fromkeys(("n", "num_steps"), "i32"),
+}
+COMPILED = [("coupled_root_kernel", {"PADE": False}), ("coupled_root_kernel", {"PADE": True})]
+COMPILED += [("sign_iteration_kernel", {})]
+
+
+def _ptx(name: str, constexprs: dict[str, object], input_precision: str) -> str:
+    """The PTX of kernel ``name`` at tile 16 for sm_90, compiled here by Triton's own LLVM (no GPU)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from covpool.kernels import triton_iteration, triton_lyapunov
+
+    kernel = getattr(triton_iteration, name, None) or getattr(triton_lyapunov, name)
+    constexprs = {**constexprs, "BLOCK": 16, "INPUT_PRECISION": input_precision}
+    signature = _SIGNATURES[name] | dict.fromkeys(constexprs, "constexpr")
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+
+
+def _triton_version() -> tuple[int, ...]:
+    import triton
+
+    return tuple(int(part) for part in triton.__version__.split(".")[:2])
+
+
+@needs_triton
+class TestCompiledProducts:
+    """The kernels' products as compiled for a GPU: IEEE float32, not Triton's TF32 default."""
+
+    @pytest.mark.parametrize("name, constexprs", COMPILED, ids=["mtp", "mpa", "lyapunov"])
+    def test_ieee_products_compile_without_tf32_instructions(self, name, constexprs):
+        if os.environ.get("TRITON_INTERPRET") == "1" or _triton_version() < (3, 8):
+            pytest.skip("needs compiled (not interpreted) kernels and triton >= 3.8's compile API")
+        assert ".tf32" not in _ptx(name, constexprs, fused_iteration.INPUT_PRECISION)
+        assert ".tf32" in _ptx(name, constexprs, "tf32")  # the check sees TF32 where it is asked for
+
+
 class TestDispatch:
     def test_cpu_tensors_take_the_reference(self, monkeypatch):
         plan = _plan("mtp", 32, 0.0)
@@ -169,6 +214,28 @@ class TestDispatch:
         for method in ("mtp", "mpa"):
             covpool.sqrtm(A, method=method).sum().backward()
         assert torch.isfinite(A.grad).all()
+
+    @pytest.mark.skipif(not FAKE_CUDA_SUPPORTED, reason="fake CUDA tensors abort torch < 2.11")
+    def test_decision_on_cuda_tensors(self, monkeypatch):
+        def fake_cuda(n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+            with FakeTensorMode():
+                return torch.empty(2, n, n, dtype=dtype, device="cuda")
+
+        def plan(n: int, **options: object) -> RootPlan:
+            return RootOptions(method="mtp", **options).plan(
+                n, eps=0.0, device=torch.device("cuda"), dtype=torch.float32
+            )
+
+        assert not uses_fused_forward(fake_cuda(32), plan(32))  # fake tensors (the trace) take the reference
+        monkeypatch.setattr(covpool.kernels.dispatch, "is_fake", lambda tensor: False)
+        monkeypatch.setattr(covpool.kernels.dispatch, "triton_available", lambda: True)
+        assert uses_fused_forward(fake_cuda(32), plan(32)) and uses_fused_backward(fake_cuda(32), plan(32))
+        assert uses_fused_forward(fake_cuda(MAX_N), plan(MAX_N))
+        assert not uses_fused_forward(fake_cuda(MAX_N + 1), plan(MAX_N + 1))
+        assert not uses_fused_forward(fake_cuda(32, torch.float64), plan(32))
+        unrolled = plan(32, backward="unrolled")  # the fused adjoint needs the reference's iterates
+        assert not uses_fused_forward(fake_cuda(32), unrolled)
+        assert not uses_fused_backward(fake_cuda(32), unrolled)
 
     def test_pade_steps_beyond_direct_sums_are_left_to_the_reference(self):
         assert fused_iteration.schedule_in_kernel(pade_schedule(0.03, 1.0, 1e-3, degree=4))

@@ -16,6 +16,7 @@ runs; Triton is imported lazily, on the first launch: CPU builds of torch run wi
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -52,7 +53,13 @@ def schedule_in_kernel(schedule: Schedule) -> bool:
 
 def tile_size(n: int) -> int:
     """The kernels' tile side for ``n × n`` matrices: the next power of two, at least 16 (``tl.dot``'s
-    smallest)."""
+    smallest).
+
+    Warps per program are chosen by what ``ptxas -v`` reports for sm_90a (Triton 3.8, compiled without a
+    GPU; no timings yet): the forward kernel spills nothing at tile 32 with 8 warps (190 bytes with 4) and
+    least at tile 64 with 8 (2 KB; 0.6 KB for Padé steps; 16 warps spill more); the sign iteration spills
+    nothing at tile 32 with 8 warps and least at tile 64 with 16 (2.8 KB; 23 KB with 8). At tile 128 the
+    forward kernel needs 256 KB of shared memory, beyond any GPU's, which is why dispatch stops at 64."""
     return max(16, 1 << (n - 1).bit_length())
 
 
@@ -92,18 +99,20 @@ def fused_coupled_root(A_hat: torch.Tensor, schedule: Schedule) -> tuple[torch.T
     table = _device_table(schedule, A.device)
     first = schedule.steps[0]
     block = tile_size(n)
-    coupled_root_kernel[(A.shape[0],)](
-        A,
-        Y,
-        Z,
-        table,
-        n,
-        len(schedule.steps),
-        table.shape[1],
-        first.degree,
-        PADE=isinstance(first, PadeStep),
-        BLOCK=block,
-        INPUT_PRECISION=INPUT_PRECISION,
-        num_warps=4 if block <= 32 else 8,
-    )
+    # Triton launches on the current device, not the tensors'
+    with torch.cuda.device(A.device) if A.is_cuda else contextlib.nullcontext():
+        coupled_root_kernel[(A.shape[0],)](
+            A,
+            Y,
+            Z,
+            table,
+            n,
+            len(schedule.steps),
+            table.shape[1],
+            first.degree,
+            PADE=isinstance(first, PadeStep),
+            BLOCK=block,
+            INPUT_PRECISION=INPUT_PRECISION,
+            num_warps=4 if block == 16 else 8,
+        )
     return Y.reshape(shape), Z.reshape(shape)

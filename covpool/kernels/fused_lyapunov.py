@@ -13,6 +13,7 @@ runs.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -64,15 +65,17 @@ def fused_solve_lyapunov(Y: torch.Tensor, C: torch.Tensor, schedule: Schedule) -
     if B.shape[0] == 0:
         return X.reshape(shape)
     block = tile_size(n)
-    sign_iteration_kernel[(B.shape[0],)](
-        B,
-        C,
-        X,
-        _device_table(schedule, B.device),
-        n,
-        len(schedule.steps),
-        BLOCK=block,
-        INPUT_PRECISION=INPUT_PRECISION,
-        num_warps=4 if block <= 32 else 8,
-    )
+    # Triton launches on the current device, not the tensors'
+    with torch.cuda.device(B.device) if B.is_cuda else contextlib.nullcontext():
+        sign_iteration_kernel[(B.shape[0],)](
+            B,
+            C,
+            X,
+            _device_table(schedule, B.device),
+            n,
+            len(schedule.steps),
+            BLOCK=block,
+            INPUT_PRECISION=INPUT_PRECISION,
+            num_warps={16: 4, 32: 8}.get(block, 16),  # see tile_size
+        )
     return X.reshape(shape)

@@ -1,10 +1,10 @@
 """Triton kernel of the coupled forward iteration: every step of a schedule in one launch.
 
-Imported only by :func:`covpool.kernels.fused_iteration.fused_coupled_root`, when Triton is importable: this
-module imports Triton at its top, so that its ``@triton.jit`` functions are plain module-level functions
-(every Triton version compiles those; ``TRITON_INTERPRET=1`` must be set before this module is imported
-for the interpreter to run them). The arithmetic it must match, step for step, is
-:func:`covpool.linalg.iteration.coupled_root`; the launcher's module says how it is laid out.
+Launched by :func:`covpool.kernels.fused_iteration.fused_coupled_root`, which imports this module on its
+first call: Triton is imported here at the top, so that the kernels are plain module-level
+``@triton.jit`` functions, the form every Triton version accepts (``TRITON_INTERPRET=1`` must be set
+before this module is imported for the interpreter to run them). The arithmetic it must match, step for
+step, is :func:`covpool.linalg.iteration.coupled_root`.
 
 One program holds one matrix in registers, padded to ``BLOCK × BLOCK`` with zeros: the identity it uses is
 the identity of the leading ``n × n`` block only, so every iterate keeps exact zeros outside that block and

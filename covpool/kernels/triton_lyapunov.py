@@ -1,8 +1,8 @@
 """Triton kernel of the Lyapunov sign iteration: every step of a backward schedule in one launch.
 
-Imported only by :func:`covpool.kernels.fused_lyapunov.fused_solve_lyapunov`, when Triton is importable
-(at its top, as :mod:`covpool.kernels.triton_iteration`, and for the same reasons without
-``from __future__ import annotations``). The arithmetic it must match, step for step, is
+Launched by :func:`covpool.kernels.fused_lyapunov.fused_solve_lyapunov`, which imports this module on its
+first call (Triton is imported at the top, as in :mod:`covpool.kernels.triton_iteration`, and for the same
+reasons without ``from __future__ import annotations``). The arithmetic it must match, step for step, is
 :func:`covpool.linalg.lyapunov.solve_lyapunov`: on ``M = [[B, C], [0, -B]]``, with ``B₀ = Y`` and
 ``C₀`` the right-hand side, each step applies ``p(M) = M q(M²)`` through the blocks, every scalar folded
 as the reference's ``baddbmm`` folds it (:func:`covpool.linalg.lyapunov._sign_step`).
