@@ -6,7 +6,8 @@ inverse root) and a scale per matrix, whatever the number of steps; where roundi
 gradient (``backward="unrolled"``, the default beyond about ``κ = 2e5`` in float32) they are
 differentiated through their steps instead. ``"ns"`` always is, by autograd, as iSQRT-COV does.
 ``"eigh"`` is exact (:mod:`covpool.linalg.eigh`). What is checked where is said in
-:mod:`covpool.linalg.checks`.
+:mod:`covpool.linalg.checks`. On CUDA, small float32 matrices run the forward iteration and the Lyapunov
+backward in one fused Triton launch each (:mod:`covpool.kernels.dispatch` decides where).
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from typing import Any, TypedDict, Unpack
 
 import torch
 
+from covpool.kernels.dispatch import uses_fused_backward, uses_fused_forward
+from covpool.kernels.fused_iteration import fused_coupled_root
+from covpool.kernels.fused_lyapunov import fused_solve_lyapunov
 from covpool.linalg.checks import (
     check_finite,
     check_float,
@@ -69,7 +73,10 @@ class MatmulRoot(torch.autograd.Function):
             valid = torch.isfinite(root).flatten(-2).all(-1)
         else:
             record = [] if plan.gradient == "adjoint" else None
-            Y, Z = coupled_root(A_hat, plan.forward, record)
+            if uses_fused_forward(A_hat, plan):
+                Y, Z = fused_coupled_root(A_hat, plan.forward)
+            else:
+                Y, Z = coupled_root(A_hat, plan.forward, record)
             valid = passes_residual_test(A_hat, Y, Z, plan.check.limit, inverse=inverse)
             Z = Z if inverse else None
         root_scale = scale.sqrt()
@@ -110,7 +117,8 @@ class MatmulRoot(torch.autograd.Function):
             G = Z @ G @ Z
             root_scale = -root_scale.pow(3)
         # S X + X S = G with S = √c Y is Y X' + X' Y = G and X = X' / √c (the solver is linear).
-        X = solve_lyapunov(Y, G, ctx.plan.backward) / root_scale
+        solve = fused_solve_lyapunov if uses_fused_backward(Y, ctx.plan) else solve_lyapunov
+        X = solve(Y, G, ctx.plan.backward) / root_scale
         return with_relative_ridge(X, ctx.eps), None, None, None
 
 

@@ -1,0 +1,81 @@
+"""The Lyapunov sign iteration fused into one Triton launch for small matrices (issue #18, item 2).
+
+The reference it must match is :func:`covpool.linalg.lyapunov.solve_lyapunov` (imported here as
+:data:`reference`, the one solver of ``Y X + X Y = C``; this is that solver's schedule run in one launch,
+not another method): the same steps, the same block formulas with every scalar folded where the reference
+folds it. They differ by rounding only (the order of the sums inside a product).
+
+:func:`fused_solve_lyapunov` launches :func:`covpool.kernels.triton_lyapunov.sign_iteration_kernel` once
+for the whole schedule, one program per matrix pair held in registers, products as ``tl.dot`` at
+:data:`covpool.kernels.fused_iteration.INPUT_PRECISION`. :mod:`covpool.kernels.dispatch` decides where it
+runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+
+from covpool.kernels.fused_iteration import INPUT_PRECISION, tile_size
+from covpool.linalg.lyapunov import solve_lyapunov
+from covpool.linalg.schedule import Schedule
+
+reference = solve_lyapunov
+"""The plain-torch solver the kernel must match (``(Y, C, schedule) → X``)."""
+
+
+def schedule_in_kernel(schedule: Schedule) -> bool:
+    """Whether the kernel runs ``schedule``: sign steps of degree 1 or 2 (what the reference supports)."""
+    return bool(schedule.steps) and all(step.degree in (1, 2) for step in schedule.steps)
+
+
+def _table_rows(schedule: Schedule) -> list[list[float]]:
+    """One row per step, as the kernel reads them: ``c₀, c₁, c₂, c₂ / c₁, d`` (the ratio in float64, as
+    the reference computes it; zeros for degree 1)."""
+    rows = []
+    for step in schedule.steps:
+        c = step.coefficients
+        rows.append([*c, c[2] / c[1], 2.0] if len(c) == 3 else [*c, 0.0, 0.0, 1.0])
+    return rows
+
+
+@functools.lru_cache(maxsize=64)
+def _device_table(schedule: Schedule, device: torch.device) -> torch.Tensor:
+    """The step table on ``device``, ``(steps, 5)`` float32; cached (nothing is copied from the host
+    during a CUDA-graph capture that follows a warm-up)."""
+    return torch.tensor(_table_rows(schedule), dtype=torch.float32, device=device)
+
+
+def fused_solve_lyapunov(Y: torch.Tensor, C: torch.Tensor, schedule: Schedule) -> torch.Tensor:
+    """``X`` with ``Y X + X Y = C`` by the sign iteration of ``schedule``, in one launch.
+
+    The caller checks :func:`covpool.kernels.dispatch.uses_fused_backward` (on CPU tensors the kernel runs
+    only under ``TRITON_INTERPRET=1``). No graph is recorded.
+
+    Shapes: ``Y``, ``C`` ``(*, n, n)`` float32 → ``X`` of the same shape.
+    """
+    from covpool.kernels.triton_lyapunov import sign_iteration_kernel
+
+    shape, n = Y.shape, Y.shape[-1]
+    B = Y.detach().reshape(-1, n, n).contiguous()
+    C = C.detach().reshape(-1, n, n).contiguous()
+    X = torch.empty_like(C)
+    if B.shape[0] == 0:
+        return X.reshape(shape)
+    block = tile_size(n)
+    # Triton launches on the current device, not the tensors'
+    with torch.cuda.device(B.device) if B.is_cuda else contextlib.nullcontext():
+        sign_iteration_kernel[(B.shape[0],)](
+            B,
+            C,
+            X,
+            _device_table(schedule, B.device),
+            n,
+            len(schedule.steps),
+            BLOCK=block,
+            INPUT_PRECISION=INPUT_PRECISION,
+            num_warps={16: 4, 32: 8}.get(block, 16),  # see tile_size
+        )
+    return X.reshape(shape)
