@@ -202,7 +202,9 @@ class TestCompiledProducts:
 
 class TestDispatch:
     def test_cpu_tensors_take_the_reference(self, monkeypatch):
-        plan = _plan("mtp", 32, 0.0)
+        plan = RootOptions(method="mtp", fused=True).plan(
+            32, eps=0.0, device=torch.device("cpu"), dtype=torch.float32
+        )
         A = random_spd(2, n=32, dtype=torch.float32).requires_grad_()
         assert not uses_fused_forward(A, plan) and not uses_fused_backward(A, plan)
 
@@ -212,7 +214,7 @@ class TestDispatch:
         monkeypatch.setattr(covpool.linalg.roots, "fused_coupled_root", refuse)
         monkeypatch.setattr(covpool.linalg.roots, "fused_solve_lyapunov", refuse)
         for method in ("mtp", "mpa"):
-            covpool.sqrtm(A, method=method).sum().backward()
+            covpool.sqrtm(A, method=method, fused=True).sum().backward()
         assert torch.isfinite(A.grad).all()
 
     @pytest.mark.skipif(not FAKE_CUDA_SUPPORTED, reason="fake CUDA tensors abort torch < 2.11")
@@ -222,7 +224,7 @@ class TestDispatch:
                 return torch.empty(2, n, n, dtype=dtype, device="cuda")
 
         def plan(n: int, **options: object) -> RootPlan:
-            return RootOptions(method="mtp", **options).plan(
+            return RootOptions(method="mtp", **{"fused": True, **options}).plan(
                 n, eps=0.0, device=torch.device("cuda"), dtype=torch.float32
             )
 
@@ -230,6 +232,8 @@ class TestDispatch:
         monkeypatch.setattr(covpool.kernels.dispatch, "is_fake", lambda tensor: False)
         monkeypatch.setattr(covpool.kernels.dispatch, "triton_available", lambda: True)
         assert uses_fused_forward(fake_cuda(32), plan(32)) and uses_fused_backward(fake_cuda(32), plan(32))
+        off = plan(32, fused=None)  # the default until the kernels are measured on a GPU
+        assert not uses_fused_forward(fake_cuda(32), off) and not uses_fused_backward(fake_cuda(32), off)
         assert uses_fused_forward(fake_cuda(MAX_N), plan(MAX_N))
         assert not uses_fused_forward(fake_cuda(MAX_N + 1), plan(MAX_N + 1))
         assert not uses_fused_forward(fake_cuda(32, torch.float64), plan(32))
@@ -249,7 +253,7 @@ class TestDispatch:
         G = torch.randn_like(A)
 
         def root_and_gradient() -> tuple[torch.Tensor, torch.Tensor]:
-            out = covpool.sqrtm(A, method="mtp")
+            out = covpool.sqrtm(A, method="mtp", fused=True)
             (grad,) = torch.autograd.grad(out, A, G)
             return out.detach(), grad
 

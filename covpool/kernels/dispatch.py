@@ -2,7 +2,8 @@
 Triton kernel (:mod:`covpool.kernels.fused_iteration`, :mod:`covpool.kernels.fused_lyapunov`) or in the
 plain-torch reference, which stays the path everywhere else.
 
-A kernel runs where all of these hold: real (not fake) CUDA float32 tensors; ``n <= MAX_N``; a plan
+A kernel runs where all of these hold: the caller asked for it (``RootOptions(fused=True)``; off by default
+until the kernels are measured on a GPU); real (not fake) CUDA float32 tensors; ``n <= MAX_N``; a plan
 differentiated by the Lyapunov solver (the kernels keep no iterates for the fused adjoint or autograd) at
 its ``"full"`` precision (the kernels' products are IEEE float32); a schedule the kernel runs; not
 tracing (``torch.compile`` and ``torch.export`` see the reference); Triton importable. Fake tensors, which
@@ -42,7 +43,8 @@ def triton_available() -> bool:
 def _eligible(A: torch.Tensor, plan: RootPlan) -> bool:
     """The conditions both directions share, in order of cost. ``A``: ``(*, n, n)``."""
     return (
-        A.is_cuda
+        plan.fused
+        and A.is_cuda
         and not is_fake(A)
         and A.dtype == torch.float32
         and A.shape[-1] <= MAX_N

@@ -57,11 +57,12 @@ _SERIES_OPTIONS = frozenset(
         "backward",
         "backward_steps",
         "precision",
+        "fused",
         "check_input",
     }
 )
 _USED_BY = {
-    "auto": frozenset({"tol", "condition", "precision", "check_input"}),
+    "auto": frozenset({"tol", "condition", "precision", "fused", "check_input"}),
     "mtp": _SERIES_OPTIONS,
     "mpa": _SERIES_OPTIONS,
     "ns": frozenset({"steps", "normalization", "precision", "check_input"}),
@@ -115,6 +116,8 @@ class RootPlan:
         gradient: how the backward runs: ``"lyapunov"`` (:mod:`covpool.linalg.lyapunov`), ``"adjoint"``
             (the fused reverse mode of polynomial steps, :mod:`covpool.linalg.unrolled`), ``"autograd"``
             (ns, and unrolled Padé steps) or ``"eigh"``.
+        fused: run the iteration and the Lyapunov solve in the fused Triton kernels where they apply
+            (:mod:`covpool.kernels.dispatch` decides where).
     """
 
     method: str
@@ -128,6 +131,7 @@ class RootPlan:
     precision: str
     read_values: bool
     gradient: str
+    fused: bool = False
 
     def products(self) -> int | None:
         """Matrix products of forward and backward as planned, without the normalisation's (two for the
@@ -177,6 +181,10 @@ class RootOptions:
         precision: precision of the matrix products, ``"full"`` (default: the working dtype's own,
             IEEE float32 or float64, whatever torch's global matmul setting; see
             :mod:`covpool.linalg.precision`).
+        fused: run the forward iteration and the Lyapunov backward in one fused Triton kernel each
+            where they apply (CUDA float32, ``n <= 64``, the Lyapunov backward; :mod:`covpool.kernels`).
+            Default None: off, the plain-torch path, until the kernels are measured on a GPU (they are
+            tested against that path on CPU through Triton's interpreter only).
         check_input: read validity on the host and raise on bad input (default None: yes where that needs
             no device synchronisation, i.e. off CUDA and outside tracing). Invalid matrices give NaN either
             way.
@@ -199,6 +207,7 @@ class RootOptions:
     backward: Backward | None = None
     backward_steps: int | None = None
     precision: Precision | None = None
+    fused: bool | None = None
     check_input: bool | None = None
 
     def __post_init__(self) -> None:
@@ -236,8 +245,10 @@ class RootOptions:
             )
         if self.tol is not None and self.steps is not None and self.backward_steps is not None:
             raise ValueError("tol is not used when both steps and backward_steps are fixed; remove one")
-        if self.check_input is not None and not isinstance(self.check_input, bool):
-            raise ValueError(f"check_input must be None, True or False, got {self.check_input!r}")
+        for name in ("fused", "check_input"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, bool):
+                raise ValueError(f"{name} must be None, True or False, got {value!r}")
 
     @classmethod
     def coerce(cls, value: RootOptions | str | dict[str, Any] | None) -> RootOptions:
@@ -500,6 +511,7 @@ def _plan(
         precision,
         read_values,
         "lyapunov",
+        fused=bool(options.fused),
     )
 
 
