@@ -6,8 +6,8 @@ inverse root) and a scale per matrix, whatever the number of steps; where roundi
 gradient (``backward="unrolled"``, the default beyond about ``κ = 2e5`` in float32) they are
 differentiated through their steps instead. ``"ns"`` always is, by autograd, as iSQRT-COV does.
 ``"eigh"`` is exact (:mod:`covpool.linalg.eigh`). What is checked where is said in
-:mod:`covpool.linalg.checks`. With ``fused=True``, small float32 CUDA matrices run the forward iteration and the Lyapunov
-backward in one fused Triton launch each (:mod:`covpool.kernels.dispatch` decides where).
+:mod:`covpool.linalg.checks`. With ``fused=True``, small float32 CUDA matrices run the forward iteration
+and the Lyapunov backward in one fused Triton launch each (:mod:`covpool.kernels.dispatch` decides where).
 """
 
 from __future__ import annotations
