@@ -235,3 +235,14 @@ class TestSelfCertification:
         assert out.dtype == X.grad.dtype == torch.float32
         assert (relative_error(out.detach(), reference_root(given, inverse=inverse)) < 1e-5).all()
         assert (relative_error(X.grad, reference_gradient(given, upstream, inverse=inverse)) < 1e-4).all()
+
+    def test_auto_takes_eigh_where_mtp_refuses_tol(self):
+        def method(n: int) -> str:
+            options = covpool.RootOptions(tol=1e-5)
+            return options.plan(n, eps=0.0, device=torch.device("cuda"), dtype=torch.float32).method
+
+        assert method(64) == "mtp" and method(512) == "eigh"
+        with pytest.raises(ValueError, match="cannot be certified for method='mtp'"):  # the refusal is kept
+            covpool.RootOptions(method="mtp", tol=1e-5).plan(
+                512, eps=0.0, device=torch.device("cuda"), dtype=torch.float32
+            )

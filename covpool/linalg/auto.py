@@ -6,7 +6,8 @@
   chosen whatever the tolerance.
 - **CUDA**: ``"mtp"``, the certified minimax-polynomial iteration: matrix products only, no host
   synchronisation (``torch.linalg.eigh`` synchronises to check its result, and batched eigensolvers are
-  slow on GPUs). Below the accuracy float32 products reach (``tol < 1e-5``), ``"eigh"``.
+  slow on GPUs). Below the accuracy float32 products reach (``tol < 1e-5``), and wherever mtp's plan
+  refuses ``tol`` (:meth:`covpool.RootOptions.plan`: float32 at ``tol=1e-5`` and n = 512, say), ``"eigh"``.
 - **While tracing** (``torch.compile``, ``torch.export``): ``"mtp"``, whose graph is matrix products only,
   so that it exports to ONNX and is captured in CUDA graphs.
 """

@@ -297,11 +297,17 @@ class RootOptions:
                 + (", or float64 input" if dtype != torch.float64 else "")
             )
         read_values = reads_values(self.check_input, device)
+        if self.method == "auto" and method != "eigh" and not is_tracing():
+            try:  # auto takes the certified iteration where it holds tol, else the exact path
+                return _cached_plan(self, method, n, float(eps), unit_roundoff, read_values)
+            except ValueError:
+                method = "eigh"
         return _cached_plan(self, method, n, float(eps), unit_roundoff, read_values)
 
 
-_PLANS: dict[tuple[RootOptions, str, int, float, float, bool], RootPlan] = {}
-"""The plans resolved so far, keyed on every argument of :func:`_plan`."""
+_PLANS: dict[tuple[RootOptions, str, int, float, float, bool], RootPlan | ValueError] = {}
+"""The plans resolved so far, keyed on every argument of :func:`_plan`, and the refusals (a refused plan
+is not searched for again)."""
 
 
 @torch.compiler.assume_constant_result
@@ -315,9 +321,14 @@ def _cached_plan(
     plain dict rather than ``functools.cache``, whose wrapper dynamo would trace through with a warning.
     """
     key = (options, method, n, eps, unit_roundoff, read_values)
-    plan = _PLANS.get(key)
-    if plan is None:
-        plan = _PLANS[key] = _plan(*key)
+    if key not in _PLANS:
+        try:
+            _PLANS[key] = _plan(*key)
+        except ValueError as refusal:
+            _PLANS[key] = refusal
+    plan = _PLANS[key]
+    if isinstance(plan, ValueError):
+        raise ValueError(str(plan))
     return plan
 
 
