@@ -109,7 +109,7 @@ def configurations(case: Case) -> list[tuple[str, str, Runner, tuple[float, floa
         plan = mixed_plan(case.plan, epsilon=EPSILON[fmt], refinements=r)
 
         def run(A_hat: torch.Tensor, G: torch.Tensor, low: ProductHook) -> tuple[torch.Tensor, ...]:
-            Y, Z = mixed_sqrt(A_hat, plan, low)
+            Y, Z, _ = mixed_sqrt(A_hat, plan, low)
             return Y, Z, staged_lyapunov(Y, G, sign, 0, low)
 
         return run
@@ -124,8 +124,8 @@ def configurations(case: Case) -> list[tuple[str, str, Runner, tuple[float, floa
         )
 
         def run(A_hat: torch.Tensor, G: torch.Tensor, low: ProductHook) -> tuple[torch.Tensor, ...]:
-            Y, Z = mixed_sqrt(A_hat, plan, low)
-            return Y, Z, mixed_lyapunov(Y, G, plan, low)
+            Y, Z, factor = mixed_sqrt(A_hat, plan, low)
+            return Y, Z, mixed_lyapunov(Y, G, plan, low, factor)
 
         n = case.A_hat.shape[-1]
         return run, mixed_error_bound(plan, n)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -41,7 +42,14 @@ import torch
 
 from covpool.linalg.coefficients import minimax_odd_polynomial
 from covpool.linalg.iteration import coupled_root, residual_rounding
-from covpool.linalg.lyapunov import _sign_step, rounding_error, solve_lyapunov
+from covpool.linalg.lyapunov import (
+    SignFactor,
+    _operator_step,
+    _rhs_step,
+    apply_sign_factor,
+    rounding_error,
+    sign_factor,
+)
 from covpool.linalg.numerics import eye_like, symmetrize
 from covpool.linalg.options import RootPlan
 from covpool.linalg.schedule import MAX_STEPS, PolynomialStep, Schedule, image
@@ -110,11 +118,18 @@ class MixedPlan:
     backward_refinements: int
 
     def products(self) -> tuple[int, int]:
-        """``(low, float32)`` matrix products of forward and backward: each forward refinement takes one
-        float32 product for ``R``, a sign solve, two for ``Z``; each backward correction one and a solve."""
-        solve = self.sign.backward_products()
-        low = self.forward.forward_products() + (self.refinements + 1 + self.backward_refinements) * solve
-        return low, 3 * self.refinements + self.backward_refinements
+        """``(low, float32)`` matrix products of forward and backward, the backward given the forward's
+        :func:`covpool.linalg.lyapunov.sign_factor`: the factor takes 3 products a step of degree 2 (2 of
+        degree 1), each solve with it 4 (3); each forward refinement takes one float32 product for ``R``, a
+        solve and two float32 products for ``Z``; the backward a solve, and one float32 product and a solve
+        per correction."""
+        factor = sum(3 if step.degree == 2 else 2 for step in self.sign.steps)
+        solve = sum(4 if step.degree == 2 else 3 for step in self.sign.steps)
+        solves = self.refinements + 1 + self.backward_refinements
+        return (
+            self.forward.forward_products() + factor + solves * solve,
+            3 * self.refinements + self.backward_refinements,
+        )
 
 
 def mixed_plan(
@@ -122,7 +137,7 @@ def mixed_plan(
     *,
     epsilon: float,
     refinements: int | None = None,
-    backward_refinements: int = 1,
+    backward_refinements: int | None = None,
     margin: float = MARGIN,
 ) -> MixedPlan:
     """The mixed version of an mtp ``plan`` (its normalisation and spectrum bound ``[plan.lower, 1]``) with
@@ -133,9 +148,9 @@ def mixed_plan(
     the normalisation (1e-4) is within the margin. The sign iteration's lower end leaves the forward's
     ``2 epsilon`` below the bound.
 
-    ``refinements`` defaults to the cheapest count that met ``tol = 1e-3`` with ten times room at condition
-    1e3 in ``python -m covpool.bench --mixed``: one for TF32, two for bfloat16 (one leaves bfloat16's
-    gradient at 6e-4 … 1.1e-3).
+    ``refinements`` and ``backward_refinements`` default to the cheapest counts that met ``tol = 1e-3``
+    with ten times room at condition 1e3 in ``python -m covpool.bench --mixed``: one each for TF32, two
+    each for bfloat16 (one each leaves bfloat16's gradient at up to 1e-3, two and one at 3e-4).
 
     Raises:
         ValueError: ``plan`` is not an mtp plan (its normalised input is what the mixed root takes).
@@ -144,8 +159,9 @@ def mixed_plan(
         raise ValueError(f"mixed plans are made from mtp plans, got method={plan.method!r}")
     target = 2.0 * epsilon
     lower = plan.lower
-    if refinements is None:
-        refinements = 1 if epsilon <= TF32_EPSILON else 2
+    default = 1 if epsilon <= TF32_EPSILON else 2
+    refinements = default if refinements is None else refinements
+    backward_refinements = default if backward_refinements is None else backward_refinements
     return MixedPlan(
         lower,
         epsilon,
@@ -156,35 +172,48 @@ def mixed_plan(
     )
 
 
-def mixed_sqrt(A_hat: torch.Tensor, plan: MixedPlan, low: ProductHook) -> tuple[torch.Tensor, torch.Tensor]:
+def mixed_sqrt(
+    A_hat: torch.Tensor, plan: MixedPlan, low: ProductHook
+) -> tuple[torch.Tensor, torch.Tensor, SignFactor]:
     """``(Y, Z) ≈ (Â^(1/2), Â^(-1/2))``: the plan's low-precision coupled iteration, then its float32
-    refinements. Shapes: ``(*, n, n)`` each, float32."""
+    refinements, and the sign factor of the low-precision ``Y`` that every refinement solved with (pass it
+    to :func:`mixed_lyapunov`; it is ``3 · steps`` matrices, where the float32 backward keeps ``Y`` alone).
+
+    The corrections solve with the operator of the low-precision ``Y``, not of the refined one: classic
+    iterative refinement (factor once in low precision, residuals in high precision); the operator's error,
+    about the low-precision forward's, adds to the contraction factor of each refinement. Shapes:
+    ``(*, n, n)`` each, float32.
+    """
     shape = A_hat.shape
     A_hat = A_hat.reshape(-1, shape[-2], shape[-1])
     with low():
         Y, Z = coupled_root(A_hat, plan.forward)
-    Y = symmetrize(Y)
+        Y = symmetrize(Y)
+        factor = sign_factor(Y, plan.sign)
     for _ in range(plan.refinements):
         R = torch.baddbmm(A_hat, Y, Y, alpha=-1.0)
         with low():
-            E = solve_lyapunov(Y, R, plan.sign)
+            E = apply_sign_factor(factor, R, plan.sign)
         Y = Y + symmetrize(E)
         Z = torch.baddbmm(Z, Z, torch.baddbmm(eye_like(Y), Y, Z, alpha=-1.0))
-    return Y.reshape(shape), symmetrize(Z).reshape(shape)
+    return Y.reshape(shape), symmetrize(Z).reshape(shape), factor
 
 
-def mixed_lyapunov(Y: torch.Tensor, G: torch.Tensor, plan: MixedPlan, low: ProductHook) -> torch.Tensor:
-    """``X`` with ``Y X + X Y = sym(G)``: the low-precision sign iteration and the plan's float32 residual
-    corrections. Shapes: ``(*, n, n)`` each."""
+def mixed_lyapunov(
+    Y: torch.Tensor, G: torch.Tensor, plan: MixedPlan, low: ProductHook, factor: SignFactor | None = None
+) -> torch.Tensor:
+    """``X`` with ``Y X + X Y = sym(G)``: the low-precision sign iteration with ``factor`` (that of ``Y``
+    when not given) and the plan's float32 residual corrections with ``Y``. Shapes: ``(*, n, n)`` each."""
     shape = Y.shape
     Y = Y.reshape(-1, shape[-2], shape[-1])
     G = symmetrize(G.reshape(-1, shape[-2], shape[-1]))
     with low():
-        X = symmetrize(solve_lyapunov(Y, G, plan.sign))
+        factor = sign_factor(Y, plan.sign) if factor is None else factor
+        X = symmetrize(apply_sign_factor(factor, G, plan.sign))
     for _ in range(plan.backward_refinements):
         YX = Y @ X
         with low():
-            X = X + symmetrize(solve_lyapunov(Y, G - YX - YX.mT, plan.sign))
+            X = X + symmetrize(apply_sign_factor(factor, G - YX - YX.mT, plan.sign))
     return X.reshape(shape)
 
 
@@ -197,8 +226,10 @@ def mixed_error_bound(plan: MixedPlan, n: int) -> tuple[float, float]:
     ``u`` of ``Z Y`` puts ``|u - 1| / 2`` on ``Y``). A sign solve has relative error
     ``ρ = plan.sign.error + rounding_error`` at the products' ``epsilon``; a refinement takes ``δ`` to
     ``δ (ρ + δ)`` plus float32's floor, the float32 residual's rounding through ``Y⁻¹``
-    (``residual_rounding`` at float32's). The gradient's corrections take ``ε`` to ``ρ ε`` plus
-    float32's Lyapunov floor, and the forward's error enters it once.
+    (``residual_rounding`` at float32's); ``ρ`` grows by the low-precision forward's error, the operator's
+    (:func:`mixed_sqrt`). The gradient's corrections take ``ε`` to ``ρ ε`` plus
+    float32's Lyapunov floor, and the forward's error enters it once. Where ``ρ`` or the low-precision
+    forward's error reaches 1 the model certifies no convergence and returns ``inf``.
     """
     lower, epsilon = plan.lower, plan.epsilon
     rho = plan.sign.error + rounding_error(lower, FLOAT32_EPSILON, product_roundoff=epsilon)
@@ -206,12 +237,16 @@ def mixed_error_bound(plan: MixedPlan, n: int) -> tuple[float, float]:
     forward = plan.forward.error + 0.5 * residual_rounding(
         "mtp", n, FLOAT32_EPSILON, lower, product_roundoff=epsilon
     )
+    rho = rho + forward  # every solve uses the operator of the low-precision Y
+    gradient = rho
+    if rho >= 1.0 or forward >= 1.0:
+        return math.inf, math.inf
     for _ in range(plan.refinements):
         forward = forward * (rho + forward) + floor
     gradient = rho
     for _ in range(plan.backward_refinements):
         gradient = gradient * rho + rounding_error(lower, FLOAT32_EPSILON)
-    return float(forward), float(gradient + forward)
+    return forward, gradient + forward
 
 
 def staged_root(
@@ -239,5 +274,6 @@ def staged_lyapunov(
     last = len(schedule.steps) - 1
     for k, step in enumerate(schedule.steps):
         with low() if k < low_steps else contextlib.nullcontext():
-            B, C = _sign_step(B, C, step.coefficients, 0.5 if k == last else 1.0)
+            B2, T, B_next = _operator_step(B, step.coefficients)
+            B, C = B_next, _rhs_step(B, B2, T, C, step.coefficients, 0.5 if k == last else 1.0)
     return C.reshape(shape)
