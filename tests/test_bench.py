@@ -352,6 +352,25 @@ def test_rounding_run_shows_each_backward_where_it_is_the_accurate_one(tmp_path,
     )
 
 
+def test_mixed_run_separates_refined_from_low_precision_configurations(tmp_path, capsys):
+    main(["--mixed", "--sizes", "32", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "mixed.json").read_text())["rows"]
+    out = capsys.readouterr().out
+    assert "spd: cheapest with forward and gradient <= 0.001: refine" in out
+    cell = {(row["input"], row["config"], row["format"]): row for row in rows}
+    reference = cell[("spd", "float32", "float32")]
+    assert reference["meets"] and reference["low"] == 0
+    # every product of the plan in bfloat16 misses tol; two float32 refinements of the forward and two of
+    # the backward meet it with room, cheaper
+    assert not cell[("spd", "all", "bf16")]["meets"]
+    assert cell[("spd", "all", "bf16")]["low"] == reference["float32"]
+    refined = cell[("spd", "refine 2/2", "bf16")]
+    assert max(refined["forward"], refined["inverse"], refined["gradient"]) <= 1e-4
+    assert refined["cost"] < reference["cost"]
+    assert refined["cost"] == refined["float32"] + refined["low"] / 10
+    assert refined["forward"] <= refined["model_forward"] and refined["gradient"] <= refined["model_gradient"]
+
+
 def test_input_rounding_stays_within_the_traces_room():
     from covpool.bench.rounding import INPUT_SIZES, input_rounding_rows
     from covpool.linalg.options import TRACE_ROUNDING

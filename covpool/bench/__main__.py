@@ -24,6 +24,8 @@ from covpool.bench.deploy import DEPLOY_BATCHES, DEPLOY_MODELS, run_deploy
 from covpool.bench.grid import FUNCTIONS, comparison_label, describe_missing, plan_grid, run_grid
 from covpool.bench.host import HOST_BATCH, HOST_SIZES, host_rows
 from covpool.bench.layers import LAYER_CASES, LAYER_METHODS, run_layers
+from covpool.bench.mixed import MIXED_SIZES, mixed_rows
+from covpool.bench.mixed import summary as mixed_summary
 from covpool.bench.plot import plot_pareto
 from covpool.bench.ranking import MAX_SPREAD
 from covpool.bench.report import format_comparisons, format_table, write_csv, write_json
@@ -185,6 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     trace.add_argument(
         "--no-heads", action="store_true", help="with --rounding: leave out the heads and trace tables"
+    )
+    trace.add_argument(
+        "--mixed",
+        action="store_true",
+        help="TF32/bfloat16 products emulated on CPU: errors and float32-equivalent cost of mixed-precision "
+        f"configurations (--sizes default {' '.join(map(str, MIXED_SIZES))})",
     )
     trace.add_argument(
         "--beyond",
@@ -495,6 +503,18 @@ def run_rounding(args: argparse.Namespace) -> None:
     print(f"wrote {args.out / 'rounding.csv'} and {args.out / 'rounding.json'}")
 
 
+def run_mixed(args: argparse.Namespace) -> None:
+    """Print and write (``mixed.csv``, ``mixed.json``) the study of :mod:`covpool.bench.mixed`."""
+    rows = mixed_rows(tuple(args.sizes), seed=args.seed)
+    print(format_table(rows, list(rows[0])))
+    print(mixed_summary(rows))
+    write_csv(rows, args.out / "mixed.csv")
+    write_json(
+        {"environment": _environment(), "settings": _settings(args), "rows": rows}, args.out / "mixed.json"
+    )
+    print(f"wrote {args.out / 'mixed.csv'} and {args.out / 'mixed.json'}")
+
+
 def run_beyond_bound(args: argparse.Namespace) -> None:
     """The beyond-the-bound grid (:mod:`covpool.bench.beyond`): counts per method and dtype on stdout,
     every case in ``beyond.csv`` and ``beyond.json``."""
@@ -523,6 +543,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.batches = args.batches or list(DEPLOY_BATCHES)
     if args.rounding:
         args.sizes = args.sizes or list(ROUNDING_SIZES)
+    if args.mixed:
+        args.sizes = args.sizes or list(MIXED_SIZES)
     if args.beyond:
         args.sizes = args.sizes or list(BEYOND_SIZES)
         if not set(args.dtype) <= {"float32", "float64"}:
@@ -541,6 +563,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     start = time.perf_counter()
     if args.trace:
         run_trace(args)
+    elif args.mixed:
+        run_mixed(args)
     elif args.beyond:
         run_beyond_bound(args)
     elif args.compile:

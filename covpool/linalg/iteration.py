@@ -86,7 +86,10 @@ def _pade_factor(step: PadeStep, U: torch.Tensor) -> torch.Tensor:
 
 
 def coupled_root(
-    A_hat: torch.Tensor, schedule: Schedule, record: list[torch.Tensor] | None = None
+    A_hat: torch.Tensor,
+    schedule: Schedule,
+    record: list[torch.Tensor] | None = None,
+    start: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(Y, Z) ≈ (Â^(1/2), Â^(-1/2))`` after the steps of ``schedule``. Shapes: ``(*, n, n)`` each.
 
@@ -94,11 +97,14 @@ def coupled_root(
     without a graph for the other methods. Leading batch dimensions are flattened. With ``record`` (a
     list; polynomial steps only), every step appends what :func:`covpool.linalg.unrolled.coupled_root_adjoint`
     needs: ``Y`` and ``Z`` before the step (``Z`` from the second step on), the Horner partials of
-    :func:`_polynomial_tail` and its result ``T``.
+    :func:`_polynomial_tail` and its result ``T``. With ``start = (Y, Z)`` (no ``record``), the steps continue
+    from that pair instead of ``(Â, I)`` (:mod:`covpool.linalg.mixed` finishes low-precision steps so).
     """
     shape = A_hat.shape
     Y = A_hat.reshape(-1, shape[-2], shape[-1])
     Z = None  # the identity
+    if start is not None:
+        Y, Z = (x.reshape(-1, shape[-2], shape[-1]) for x in start)
     for step in schedule.steps:
         U = Y if Z is None else Z @ Y
         if isinstance(step, PadeStep):
@@ -144,14 +150,22 @@ def within_error(Y: torch.Tensor, Z: torch.Tensor, limit: float, *, inverse: boo
     return (torch.linalg.matrix_norm(residual) <= torch.linalg.matrix_norm(root)).reshape(batch)
 
 
-def residual_rounding(method: str, n: int, unit_roundoff: float, lower: float) -> float:
+def residual_rounding(
+    method: str, n: int, unit_roundoff: float, lower: float, *, product_roundoff: float | None = None
+) -> float:
     """What rounding adds to :func:`residual_norm` for a valid input, ``lower`` being the bound on the
     smallest eigenvalue of ``Â^(1/2)`` (``1 / lower`` bounds ``‖Z‖``).
 
     Measured on float32 ridged sample covariances (n = 16 … 256, 4 … 49 positions, eps = 1e-6 … 1e-4):
     mtp up to ``0.11 √n u / lower``, modelled as ``0.25 √n u / lower``; mpa, whose Cholesky solves leave
     ``Z Y`` further from ``I``, up to ``0.1 u / lower²``, modelled as ``0.2 u / lower²``.
+
+    ``product_roundoff``: the machine epsilon of the products' format when they round their operands more
+    coarsely than the working dtype (TF32 ``2^-10``, bfloat16 ``2^-7``); the larger of the two is ``u``.
+    Emulated TF32 and bfloat16 mtp runs stay within it (``tests/test_linalg_mixed.py``).
     """
+    if product_roundoff is not None:
+        unit_roundoff = max(unit_roundoff, product_roundoff)
     if method == "mpa":
         return 0.2 * unit_roundoff / lower**2
     return 0.25 * n**0.5 * unit_roundoff / lower

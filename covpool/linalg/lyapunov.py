@@ -40,40 +40,85 @@ measured at most 0.031 here (``python -m covpool.bench --rounding`` prints the t
 on the BLAS and thread count, hence the room."""
 
 
-def rounding_error(lower: float, unit_roundoff: float) -> float:
+def rounding_error(lower: float, unit_roundoff: float, *, product_roundoff: float | None = None) -> float:
     """Relative error of the gradient that rounding alone leaves, ``ROUNDING_GROWTH · u · κ(A)``.
 
     ``lower`` is the lower end of the spectrum of ``Â^(1/2)`` (so ``κ(A) <= 1 / lower²``) and ``u`` the
     working dtype's machine epsilon: 1e-3 at ``κ = 2e5`` in float32, 1e-12 at ``κ = 1.1e5`` in float64.
+    ``product_roundoff``: the machine epsilon of products that round their operands more coarsely (TF32
+    ``2^-10``, bfloat16 ``2^-7``); the larger of the two is ``u`` (emulated TF32 and bfloat16 solves stay
+    within the model, ``tests/test_linalg_mixed.py``).
     """
+    if product_roundoff is not None:
+        unit_roundoff = max(unit_roundoff, product_roundoff)
     return ROUNDING_GROWTH * unit_roundoff / lower**2
 
 
-def _sign_step(
-    B: torch.Tensor, C: torch.Tensor, coefficients: tuple[float, ...], c_scale: float = 1.0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One step ``M ← p(M)``, every scalar and sum fused into a product (``baddbmm``).
+SignFactor = tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None], ...]
+"""Per step of a sign iteration on ``Y``: ``(B, B², T)`` (``T = c₁B² + c₂B⁴`` for degree 2, else None),
+what the right-hand side's update reads (:func:`sign_factor`)."""
 
-    The new off-diagonal block is multiplied by ``c_scale`` (free: it is the last product's alpha/beta).
-    """
+
+def _operator_step(
+    B: torch.Tensor, coefficients: tuple[float, ...]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(B², T, B H)`` of one step: the new diagonal block ``B H = c₀ B + B T`` (degree 1: ``T`` is None
+    and ``B H = c₀ B + c₁ B B²``)."""
     B2 = B @ B
-    BC = B @ C
-    D = BC - BC.mT
     if len(coefficients) == 2:
         c0, c1 = coefficients
-        # B H = c0 B + c1 B B²;  B K + C H = c1 B D + c0 C + c1 C B².
-        return (
-            torch.baddbmm(B, B, B2, beta=c0, alpha=c1),
-            torch.baddbmm(torch.baddbmm(C, B, D, beta=c0, alpha=c1), C, B2, beta=c_scale, alpha=c1 * c_scale),
-        )
+        return B2, None, torch.baddbmm(B, B, B2, beta=c0, alpha=c1)
     if len(coefficients) == 3:
         c0, c1, c2 = coefficients
         T = torch.baddbmm(B2, B2, B2, beta=c1, alpha=c2)  # H = c0 I + T
-        # K = c1 D + c2 (B²D + DB²) = c1 (F - Fᵀ) with F = BC + (c2/c1) B²D, since DB² = -(B²D)ᵀ.
-        F = torch.baddbmm(BC, B2, D, alpha=c2 / c1)
-        BK_plus_c0C = torch.baddbmm(C, B, F - F.mT, beta=c0, alpha=c1)
-        return torch.baddbmm(B, B, T, beta=c0), torch.baddbmm(BK_plus_c0C, C, T, beta=c_scale, alpha=c_scale)
+        return B2, T, torch.baddbmm(B, B, T, beta=c0)
     raise ValueError(f"sign steps of degree 1 or 2 are supported, got {len(coefficients) - 1}")
+
+
+def _rhs_step(
+    B: torch.Tensor,
+    B2: torch.Tensor,
+    T: torch.Tensor | None,
+    C: torch.Tensor,
+    coefficients: tuple[float, ...],
+    c_scale: float,
+) -> torch.Tensor:
+    """The new off-diagonal block ``B K + C H`` of one step, times ``c_scale`` (free: it is the last
+    product's alpha/beta)."""
+    BC = B @ C
+    D = BC - BC.mT
+    if T is None:
+        c0, c1 = coefficients
+        # B K + C H = c1 B D + c0 C + c1 C B².
+        return torch.baddbmm(
+            torch.baddbmm(C, B, D, beta=c0, alpha=c1), C, B2, beta=c_scale, alpha=c1 * c_scale
+        )
+    c0, c1, c2 = coefficients
+    # K = c1 D + c2 (B²D + DB²) = c1 (F - Fᵀ) with F = BC + (c2/c1) B²D, since DB² = -(B²D)ᵀ.
+    F = torch.baddbmm(BC, B2, D, alpha=c2 / c1)
+    BK_plus_c0C = torch.baddbmm(C, B, F - F.mT, beta=c0, alpha=c1)
+    return torch.baddbmm(BK_plus_c0C, C, T, beta=c_scale, alpha=c_scale)
+
+
+def sign_factor(Y: torch.Tensor, schedule: Schedule) -> SignFactor:
+    """The diagonal blocks of every step of the sign iteration on ``Y`` (``(b, n, n)``), kept so that
+    :func:`apply_sign_factor` solves for several right-hand sides at the products of the off-diagonal block
+    alone (4 a step of degree 2 instead of 7, 3 of degree 1 instead of 5); costs ``3 · steps`` matrices of
+    memory, which :func:`solve_lyapunov` does not keep."""
+    factor, B = [], Y
+    for step in schedule.steps:
+        B2, T, B_next = _operator_step(B, step.coefficients)
+        factor.append((B, B2, T))
+        B = B_next
+    return tuple(factor)
+
+
+def apply_sign_factor(factor: SignFactor, C: torch.Tensor, schedule: Schedule) -> torch.Tensor:
+    """:func:`solve_lyapunov` for ``Y`` given by its :func:`sign_factor`. Shapes: ``(b, n, n)``."""
+    last = len(schedule.steps) - 1
+    for k, ((B, B2, T), step) in enumerate(zip(factor, schedule.steps, strict=True)):
+        C = _rhs_step(B, B2, T, C, step.coefficients, 0.5 if k == last else 1.0)
+    return C
 
 
 def solve_lyapunov(Y: torch.Tensor, C: torch.Tensor, schedule: Schedule) -> torch.Tensor:
@@ -93,6 +138,7 @@ def solve_lyapunov(Y: torch.Tensor, C: torch.Tensor, schedule: Schedule) -> torc
     C = C.reshape(-1, shape[-2], shape[-1])
     last = len(schedule.steps) - 1
     for k, step in enumerate(schedule.steps):
+        B2, T, B_next = _operator_step(B, step.coefficients)
         # sign(M) has 2X in its corner: the last step halves its result.
-        B, C = _sign_step(B, C, step.coefficients, 0.5 if k == last else 1.0)
+        B, C = B_next, _rhs_step(B, B2, T, C, step.coefficients, 0.5 if k == last else 1.0)
     return C.reshape(shape)
