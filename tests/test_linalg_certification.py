@@ -106,10 +106,33 @@ class TestPrecisionScope:
         torch.torch_version.TorchVersion(torch.__version__) < "2.12",
         reason="dynamo before torch 2.12 cannot compile the roots (tests/test_linalg_roots.py says why)",
     )
-    def test_compiling_under_reduced_precision_raises_with_what_to_change(self, reduced_precision):
-        compiled = torch.compile(lambda a: covpool.sqrtm(a, method="mtp"), backend="eager", fullgraph=True)
-        with pytest.raises(Exception, match=r"set_float32_matmul_precision\('highest'\) before compiling"):
-            compiled(random_spd(2, n=8, dtype=torch.float32))
+    @pytest.mark.parametrize("name", ROOTS)
+    def test_compiled_under_reduced_precision_the_root_runs_its_products_at_full_precision(
+        self, reduced_precision, name, monkeypatch
+    ):
+        fn, _ = ROOTS[name]
+        seen = []
+        enter = precision._enter
+        monkeypatch.setattr(
+            precision, "_enter", lambda: (enter(), seen.append(precision.current_precision()))
+        )
+
+        def loss(a: torch.Tensor, method: str = "mtp") -> torch.Tensor:
+            return (fn(a * 2.0, method=method) * torch.arange(64.0, dtype=a.dtype).reshape(8, 8)).sum()
+
+        A = random_spd(2, n=8, dtype=torch.float32)
+        X = A.clone().requires_grad_(True)
+        compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+        value = compiled(X)
+        value.backward()
+        assert seen and set(seen) == {"highest"}  # the root's scope was entered at run time
+        assert precision.current_precision() == reduced_precision  # and left
+        torch.set_float32_matmul_precision("highest")
+        torch.testing.assert_close(value, loss(A), rtol=0, atol=0)  # the eager root's own result
+        # the operator's backward is the exact gradient (float64 eigendecomposition)
+        A64 = A.double().requires_grad_(True)
+        loss(A64, "eigh").backward()
+        assert (relative_error(X.grad, A64.grad) < 1e-5).all()
         torch._dynamo.reset()
 
     def test_precision_is_a_validated_option(self):

@@ -102,6 +102,18 @@ class EighRoot(torch.autograd.Function):
         return (grad_A * factor).to(grad.dtype), None, None
 
 
+def exact_root_gradient(A: torch.Tensor, grad: torch.Tensor, *, inverse: bool) -> torch.Tensor:
+    """``∂L/∂A`` of ``L`` through ``A^(±1/2)`` for symmetric positive definite ``A``, by the Daleckii-Krein
+    formula above in ``A``'s dtype (no autograd). ``grad`` is ``∂L/∂A^(±1/2)``; only its symmetric part
+    matters. Shapes: ``(*, n, n)`` each."""
+    eigenvalues, vectors = torch.linalg.eigh(A)
+    roots = eigenvalues.clamp_min(torch.finfo(A.dtype).tiny).sqrt()
+    pair_sum = roots.unsqueeze(-1) + roots.unsqueeze(-2)
+    kernel = -1.0 / (roots.unsqueeze(-1) * roots.unsqueeze(-2) * pair_sum) if inverse else 1.0 / pair_sum
+    inner = vectors.mT @ (0.5 * (grad + grad.mT)) @ vectors
+    return vectors @ (kernel * inner) @ vectors.mT
+
+
 def eigh_root(A: torch.Tensor, *, inverse: bool, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(A^(±1/2), valid)`` of symmetric ``A`` of shape ``(*, n, n)``; ``valid`` has shape ``(*,)``. The
     backward's products run at ``precision`` (:mod:`covpool.linalg.precision`); the caller scopes the

@@ -18,9 +18,10 @@ on exit, exceptions included:
   roots restore the user's setting only when the last one exits; while any root runs, another thread's
   float32 products run at full precision too (never less precise than asked).
 - **torch.compile / torch.export**: a compiled graph cannot change the setting around its own products
-  (inductor chooses its kernels from the setting at compile time), so tracing a root while the global
-  setting is reduced raises, saying what to change (dynamo guards on the setting, so changing it
-  recompiles).
+  (inductor chooses its kernels from the setting at compile time), so a root traced while the global
+  setting is reduced enters the graph as one opaque operator that runs the eager root at run time
+  (:mod:`covpool.linalg.opaque`; dynamo guards on the setting, so changing it recompiles). Tracing the
+  products themselves under a reduced setting raises (:func:`products_in`), which nothing in covpool does.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ def _traced_precision() -> str:
     return global_precision()
 
 
-def _reduced(precision: str, dtype: torch.dtype) -> bool:
+def reduced(precision: str, dtype: torch.dtype) -> bool:
     """Whether torch's setting would run ``dtype`` products below ``precision``: float32 products under
     TF32/bfloat16 (float64 products have no reduced mode in torch)."""
     return precision == "full" and dtype == torch.float32 and _traced_precision() != "highest"
@@ -125,12 +126,12 @@ def _exit() -> None:
 def products_in(precision: str, dtype: torch.dtype) -> Iterator[None]:
     """Run the enclosed products at ``precision`` for a root working in ``dtype``; restore on exit.
 
-    Nothing is changed where the setting is not reduced (:func:`_reduced`).
+    Nothing is changed where the setting is not reduced (:func:`reduced`).
 
     Raises:
         RuntimeError: while ``torch.compile``/``torch.export`` trace with the global setting reduced.
     """
-    if not _reduced(precision, dtype):
+    if not reduced(precision, dtype):
         yield
         return
     if is_tracing():
@@ -171,6 +172,6 @@ class ScopeBoundary(torch.autograd.Function):
 def scoped_backward(x: torch.Tensor, precision: str, *, enter: bool) -> torch.Tensor:
     """``x``, marked so that its backward enters or leaves the scope of ``precision`` (see
     :class:`ScopeBoundary`); ``x`` itself where nothing needs scoping or no graph is recorded."""
-    if not (torch.is_grad_enabled() and x.requires_grad) or is_tracing() or not _reduced(precision, x.dtype):
+    if not (torch.is_grad_enabled() and x.requires_grad) or is_tracing() or not reduced(precision, x.dtype):
         return x
     return ScopeBoundary.apply(x, enter)

@@ -32,9 +32,10 @@ from covpool.linalg.eigh import eigh_root
 from covpool.linalg.iteration import coupled_root, direct_root, passes_residual_test, within_error
 from covpool.linalg.lyapunov import solve_lyapunov
 from covpool.linalg.normalization import normalise
-from covpool.linalg.numerics import symmetrize, with_relative_ridge, working_dtype
+from covpool.linalg.numerics import is_tracing, symmetrize, with_relative_ridge, working_dtype
+from covpool.linalg.opaque import opaque_root
 from covpool.linalg.options import DEFAULT_CONDITION, DEFAULT_TOL, RootOptions, RootPlan
-from covpool.linalg.precision import products_in, scoped_backward
+from covpool.linalg.precision import products_in, reduced, scoped_backward
 from covpool.linalg.unrolled import coupled_root_adjoint
 
 NS_DIVERGED = 1.0
@@ -200,6 +201,8 @@ def _root(
     check_square_batch(A)
     n = A.shape[-1]
     work_dtype = working_dtype(A.dtype)
+    if is_tracing() and reduced(resolved.precision or "full", work_dtype):
+        return opaque_root(A, inverse, resolved, eps)
     plan = resolved.plan(n, eps=eps, device=A.device, dtype=work_dtype)
     if A.numel() == 0:
         return A.clone()
