@@ -13,8 +13,7 @@ Costs of the operator: no fusion across it, an eigendecomposition in the backwar
 and a graph that ONNX cannot export (export with the setting at ``"highest"``).
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: torch 2.4's custom_op reads the annotations as types.
 import json
 from dataclasses import fields
 
