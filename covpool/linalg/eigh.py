@@ -89,29 +89,30 @@ class EighRoot(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         roots, vectors, scale = ctx.saved_tensors
-        pair_sum = roots.unsqueeze(-1) + roots.unsqueeze(-2)
-        if ctx.inverse:
-            kernel = -1.0 / (roots.unsqueeze(-1) * roots.unsqueeze(-2) * pair_sum)
-            factor = scale.pow(-1.5)
-        else:
-            kernel = 1.0 / pair_sum
-            factor = scale.rsqrt()
-        grad_sym = 0.5 * (grad + grad.mT).to(vectors.dtype)
-        inner = vectors.mT @ grad_sym @ vectors
-        grad_A = vectors @ (kernel * inner) @ vectors.mT
+        factor = scale.pow(-1.5) if ctx.inverse else scale.rsqrt()
+        grad_A = _daleckii_krein(roots, vectors, grad.to(vectors.dtype), inverse=ctx.inverse)
         return (grad_A * factor).to(grad.dtype), None, None
 
 
-def exact_root_gradient(A: torch.Tensor, grad: torch.Tensor, *, inverse: bool) -> torch.Tensor:
-    """``∂L/∂A`` of ``L`` through ``A^(±1/2)`` for symmetric positive definite ``A``, by the Daleckii-Krein
-    formula above in ``A``'s dtype (no autograd). ``grad`` is ``∂L/∂A^(±1/2)``; only its symmetric part
-    matters. Shapes: ``(*, n, n)`` each."""
-    eigenvalues, vectors = torch.linalg.eigh(A)
-    roots = eigenvalues.clamp_min(torch.finfo(A.dtype).tiny).sqrt()
+def _daleckii_krein(
+    roots: torch.Tensor, vectors: torch.Tensor, grad: torch.Tensor, *, inverse: bool
+) -> torch.Tensor:
+    """``U (K ∘ (Uᵀ sym(G) U)) Uᵀ`` with the kernel ``K`` of the module docstring, from the square roots
+    of the eigenvalues (``(*, n)``, positive) and the eigenvectors ``U`` (``(*, n, n)``); ``G``:
+    ``(*, n, n)``."""
     pair_sum = roots.unsqueeze(-1) + roots.unsqueeze(-2)
     kernel = -1.0 / (roots.unsqueeze(-1) * roots.unsqueeze(-2) * pair_sum) if inverse else 1.0 / pair_sum
     inner = vectors.mT @ (0.5 * (grad + grad.mT)) @ vectors
     return vectors @ (kernel * inner) @ vectors.mT
+
+
+def exact_root_gradient(A: torch.Tensor, grad: torch.Tensor, *, inverse: bool) -> torch.Tensor:
+    """``∂L/∂A`` of ``L`` through ``A^(±1/2)`` for symmetric positive definite ``A``, by the Daleckii-Krein
+    formula in ``A``'s dtype (no autograd). ``grad`` is ``∂L/∂A^(±1/2)``; only its symmetric part
+    matters. Shapes: ``(*, n, n)`` each."""
+    eigenvalues, vectors = torch.linalg.eigh(A)
+    roots = eigenvalues.clamp_min(torch.finfo(A.dtype).tiny).sqrt()
+    return _daleckii_krein(roots, vectors, grad, inverse=inverse)
 
 
 def eigh_root(A: torch.Tensor, *, inverse: bool, precision: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,8 +5,9 @@ its kernels from the setting at compile time. So when ``torch.compile`` or ``tor
 while the setting is reduced (TF32 or bfloat16, :func:`covpool.linalg.precision.current_precision`), the
 root enters the graph as the custom operator ``covpool::root`` instead of its products. At run time the
 operator runs the eager root, whose products run inside :func:`covpool.linalg.precision.products_in`;
-its backward is ``covpool::root_backward``, which recomputes the root eagerly and differentiates it
-(forward work twice; no second derivatives). The rest of the graph is compiled as usual. With the
+its backward is ``covpool::root_backward``, the exact gradient of the ridged root by a float64
+eigendecomposition (a custom operator runs below autograd, so it cannot differentiate the eager root; no
+second derivatives). The rest of the graph is compiled as usual. With the
 setting at ``"highest"`` nothing changes: the root's products are traced into the graph.
 
 Costs of the operator: no fusion across it, an eigendecomposition in the backward (a host sync on CUDA),
@@ -21,7 +22,7 @@ import torch
 from torch import Tensor
 
 from covpool.linalg.eigh import exact_root_gradient
-from covpool.linalg.numerics import eye_like, symmetrize
+from covpool.linalg.numerics import symmetrize, with_relative_ridge
 from covpool.linalg.options import RootOptions
 
 
@@ -33,8 +34,8 @@ def _eager_root(A: Tensor, inverse: bool, options: str, eps: float) -> Tensor:
 
 @torch.library.custom_op("covpool::root", mutates_args=())
 def root_op(A: Tensor, inverse: bool, options: str, eps: float) -> Tensor:
-    """``A^(±1/2)`` by the eager root. ``options``: ``RootOptions.to_dict()`` as JSON (custom operators
-    take strings, not objects). Shapes: ``(*, n, n)``."""
+    """``A^(±1/2)`` by the eager root. ``options``: the set fields of a :class:`RootOptions` as JSON
+    (:func:`_as_json`; custom operators take strings, not objects). Shapes: ``(*, n, n)``."""
     return _eager_root(A, inverse, options, eps)
 
 
@@ -49,12 +50,9 @@ def root_backward_op(A: Tensor, grad: Tensor, inverse: bool, options: str, eps: 
     eigendecomposition (:func:`covpool.linalg.eigh.exact_root_gradient`), within ``tol`` of the root's
     own. A custom operator runs below autograd, so the eager root cannot be differentiated here.
     Shapes: ``(*, n, n)``."""
-    n = A.shape[-1]
-    ridge = eps * torch.diagonal(A, dim1=-2, dim2=-1).sum(-1) / n
-    ridged = symmetrize(A.double()) + ridge.double()[..., None, None] * eye_like(A.double())
+    ridged = with_relative_ridge(symmetrize(A.double()), eps)
     grad_ridged = exact_root_gradient(ridged, grad.double(), inverse=inverse)
-    trace_part = eps / n * torch.diagonal(grad_ridged, dim1=-2, dim2=-1).sum(-1)
-    return (grad_ridged + trace_part[..., None, None] * eye_like(grad_ridged)).to(A.dtype)
+    return with_relative_ridge(grad_ridged, eps).to(A.dtype)  # the ridge is self-adjoint
 
 
 @root_backward_op.register_fake
