@@ -415,6 +415,13 @@ def _plan(
         floor = (overestimate * valid_residual(forward) + noise) / _VALID_SHARE
         return residual_test(forward, tol, backward=backward, floor=floor)
 
+    def chosen_check(forward: Schedule, backward: Schedule | None) -> ResidualTest:
+        """The chosen schedules' test; where the bound is assumed, a refusal if it cannot hold ``tol``."""
+        test = check(forward, backward)
+        if _assumed_bound(eps, options):
+            _refuse_uncertified(test.certifies, tol, method, options.condition, unit_roundoff)
+        return test
+
     def cheapest(candidates: list[tuple[Schedule, Schedule | None]]) -> tuple[Schedule, Schedule | None]:
         """The cheapest candidate whose residual test certifies ``tol`` (a valid input then passes it
         with room), else the one whose test certifies the least error."""
@@ -450,9 +457,6 @@ def _plan(
                 )
             )
         gradient = "autograd" if method == "mpa" else "adjoint"
-        test = check(forward, None)
-        if _assumed_bound(eps, options):
-            _refuse_uncertified(test.certifies, tol, method, options.condition, unit_roundoff)
         return RootPlan(
             method,
             normalization,
@@ -461,7 +465,7 @@ def _plan(
             None,
             None,
             lower,
-            test,
+            chosen_check(forward, None),
             precision,
             read_values,
             gradient,
@@ -507,9 +511,7 @@ def _plan(
         forward, backward = cheapest(_reachable(split, (tol / 2, tol / 5, tol / 20, tol / 100), tol))
     else:
         backward = lyapunov_schedule(forward, forward_error, max(tol - forward_error, tol / 2))
-    test = check(forward, backward) if forward is not None else None
-    if test is not None and _assumed_bound(eps, options):
-        _refuse_uncertified(test.certifies, tol, method, options.condition, unit_roundoff)
+    test = chosen_check(forward, backward) if forward is not None else None
     return RootPlan(
         method,
         normalization,
