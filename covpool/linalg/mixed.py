@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import torch
 
 from covpool.linalg.coefficients import minimax_odd_polynomial
+from covpool.linalg.emulation import EPSILON
 from covpool.linalg.iteration import coupled_root, residual_rounding
 from covpool.linalg.lyapunov import (
     SignFactor,
@@ -56,8 +57,6 @@ from covpool.linalg.schedule import MAX_STEPS, PolynomialStep, Schedule, image
 
 MARGIN = 0.01
 """Relative room on both ends of every low-precision step (Polar Express's 1.01)."""
-TF32_EPSILON = 2.0**-10
-"""Machine epsilon of TF32 products (:data:`covpool.linalg.emulation.EPSILON`)."""
 FLOAT32_EPSILON = torch.finfo(torch.float32).eps
 """Machine epsilon of the float32 phases (the rounding models' convention)."""
 
@@ -159,7 +158,7 @@ def mixed_plan(
         raise ValueError(f"mixed plans are made from mtp plans, got method={plan.method!r}")
     target = 2.0 * epsilon
     lower = plan.lower
-    default = 1 if epsilon <= TF32_EPSILON else 2
+    default = 1 if epsilon <= EPSILON["tf32"] else 2
     refinements = default if refinements is None else refinements
     backward_refinements = default if backward_refinements is None else backward_refinements
     return MixedPlan(
@@ -238,7 +237,6 @@ def mixed_error_bound(plan: MixedPlan, n: int) -> tuple[float, float]:
         "mtp", n, FLOAT32_EPSILON, lower, product_roundoff=epsilon
     )
     rho = rho + forward  # every solve uses the operator of the low-precision Y
-    gradient = rho
     if rho >= 1.0 or forward >= 1.0:
         return math.inf, math.inf
     for _ in range(plan.refinements):
