@@ -53,6 +53,16 @@ def random_covariance(
     return (x.mT @ x / samples).to(dtype)
 
 
+def user_ridged_covariance(
+    batch: int, n: int, condition: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """A sample covariance the user ridged: rank ``n / 2``, plus ``λmax / condition`` on the diagonal
+    (float64; beyond a root's assumed bound when ``condition`` exceeds it). Shape: ``(batch, n, n)``."""
+    C = random_covariance(batch, n=n, samples=n // 2, generator=generator)
+    top = torch.linalg.eigvalsh(C)[..., -1:, None]
+    return C + top / condition * torch.eye(n, dtype=C.dtype)
+
+
 def reference_root(A: torch.Tensor, *, inverse: bool = False) -> torch.Tensor:
     """Exact ``A^(±1/2)`` of symmetric PD ``A`` in float64. Shape: ``(*, n, n)``."""
     eigenvalues, vectors = torch.linalg.eigh(A.double())

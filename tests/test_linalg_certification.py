@@ -10,7 +10,13 @@ import torch
 
 import covpool
 from covpool.linalg import precision
-from covpool.testing import random_covariance, random_spd, reference_gradient, reference_root, relative_error
+from covpool.testing import (
+    random_spd,
+    reference_gradient,
+    reference_root,
+    relative_error,
+    user_ridged_covariance,
+)
 
 ROOTS = {"sqrtm": (covpool.sqrtm, False), "inv_sqrtm": (covpool.inv_sqrtm, True)}
 
@@ -141,13 +147,6 @@ class TestPrecisionScope:
             covpool.RootOptions(precision="tf32")
 
 
-def user_ridged_covariance(batch: int, n: int, condition: float, dtype: torch.dtype) -> torch.Tensor:
-    """A sample covariance the user ridged: rank-deficient, plus ``λmax / condition`` on the diagonal."""
-    C = random_covariance(batch, n=n, samples=n // 2)
-    top = torch.linalg.eigvalsh(C)[..., -1:, None]
-    return (C + top / condition * torch.eye(n, dtype=C.dtype)).to(dtype)
-
-
 class TestSelfCertification:
     """Inputs beyond the assumed bound: within tol (up to the first-order factor 2) or flagged."""
 
@@ -159,7 +158,7 @@ class TestSelfCertification:
         fn, inverse = ROOTS[name]
         n = 32
         A = (
-            user_ridged_covariance(3, n, condition, torch.float64)
+            user_ridged_covariance(3, n, condition)
             if kind == "ridged"
             else random_spd(3, n=n, condition=condition)
         )

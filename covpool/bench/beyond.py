@@ -24,7 +24,13 @@ from tqdm.auto import tqdm
 
 import covpool
 from covpool.linalg.options import DEFAULT_TOL
-from covpool.testing import random_covariance, random_spd, reference_gradient, reference_root, relative_error
+from covpool.testing import (
+    random_spd,
+    reference_gradient,
+    reference_root,
+    relative_error,
+    user_ridged_covariance,
+)
 
 CONDITIONS = (1e3, 1e4, 1e5, 1e6)
 KINDS = ("ridged", "spd")
@@ -34,16 +40,6 @@ DTYPES = ("float32", "float64")
 FUNCTIONS = ("sqrtm", "inv_sqrtm")
 BATCH = 3
 VERDICTS = ("within", "flagged", "refused", "silently wrong")
-
-
-def user_ridged_covariance(
-    batch: int, n: int, condition: float, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """A sample covariance the user ridged: rank ``n / 2``, plus ``λmax / condition`` on the diagonal
-    (float64). Shape: ``(batch, n, n)``."""
-    C = random_covariance(batch, n=n, samples=n // 2, generator=generator)
-    top = torch.linalg.eigvalsh(C)[..., -1:, None]
-    return C + top / condition * torch.eye(n, dtype=C.dtype)
 
 
 @dataclass(frozen=True)
