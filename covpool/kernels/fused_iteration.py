@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from collections.abc import Callable
 
 import torch
 
@@ -73,11 +74,18 @@ def _table_rows(schedule: Schedule) -> list[list[float]]:
     return [[*s.coefficients, *[0.0] * (width - 2 - s.degree), float(s.degree)] for s in steps]
 
 
-@functools.lru_cache(maxsize=64)
-def _device_table(schedule: Schedule, device: torch.device) -> torch.Tensor:
-    """The step table on ``device``, ``(steps, width)`` float32; cached, so that a CUDA-graph capture after
-    a warm-up call copies nothing from the host."""
-    return torch.tensor(_table_rows(schedule), dtype=torch.float32, device=device)
+@functools.lru_cache(maxsize=128)
+def device_table(
+    rows: Callable[[Schedule], list[list[float]]], schedule: Schedule, device: torch.device
+) -> torch.Tensor:
+    """A kernel's step table, ``rows(schedule)`` on ``device``, ``(steps, width)`` float32; cached, so that a
+    CUDA-graph capture after a warm-up call copies nothing from the host."""
+    return torch.tensor(rows(schedule), dtype=torch.float32, device=device)
+
+
+def on_device(tensor: torch.Tensor) -> contextlib.AbstractContextManager[object]:
+    """Make ``tensor``'s GPU the current one for a launch (Triton launches on the current device)."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
 def fused_coupled_root(A_hat: torch.Tensor, schedule: Schedule) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,11 +104,11 @@ def fused_coupled_root(A_hat: torch.Tensor, schedule: Schedule) -> tuple[torch.T
     Y, Z = torch.empty_like(A), torch.empty_like(A)
     if A.shape[0] == 0:
         return Y.reshape(shape), Z.reshape(shape)
-    table = _device_table(schedule, A.device)
+    table = device_table(_table_rows, schedule, A.device)
     first = schedule.steps[0]
     block = tile_size(n)
     # Triton launches on the current device, not the tensors'
-    with torch.cuda.device(A.device) if A.is_cuda else contextlib.nullcontext():
+    with on_device(A):
         coupled_root_kernel[(A.shape[0],)](
             A,
             Y,

@@ -13,12 +13,9 @@ runs.
 
 from __future__ import annotations
 
-import contextlib
-import functools
-
 import torch
 
-from covpool.kernels.fused_iteration import INPUT_PRECISION, tile_size
+from covpool.kernels.fused_iteration import INPUT_PRECISION, device_table, on_device, tile_size
 from covpool.linalg.lyapunov import solve_lyapunov
 from covpool.linalg.schedule import Schedule
 
@@ -41,13 +38,6 @@ def _table_rows(schedule: Schedule) -> list[list[float]]:
     return rows
 
 
-@functools.lru_cache(maxsize=64)
-def _device_table(schedule: Schedule, device: torch.device) -> torch.Tensor:
-    """The step table on ``device``, ``(steps, 5)`` float32; cached (nothing is copied from the host
-    during a CUDA-graph capture that follows a warm-up)."""
-    return torch.tensor(_table_rows(schedule), dtype=torch.float32, device=device)
-
-
 def fused_solve_lyapunov(Y: torch.Tensor, C: torch.Tensor, schedule: Schedule) -> torch.Tensor:
     """``X`` with ``Y X + X Y = C`` by the sign iteration of ``schedule``, in one launch.
 
@@ -66,12 +56,12 @@ def fused_solve_lyapunov(Y: torch.Tensor, C: torch.Tensor, schedule: Schedule) -
         return X.reshape(shape)
     block = tile_size(n)
     # Triton launches on the current device, not the tensors'
-    with torch.cuda.device(B.device) if B.is_cuda else contextlib.nullcontext():
+    with on_device(B):
         sign_iteration_kernel[(B.shape[0],)](
             B,
             C,
             X,
-            _device_table(schedule, B.device),
+            device_table(_table_rows, schedule, B.device),
             n,
             len(schedule.steps),
             BLOCK=block,
