@@ -14,7 +14,6 @@ the graphs and graph breaks, and the time of a compiled step once warm against a
 
 from __future__ import annotations
 
-import statistics
 import time
 import warnings
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ import torch._dynamo
 import torch._inductor.config
 from torch import nn
 
+from covpool.bench.timing import median_ms
 from covpool.layers import CovPoolHead
 
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
@@ -83,16 +83,7 @@ def _step(model: nn.Module, x: torch.Tensor) -> None:
 def _median_ms(model: nn.Module, x: torch.Tensor, repeats: int, device: str) -> float:
     """Median forward+backward time after 3 untimed steps (the first eager ``eigh`` calls on CPU have
     taken 0.3 s each, later ones a few ms)."""
-    for _ in range(3):
-        _step(model, x)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        _step(model, x)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    return median_ms(lambda: _step(model, x), device=torch.device(device), warmup=3, repeats=repeats)
 
 
 def _metric(name: str) -> float:
