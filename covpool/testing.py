@@ -63,6 +63,37 @@ def user_ridged_covariance(
     return C + top / condition * torch.eye(n, dtype=C.dtype)
 
 
+def clustered_spd(
+    batch: int, n: int, condition: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """SPD matrices with Haar-random eigenvectors, eigenvalues 1 and 0.5 and every other one at
+    ``1 / condition``: the spectrum piled on the lower end of a bound, where rounding relative to the
+    largest eigenvalue weighs most (float64). Shape: ``(batch, n, n)``."""
+    q, _ = torch.linalg.qr(torch.randn(batch, n, n, generator=generator, dtype=torch.float64))
+    values = torch.full((batch, n), 1.0 / condition, dtype=torch.float64)
+    values[:, -2:] = torch.tensor([0.5, 1.0], dtype=torch.float64)
+    return (q * values[:, None, :]) @ q.mT
+
+
+SPECTRUM_KINDS = ("spd", "ridged", "clustered")
+"""The input families :func:`bounded_matrices` makes."""
+
+
+def bounded_matrices(
+    kind: str, batch: int, n: int, condition: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """``batch`` float64 matrices of condition ``condition``: ``"spd"`` (:func:`random_spd`, a geometric
+    spectrum), ``"ridged"`` (:func:`user_ridged_covariance`) or ``"clustered"`` (:func:`clustered_spd`).
+    Shape: ``(batch, n, n)``."""
+    if kind == "spd":
+        return random_spd(batch, n=n, condition=condition, generator=generator)
+    if kind == "ridged":
+        return user_ridged_covariance(batch, n, condition, generator)
+    if kind == "clustered":
+        return clustered_spd(batch, n, condition, generator)
+    raise ValueError(f"kind must be one of {SPECTRUM_KINDS}, got {kind!r}")
+
+
 def reference_root(A: torch.Tensor, *, inverse: bool = False) -> torch.Tensor:
     """Exact ``A^(±1/2)`` of symmetric PD ``A`` in float64. Shape: ``(*, n, n)``."""
     eigenvalues, vectors = torch.linalg.eigh(A.double())

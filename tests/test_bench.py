@@ -368,7 +368,11 @@ def test_mixed_run_separates_refined_from_low_precision_configurations(tmp_path,
     assert max(refined["forward"], refined["inverse"], refined["gradient"]) <= 1e-4
     assert refined["cost"] < reference["cost"]
     assert refined["cost"] == refined["float32"] + refined["low"] / 10
-    assert refined["forward"] <= refined["model_forward"] and refined["gradient"] <= refined["model_gradient"]
+    # the plan precision="tf32" runs: within its fitted model, which bfloat16 has none of
+    planned = cell[("spd", "refine 2/1", "tf32")]
+    assert planned["forward"] <= planned["model_forward"] < 1e-3
+    assert planned["gradient"] <= planned["model_gradient"] < 1e-3
+    assert refined["model_gradient"] is None  # inf, written as null
 
 
 def test_input_rounding_stays_within_the_traces_room():
@@ -380,6 +384,20 @@ def test_input_rounding_stays_within_the_traces_room():
     # Rank-deficient inputs (8 positions) sit on the bound, so rounding puts some of them below it.
     assert max(row["below_bound_in_u"] for row in rows) > 0.0
     assert all(row["below_bound_in_u"] <= TRACE_ROUNDING for row in rows)
+
+
+def test_tf32_fit_rows_stay_within_the_certificate_and_show_where_it_ends():
+    from covpool.bench.tf32_fit import MODEL, fit_rows, fit_summary
+
+    rows = fit_rows((24,), seeds=1, progress=False)
+    assert len(rows) == 3 * 4 * 2  # kinds × conditions × refinement counts
+    fitted = [row for row in rows if row["fitted"]]
+    assert {row["condition"] for row in fitted} == {1e2, 1e3, 1e4}
+    for ratio, constant in MODEL.items():
+        assert all(row[ratio] <= constant for row in fitted), ratio
+    # condition 1e5 is outside: there the gradient misses 1e-2 (or is NaN)
+    assert any(not (row["gradient"] <= 1e-2) for row in rows if not row["fitted"])
+    assert "beyond the range" in fit_summary(rows)
 
 
 class TestBeyondTheBound:
@@ -394,13 +412,18 @@ class TestBeyondTheBound:
         ridged = Case(kind="ridged", condition=1e3, n=32, dtype="float32", method="mpa", function="inv_sqrtm")
         row = classify(ridged)
         assert row["verdict"] == "within" and row["forward"] < 2e-3 and row["gradient"] < 2e-3
+        # the TF32 plan: flagged beyond its bound, refused in float64
+        ridged_1e5 = dict(kind="ridged", condition=1e5, n=32, function="sqrtm", method="tf32")
+        assert classify(Case(**ridged_1e5, dtype="float32"))["verdict"] == "flagged"
+        refused = classify(Case(**ridged_1e5, dtype="float64"))
+        assert refused["verdict"] == "refused" and "float64" in refused["why"]
 
     def test_cli_prints_counts_and_writes_every_case(self, tmp_path, capsys):
         main(["--beyond", "--sizes", "32", "--dtype", "float64", "--out", str(tmp_path), "--no-progress"])
         out = capsys.readouterr().out
         rows = json.loads((tmp_path / "beyond.json").read_text())["rows"]
-        assert len(rows) == 2 * 4 * 3 * 2  # kinds × conditions × methods × functions
-        assert "silently wrong" in out and "(48 cases)" in out
+        assert len(rows) == 2 * 4 * 4 * 2  # kinds × conditions × methods × functions
+        assert "silently wrong" in out and "(64 cases)" in out
         assert not any(r["verdict"] == "silently wrong" for r in rows), out
         with pytest.raises(SystemExit, match="float32 and float64"):
             main(["--beyond", "--dtype", "float16", "--out", str(tmp_path)])

@@ -141,10 +141,52 @@ class TestPrecisionScope:
         assert (relative_error(X.grad, A64.grad) < 1e-5).all()
         torch._dynamo.reset()
 
+    @pytest.mark.parametrize("user", ["highest", "high"])
+    def test_tf32_phase_sets_tf32_inside_the_scope_and_restores_it(self, user):
+        """A ``"tf32"`` plan's low phase on CUDA (only torch's flags are touched: no GPU needed): TF32
+        inside, full precision around it, the user's setting after, also when the phase raises."""
+        torch.set_float32_matmul_precision(user)
+        try:
+            before = precision.current_precision()
+            with precision.products_in("tf32", torch.float32):
+                assert precision.current_precision() == "highest"
+                with pytest.raises(RuntimeError, match="in the phase"):
+                    with precision.tf32_products(torch.device("cuda")):
+                        assert precision.current_precision() != "highest"
+                        raise RuntimeError("in the phase")
+                assert precision.current_precision() == "highest"
+            assert precision.current_precision() == before
+            assert (precision._depth, precision._tf32_owner) == (0, None)
+        finally:
+            torch.set_float32_matmul_precision("highest")
+
+    def test_another_root_revokes_a_tf32_phase(self):
+        """A root that opens its scope (another thread) while a TF32 phase runs gets full precision, and
+        the phase's end does not lower it again."""
+        with precision.products_in("tf32", torch.float32):
+            with precision.tf32_products(torch.device("cuda")):
+                assert precision.current_precision() != "highest"
+                precision._enter()
+                assert precision.current_precision() == "highest"
+            assert precision.current_precision() == "highest"
+            precision._exit()
+        assert (precision._depth, precision._tf32_owner) == (0, None)
+
+    def test_a_tf32_phase_does_not_lower_other_open_roots(self):
+        with precision.products_in("tf32", torch.float32):
+            precision._enter()  # a second root is open
+            try:
+                with precision.tf32_products(torch.device("cuda")):
+                    assert precision.current_precision() == "highest"
+            finally:
+                precision._exit()
+
     def test_precision_is_a_validated_option(self):
         assert covpool.RootOptions(method="mtp", precision="full").precision == "full"
-        with pytest.raises(ValueError, match=r"precision must be one of \('full',\), got 'tf32'"):
-            covpool.RootOptions(precision="tf32")
+        with pytest.raises(
+            ValueError, match=r"precision must be one of \('full', 'tf32', 'auto'\), got 'bf1"
+        ):
+            covpool.RootOptions(precision="bf16")
 
 
 class TestSelfCertification:

@@ -11,20 +11,29 @@ import torch
 
 import covpool
 from covpool.linalg.emulation import EPSILON, ProductCounter, emulated_products
-from covpool.linalg.iteration import coupled_root, residual_rounding
+from covpool.linalg.iteration import coupled_root, mixed_residual, residual_rounding
 from covpool.linalg.lyapunov import rounding_error, solve_lyapunov
 from covpool.linalg.mixed import (
+    TF32_DOMAIN,
     margined_schedule,
     mixed_error_bound,
     mixed_lyapunov,
     mixed_plan,
     mixed_sqrt,
+    mixed_valid_residual,
 )
 from covpool.linalg.normalization import normalise
 from covpool.linalg.numerics import with_relative_ridge
 from covpool.linalg.options import RootPlan
 from covpool.linalg.schedule import step_map
-from covpool.testing import random_covariance, random_spd, reference_gradient, reference_root, relative_error
+from covpool.testing import (
+    bounded_matrices,
+    random_covariance,
+    random_spd,
+    reference_gradient,
+    reference_root,
+    relative_error,
+)
 
 FORMATS = ("tf32", "bf16")
 
@@ -45,19 +54,26 @@ class TestMarginedSchedule:
                 value = step_map(step, value * (1.0 + margin) ** rng.choice([-1.0, 1.0], size=s.shape))
             assert np.abs(value - 1.0).max() <= schedule.error * (1 + 1e-9)
 
-    def test_made_from_mtp_plans_only(self) -> None:
-        plan = covpool.RootOptions(method="mpa").plan(
-            8, eps=0.0, device=torch.device("cpu"), dtype=torch.float32
-        )
-        with pytest.raises(ValueError, match="mtp"):
-            mixed_plan(plan, epsilon=EPSILON["tf32"])
-
     def test_margin_costs_steps_and_bounds_the_reach(self) -> None:
         plain = margined_schedule(0.02, 1.0, 1e-3, degree=2, margin=0.0)
         margined = margined_schedule(0.02, 1.0, 1e-3, degree=2, margin=0.01)
         assert len(margined.steps) >= len(plain.steps)
         with pytest.raises(ValueError, match="not reached"):
             margined_schedule(0.02, 1.0, 1e-9, degree=1, margin=0.01)
+
+
+def _bounded_case(
+    kind: str, n: int, condition: float, seed: int
+) -> tuple[torch.Tensor, RootPlan, torch.Tensor]:
+    """Float32 ``Â`` of 4 :func:`covpool.testing.bounded_matrices` at ``condition``, the mtp plan assuming
+    it, and an upstream gradient."""
+    generator = torch.Generator().manual_seed(seed)
+    A = bounded_matrices(kind, 4, n, condition, generator)
+    plan = covpool.RootOptions(method="mtp", condition=condition).plan(
+        n, eps=0.0, device=torch.device("cpu"), dtype=torch.float32
+    )
+    A_hat, _ = normalise(A.float(), plan.normalization)
+    return A_hat, plan, torch.randn(A.shape, generator=generator, dtype=torch.float64).float()
 
 
 def _case(n: int, kind: str, seed: int = 0) -> tuple[torch.Tensor, RootPlan, torch.Tensor]:
@@ -78,7 +94,7 @@ class TestMixedRoot:
     @pytest.mark.parametrize("fmt", FORMATS)
     def test_meets_tol_at_condition_1e3(self, fmt: str) -> None:
         A_hat, root_plan, G = _case(64, "spd")
-        plan = mixed_plan(root_plan, epsilon=EPSILON[fmt])
+        plan = mixed_plan(root_plan.lower, epsilon=EPSILON[fmt])
         counted: list[emulated_products] = []
 
         def low() -> emulated_products:
@@ -86,8 +102,8 @@ class TestMixedRoot:
             return counted[-1]
 
         with ProductCounter() as total:
-            Y, Z, factor = mixed_sqrt(A_hat, plan, low)
-            X = mixed_lyapunov(Y, G, plan, low, factor)
+            Y, Z = mixed_sqrt(A_hat, plan, low)
+            X = mixed_lyapunov(Y, G, plan, low)
         assert relative_error(Y, reference_root(A_hat)).max() <= 1e-3
         assert relative_error(X, reference_gradient(A_hat, G)).max() <= 1e-3
         assert relative_error(Z, reference_root(A_hat, inverse=True)).max() <= 2e-3
@@ -97,18 +113,18 @@ class TestMixedRoot:
     def test_refinement_is_what_meets_tol(self) -> None:
         """Without the float32 steps, the same bfloat16 products miss tol by an order of magnitude."""
         A_hat, root_plan, G = _case(64, "spd")
-        plan = mixed_plan(root_plan, epsilon=EPSILON["bf16"], refinements=0, backward_refinements=0)
-        Y, _, factor = mixed_sqrt(A_hat, plan, lambda: emulated_products("bf16"))
-        X = mixed_lyapunov(Y, G, plan, lambda: emulated_products("bf16"), factor)
+        plan = mixed_plan(root_plan.lower, epsilon=EPSILON["bf16"], refinements=0, backward_refinements=0)
+        Y, _ = mixed_sqrt(A_hat, plan, lambda: emulated_products("bf16"))
+        X = mixed_lyapunov(Y, G, plan, lambda: emulated_products("bf16"))
         assert relative_error(Y, reference_root(A_hat)).max() > 3e-3
         assert relative_error(X, reference_gradient(A_hat, G)).max() > 3e-3
 
     def test_exact_products_reach_float32_accuracy(self) -> None:
         """With float32 products the same plan is limited by its schedules, not by rounding."""
         A_hat, root_plan, G = _case(64, "spd")
-        plan = mixed_plan(root_plan, epsilon=EPSILON["tf32"])
-        Y, _, factor = mixed_sqrt(A_hat, plan, ProductCounter)
-        X = mixed_lyapunov(Y, G, plan, ProductCounter, factor)
+        plan = mixed_plan(root_plan.lower, epsilon=EPSILON["tf32"])
+        Y, _ = mixed_sqrt(A_hat, plan, ProductCounter)
+        X = mixed_lyapunov(Y, G, plan, ProductCounter)
         assert relative_error(Y, reference_root(A_hat)).max() <= 1e-5
         assert relative_error(X, reference_gradient(A_hat, G)).max() <= 1e-4
 
@@ -122,7 +138,7 @@ class TestRoundingModel:
         plus the Lyapunov model."""
         A_hat, root_plan, G = _case(64, kind)
         n = A_hat.shape[-1]
-        plan = mixed_plan(root_plan, epsilon=EPSILON[fmt])
+        plan = mixed_plan(root_plan.lower, epsilon=EPSILON[fmt])
         u = torch.finfo(torch.float32).eps
         with emulated_products(fmt):
             Y, _ = coupled_root(A_hat, plan.forward)
@@ -135,35 +151,73 @@ class TestRoundingModel:
         assert relative_error(Y, reference_root(A_hat)).max() <= forward_model
         assert relative_error(X, reference_gradient(A_hat, G)).max() <= solve_model
 
-    @pytest.mark.parametrize("refinements", [(1, 1), (2, 1), (2, 2)])
-    @pytest.mark.parametrize("fmt", FORMATS)
-    def test_mixed_plans_within_the_model(self, fmt: str, refinements: tuple[int, int]) -> None:
-        """Condition 1e3, n = 64: the measured errors within the model."""
-        A_hat, root_plan, G = _case(64, "spd", seed=1)
+    @pytest.mark.parametrize("refinements", [(2, 1), (3, 2)])
+    @pytest.mark.parametrize(
+        ("kind", "n", "condition"),
+        [
+            ("spd", 32, 1e4),
+            ("ridged", 64, 1e3),
+            ("ridged", 32, 1e4),
+            ("clustered", 48, 1e4),
+            ("clustered", 96, 1e2),
+        ],
+    )
+    def test_tf32_plans_within_the_fitted_model(
+        self, kind: str, n: int, condition: float, refinements: tuple[int, int]
+    ) -> None:
+        """Fresh seeds and sizes the model was not fitted on, up to the edge of its range (condition 1e4):
+        forward, inverse, gradient and a valid input's residual within the model."""
+        A_hat, root_plan, G = _bounded_case(kind, n, condition, seed=7)
         plan = mixed_plan(
-            root_plan, epsilon=EPSILON[fmt], refinements=refinements[0], backward_refinements=refinements[1]
+            root_plan.lower,
+            epsilon=EPSILON["tf32"],
+            refinements=refinements[0],
+            backward_refinements=refinements[1],
         )
-        low = lambda: emulated_products(fmt)  # noqa: E731
-        Y, _, factor = mixed_sqrt(A_hat, plan, low)
-        X = mixed_lyapunov(Y, G, plan, low, factor)
-        forward, gradient = mixed_error_bound(plan, A_hat.shape[-1])
+        low = lambda: emulated_products("tf32")  # noqa: E731
+        Y, Z = mixed_sqrt(A_hat, plan, low)
+        X = mixed_lyapunov(Y, G, plan, low)
+        forward, gradient = mixed_error_bound(plan, n)
+        assert forward < 1e-3 and gradient < 1e-3  # the model covers this range
         assert relative_error(Y, reference_root(A_hat)).max() <= forward
+        assert relative_error(Z, reference_root(A_hat, inverse=True)).max() <= forward
         assert relative_error(X, reference_gradient(A_hat, G)).max() <= gradient
-        if fmt == "tf32":  # the model converges (bfloat16's is above 1 at the gradient: certifies nothing)
-            assert max(forward, gradient) < 0.05
+        assert mixed_residual(A_hat, Y, Z).max() <= mixed_valid_residual(plan, n)
+
+    def test_the_model_covers_only_what_was_fitted(self) -> None:
+        """One refinement, no correction, bfloat16 products, a spectrum beyond condition 1e4 or n > 512:
+        no certificate."""
+        lower = 0.025
+        assert math.isfinite(mixed_error_bound(mixed_plan(lower, epsilon=EPSILON["tf32"]), 64)[0])
+        for plan, n in (
+            (mixed_plan(lower, epsilon=EPSILON["tf32"], refinements=1), 64),
+            (mixed_plan(lower, epsilon=EPSILON["tf32"], backward_refinements=0), 64),
+            (mixed_plan(lower, epsilon=EPSILON["bf16"]), 64),
+            (mixed_plan(EPSILON["tf32"] / (TF32_DOMAIN * 1.01), epsilon=EPSILON["tf32"]), 64),
+            (mixed_plan(lower, epsilon=EPSILON["tf32"]), 1024),
+        ):
+            assert mixed_error_bound(plan, n) == (math.inf, math.inf)
+            assert mixed_valid_residual(plan, n) == math.inf
+
+    def test_beyond_the_fitted_range_tf32_fails(self) -> None:
+        """Why the range ends: at condition 1e5 the same plan, designed for it, misses 1e-3 by far."""
+        A_hat, root_plan, G = _bounded_case("ridged", 64, 1e5, seed=1)
+        plan = mixed_plan(root_plan.lower, epsilon=EPSILON["tf32"])
+        low = lambda: emulated_products("tf32")  # noqa: E731
+        Y, _ = mixed_sqrt(A_hat, plan, low)
+        error = relative_error(mixed_lyapunov(Y, G, plan, low), reference_gradient(A_hat, G))
+        assert not (error.nan_to_num(nan=1.0).max() <= 1e-2)
 
     @pytest.mark.parametrize("fmt", FORMATS)
     def test_the_model_certifies_nothing_at_the_heads_ridge(self, fmt: str) -> None:
-        """κ ≈ 6e5: a low-precision solve's modelled error is above 1, and indeed the mixed gradient
-        misses tol."""
+        """κ ≈ 6e5: beyond the fitted range, and indeed the mixed gradient misses tol (or is NaN)."""
         A_hat, root_plan, G = _case(64, "head")
-        plan = mixed_plan(root_plan, epsilon=EPSILON[fmt])
+        plan = mixed_plan(root_plan.lower, epsilon=EPSILON[fmt])
         assert mixed_error_bound(plan, A_hat.shape[-1]) == (math.inf, math.inf)
         low = lambda: emulated_products(fmt)  # noqa: E731
-        Y, _, factor = mixed_sqrt(A_hat, plan, low)
-        assert (
-            relative_error(mixed_lyapunov(Y, G, plan, low, factor), reference_gradient(A_hat, G)).max() > 1e-3
-        )
+        Y, _ = mixed_sqrt(A_hat, plan, low)
+        error = relative_error(mixed_lyapunov(Y, G, plan, low), reference_gradient(A_hat, G))
+        assert not (error.max() <= 1e-3)  # NaN in bfloat16
 
     def test_product_roundoff_only_raises_the_models(self) -> None:
         u = torch.finfo(torch.float32).eps
@@ -173,3 +227,134 @@ class TestRoundingModel:
         assert rounding_error(0.1, u, product_roundoff=EPSILON["bf16"]) == rounding_error(
             0.1, EPSILON["bf16"]
         )
+
+
+def _root_case(kind: str, n: int, condition: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 ``A`` (4 :func:`covpool.testing.bounded_matrices`) and an upstream gradient."""
+    generator = torch.Generator().manual_seed(seed)
+    A = bounded_matrices(kind, 4, n, condition, generator)
+    return A.float(), torch.randn(A.shape, generator=generator, dtype=torch.float64).float()
+
+
+TF32 = covpool.RootOptions(method="mtp", precision="tf32")
+
+
+class TestTF32Plan:
+    """``RootOptions(precision="tf32")`` through :func:`covpool.sqrtm` / :func:`covpool.inv_sqrtm`, its TF32
+    products emulated on CPU."""
+
+    @pytest.mark.parametrize("kind", ["spd", "ridged"])
+    @pytest.mark.parametrize("name", ["sqrtm", "inv_sqrtm"])
+    def test_root_and_gradient_within_tol(self, name: str, kind: str) -> None:
+        inverse = name == "inv_sqrtm"
+        A, G = _root_case(kind, 40, 1e3)
+        A.requires_grad_(True)
+        out = getattr(covpool, name)(A, TF32)
+        out.backward(G)
+        A64 = A.detach().double()
+        assert relative_error(out, reference_root(A64, inverse=inverse)).max() <= 1e-3
+        assert relative_error(A.grad, reference_gradient(A64, G.double(), inverse=inverse)).max() <= 1e-3
+
+    def test_low_and_full_products_as_planned(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Forward and backward run the plan's TF32 products (emulated) and its float32 ones, plus the
+        normalisation's two and the a-posteriori test's eight float32 products."""
+        from covpool.linalg import precision
+
+        phases: list[ProductCounter] = []
+
+        def counted(fmt: str) -> ProductCounter:
+            phases.append(emulated_products(fmt))
+            return phases[-1]
+
+        monkeypatch.setattr(precision, "emulated_products", counted)
+        A, G = _root_case("spd", 24, 1e3)
+        A.requires_grad_(True)
+        plan = TF32.plan(24, eps=0.0, device=torch.device("cpu"), dtype=torch.float32)
+        with ProductCounter() as total:
+            covpool.sqrtm(A, TF32).backward(G)
+        low = sum(phase.products for phase in phases)
+        assert (low, total.products - low) == (plan.mixed.products()[0], plan.mixed.products()[1] + 2 + 8)
+
+    def test_beyond_the_bound_flagged_not_wrong(self) -> None:
+        """User-ridged covariances at κ = 1e5 where 1e3 is assumed: with the host checks a ValueError that
+        says what to pass; without, each matrix is NaN or within tol (forward and gradient)."""
+        A, G = _root_case("ridged", 32, 1e5, seed=2)
+        with pytest.raises(ValueError, match=r"condition=1000 is assumed.*Pass eps="):
+            covpool.sqrtm(A, TF32)
+        A.requires_grad_(True)
+        out = covpool.sqrtm(A, covpool.RootOptions(method="mtp", precision="tf32", check_input=False))
+        out.backward(G)
+        flagged = out.isnan().flatten(-2).all(-1)
+        assert flagged.any()
+        A64 = A.detach().double()
+        forward = relative_error(out, reference_root(A64))[~flagged]
+        gradient = relative_error(A.grad, reference_gradient(A64, G.double()))[~flagged]
+        assert (forward <= 1e-3).all() and (gradient <= 1e-3).all()
+
+    @pytest.mark.parametrize(
+        ("options", "dtype", "n", "message"),
+        [
+            (dict(), torch.float64, 32, "works in float64"),
+            (dict(steps=3), torch.float32, 32, "steps given"),
+            (dict(backward="unrolled"), torch.float32, 32, "backward given"),
+            (dict(condition=1e5), torch.float32, 32, "outside what its model was fitted on"),
+            (dict(), torch.float32, 1024, "n=1024 lies outside"),
+            (dict(tol=1e-5), torch.float32, 32, r"models give forward .*precision='full', a larger tol"),
+        ],
+    )
+    def test_refused_with_what_to_change(
+        self, options: dict, dtype: torch.dtype, n: int, message: str
+    ) -> None:
+        with pytest.raises(ValueError, match=rf"precision='tf32' cannot be planned .*{message}"):
+            covpool.RootOptions(method="mtp", precision="tf32", **options).plan(
+                n, eps=0.0, device=torch.device("cpu"), dtype=dtype
+            )
+
+    def test_a_covariance_head_ridge_is_refused(self) -> None:
+        head = covpool.layers.CovPoolHead(64, num_classes=3, root=TF32)
+        with pytest.raises(ValueError, match="precision='tf32' cannot be planned"):
+            head(torch.randn(2, 64, 7, 7))
+
+    @pytest.mark.parametrize("method", ["mpa", "ns", "eigh"])
+    def test_other_methods_take_full_precision_only(self, method: str) -> None:
+        with pytest.raises(ValueError, match=rf"method='{method}' runs at precision='full' only"):
+            covpool.RootOptions(method=method, precision="tf32")
+
+    @pytest.mark.parametrize(
+        ("device", "dtype", "n", "condition", "expected"),
+        [
+            ("cuda", torch.float32, 512, None, "tf32"),
+            ("cuda", torch.float32, 64, None, "full"),  # TF32 products barely faster there
+            ("cuda", torch.float32, 512, 1e4, "full"),  # TF32 not certified there, float32 is
+            ("cuda", torch.float64, 512, None, "full"),
+            ("cpu", torch.float32, 512, None, "full"),
+        ],
+    )
+    def test_auto_takes_tf32_where_certified_and_modelled_faster(
+        self, device: str, dtype: torch.dtype, n: int, condition: float | None, expected: str
+    ) -> None:
+        from covpool.linalg.precision import modelled_time
+
+        options = covpool.RootOptions(method="mtp", precision="auto", condition=condition)
+        plan = options.plan(n, eps=0.0, device=torch.device(device), dtype=dtype)
+        assert plan.precision == expected and (plan.mixed is not None) == (expected == "tf32")
+        if expected == "tf32":
+            full = covpool.RootOptions(method="mtp", condition=condition).plan(
+                n, eps=0.0, device=torch.device(device), dtype=dtype
+            )
+            assert modelled_time(*plan.mixed.products(), n) < full.products()
+
+    def test_auto_method_on_cpu_takes_eigh_at_full_precision(self) -> None:
+        plan = covpool.RootOptions(precision="tf32").plan(
+            64, eps=0.0, device=torch.device("cpu"), dtype=torch.float32
+        )
+        assert (plan.method, plan.precision) == ("eigh", "full")
+
+    def test_traced_becomes_the_opaque_root(self) -> None:
+        """torch.compile cannot scope TF32 around its own products: the root enters the graph as
+        ``covpool::root``, which runs the eager mixed root."""
+        A, _ = _root_case("spd", 16, 1e3)
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda X: covpool.sqrtm(X, TF32), backend="eager", fullgraph=True)
+        torch.testing.assert_close(compiled(A), covpool.sqrtm(A, TF32))
+        torch._dynamo.reset()

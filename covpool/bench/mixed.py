@@ -106,17 +106,17 @@ def configurations(case: Case) -> list[tuple[str, str, Runner, tuple[float, floa
         return run
 
     def refine_forward(fmt: str, r: int) -> Runner:
-        plan = mixed_plan(case.plan, epsilon=EPSILON[fmt], refinements=r)
+        plan = mixed_plan(case.plan.lower, epsilon=EPSILON[fmt], refinements=r)
 
         def run(A_hat: torch.Tensor, G: torch.Tensor, low: ProductHook) -> tuple[torch.Tensor, ...]:
-            Y, Z, _ = mixed_sqrt(A_hat, plan, low)
+            Y, Z = mixed_sqrt(A_hat, plan, low)
             return Y, Z, staged_lyapunov(Y, G, sign, 0, low)
 
         return run
 
     def refine(fmt: str, r: int, s: int, margin: float) -> tuple[Runner, tuple[float, float]]:
         plan = mixed_plan(
-            case.plan,
+            case.plan.lower,
             epsilon=EPSILON[fmt],
             refinements=r,
             backward_refinements=s,
@@ -124,8 +124,8 @@ def configurations(case: Case) -> list[tuple[str, str, Runner, tuple[float, floa
         )
 
         def run(A_hat: torch.Tensor, G: torch.Tensor, low: ProductHook) -> tuple[torch.Tensor, ...]:
-            Y, Z, factor = mixed_sqrt(A_hat, plan, low)
-            return Y, Z, mixed_lyapunov(Y, G, plan, low, factor)
+            Y, Z = mixed_sqrt(A_hat, plan, low)
+            return Y, Z, mixed_lyapunov(Y, G, plan, low)
 
         n = case.A_hat.shape[-1]
         return run, mixed_error_bound(plan, n)

@@ -185,13 +185,27 @@ def residual_norm(Y: torch.Tensor, Z: torch.Tensor) -> torch.Tensor:
     return torch.linalg.matrix_norm(R2 @ R2).pow(0.25).reshape(batch)
 
 
+def mixed_residual(A_hat: torch.Tensor, Y: torch.Tensor, Z: torch.Tensor) -> torch.Tensor:
+    """The a-posteriori test of a mixed-precision plan (:mod:`covpool.linalg.mixed`), in the working dtype:
+    the larger of :func:`residual_norm` (``Z Y - I``) and half that of ``Z (Â - Y²) Z``, an estimate of
+    the largest relative error of an eigenvalue of ``Y`` (``y = √λ (1 + e)`` gives
+    ``(λ - y²) / y² ≈ -2 e``), within ``n^(1/8)`` of it. Eight products. NaN or Inf anywhere gives NaN or
+    Inf. Shapes: ``(*, n, n)`` each → ``(*,)``."""
+    batch = Y.shape[:-2]
+    A_hat, Y, Z = (M.reshape(-1, *M.shape[-2:]) for M in (A_hat, Y, Z))
+    relative = Z @ torch.baddbmm(A_hat, Y, Y, alpha=-1.0) @ Z
+    R2 = relative @ relative
+    squared_root_error = torch.linalg.matrix_norm(R2 @ R2).pow(0.25) / 2.0
+    return torch.maximum(residual_norm(Y, Z), squared_root_error).reshape(batch)
+
+
 def passes_residual_test(
-    A_hat: torch.Tensor, Y: torch.Tensor, Z: torch.Tensor, limit: float, *, inverse: bool
+    A_hat: torch.Tensor, Y: torch.Tensor, Z: torch.Tensor, limit: float, *, inverse: bool, mixed: bool = False
 ) -> torch.Tensor:
-    """Whether :func:`residual_norm` is below ``limit`` (the plan's
-    :class:`covpool.linalg.schedule.ResidualTest`). The square root of an all-zero ``Â`` passes: it is
-    exact (its gradient is not defined). Shapes: ``(*, n, n)`` each → ``(*,)`` bool."""
-    passes = residual_norm(Y, Z) < limit
+    """Whether :func:`residual_norm` (:func:`mixed_residual` for a ``mixed`` plan) is below ``limit`` (the
+    plan's :class:`covpool.linalg.schedule.ResidualTest`). The square root of an all-zero ``Â`` passes: it
+    is exact (its gradient is not defined). Shapes: ``(*, n, n)`` each → ``(*,)`` bool."""
+    passes = (mixed_residual(A_hat, Y, Z) if mixed else residual_norm(Y, Z)) < limit
     if inverse:
         return passes
     return passes | (A_hat == 0).flatten(-2).all(-1)

@@ -1,7 +1,7 @@
 """Mixed-precision square root and its Lyapunov backward: low-precision bulk, float32 refinement.
 
-Not wired into :func:`covpool.sqrtm`: the roots' default stays full float32 products until a mixed plan is
-certified on a GPU (issue #18). This module is what such a plan runs:
+What :func:`covpool.sqrtm` runs for a plan with ``precision="tf32"`` (:class:`covpool.RootOptions`), and
+the study behind it (``python -m covpool.bench --mixed``, bfloat16 included):
 
 - **forward**: the coupled iteration (:func:`covpool.linalg.iteration.coupled_root`) with a *margined*
   schedule (:func:`margined_schedule`) and every product in low precision (TF32 or bfloat16), then
@@ -14,9 +14,14 @@ certified on a GPU (issue #18). This module is what such a plan runs:
   self-correcting); the uncoupled Newton step ``Y ← Y + ½ sym(Z (Â - Y²))`` (Higham 1986) replaces
   ``R_ij / (y_i + y_j)`` by ``R_ij (1/y_i + 1/y_j) / 4``, off by up to ``√κ / 4`` between distant
   eigenvalues, so it amplifies a generic low-precision error instead of removing it.
-- **backward**: iterative refinement of ``Y X + X Y = G``: ``X`` from the low-precision sign iteration,
-  then ``backward_refinements`` times the float32 residual ``G - (Y X + X Y)`` (one product: ``Y X`` and its
-  transpose) and a low-precision correction.
+- **backward**: iterative refinement of ``Y X + X Y = G``: ``X`` from the low-precision sign iteration
+  with the refined ``Y``, then ``backward_refinements`` times the float32 residual ``G - (Y X + X Y)`` (one
+  product: ``Y X`` and its transpose) and a low-precision correction.
+- **a-posteriori test** (:func:`covpool.linalg.iteration.mixed_residual`): the refinement of ``Z`` makes
+  it the inverse of ``Y`` whether or not ``Y² = Â``, so ``Z Y - I`` alone would pass a wrong ``Y``. The test
+  also takes the float32 residual ``Z (Â - Y²) Z``, whose eigenvalues are about twice the relative errors
+  of the eigenvalues of ``Y``, unweighted, so it sees an error in the smallest ones, which govern the
+  gradient.
 
 Margins, after Polar Express (Amsel et al. 2025), which evaluates each polynomial at ``x / 1.01``: every
 low-precision step is designed on ``[a / (1 + m), b (1 + m)]`` for the interval ``[a, b]`` it receives,
@@ -24,9 +29,18 @@ and passes on its image of that wider interval, so an eigenvalue that rounding m
 before any step still lands where the next step was designed for (both ends: the lower end is cushioned as
 the upper one).
 
-The precision of the low phases is a hook, a callable returning a context manager: on CPU
-``lambda: emulated_products("bf16")`` (:mod:`covpool.linalg.emulation`); on CUDA, one that sets torch's
-float32 matmul precision for its duration. The float32 phases run outside it.
+The precision of the low phases is a hook, a callable returning a context manager: the roots take
+:func:`covpool.linalg.precision.tf32_products` (TF32 on CUDA, emulated elsewhere); the study
+``lambda: emulated_products("bf16")`` (:mod:`covpool.linalg.emulation`). The float32 phases run outside it.
+
+**The certificate** (:func:`mixed_error_bound`) is measured, not derived: the general rounding models at
+the products' epsilon (:func:`covpool.linalg.iteration.residual_rounding`,
+:func:`covpool.linalg.lyapunov.rounding_error`) hold on every emulated run but, composed over the
+refinements, overstate the errors 30 to 1000 times and certify nothing useful. The errors are instead
+modelled in ``t = ε / lower`` (``ε`` the products' machine epsilon, ``lower`` the plan's bound on the
+smallest eigenvalue of ``Â^(1/2)``: the relative size of a product's rounding at the smallest
+eigenvalue), fitted with room on the worst of emulated TF32 runs, and answered with ``inf`` outside the
+measured range, where the plan is refused.
 """
 
 from __future__ import annotations
@@ -42,23 +56,19 @@ import torch
 
 from covpool.linalg.coefficients import minimax_odd_polynomial
 from covpool.linalg.emulation import EPSILON
-from covpool.linalg.iteration import coupled_root, residual_rounding
+from covpool.linalg.iteration import coupled_root
 from covpool.linalg.lyapunov import (
     SignFactor,
     _operator_step,
     _rhs_step,
     apply_sign_factor,
-    rounding_error,
     sign_factor,
 )
 from covpool.linalg.numerics import eye_like, symmetrize
-from covpool.linalg.options import RootPlan
 from covpool.linalg.schedule import MAX_STEPS, PolynomialStep, Schedule, image
 
 MARGIN = 0.01
 """Relative room on both ends of every low-precision step (Polar Express's 1.01)."""
-FLOAT32_EPSILON = torch.finfo(torch.float32).eps
-"""Machine epsilon of the float32 phases (the rounding models' convention)."""
 
 ProductHook = Callable[[], AbstractContextManager[object]]
 """A callable returning a context manager inside which the matrix products run in low precision."""
@@ -117,50 +127,47 @@ class MixedPlan:
     backward_refinements: int
 
     def products(self) -> tuple[int, int]:
-        """``(low, float32)`` matrix products of forward and backward, the backward given the forward's
-        :func:`covpool.linalg.lyapunov.sign_factor`: the factor takes 3 products a step of degree 2 (2 of
-        degree 1), each solve with it 4 (3); each forward refinement takes one float32 product for ``R``, a
-        solve and two float32 products for ``Z``; the backward a solve, and one float32 product and a solve
-        per correction."""
+        """``(low, float32)`` matrix products of forward and backward as the roots run them: the sign
+        factor takes 3 products a step of degree 2 (2 of degree 1) and each solve with it 4 (3). The
+        forward: the coupled iteration, the factor of its ``Y``, and per refinement one float32 product for
+        ``R``, a solve and two float32 products for ``Z``. The backward: the factor of the refined ``Y``
+        (not kept from the forward: that would store ``3 · steps`` matrices where the float32 plan keeps
+        ``Y`` alone), a solve, and one float32 product and a solve per correction. Without the
+        a-posteriori test's (:func:`covpool.linalg.iteration.mixed_residual`)."""
         factor = sum(3 if step.degree == 2 else 2 for step in self.sign.steps)
         solve = sum(4 if step.degree == 2 else 3 for step in self.sign.steps)
         solves = self.refinements + 1 + self.backward_refinements
         return (
-            self.forward.forward_products() + factor + solves * solve,
+            self.forward.forward_products() + 2 * factor + solves * solve,
             3 * self.refinements + self.backward_refinements,
         )
 
 
 def mixed_plan(
-    plan: RootPlan,
+    lower: float,
     *,
     epsilon: float,
     refinements: int | None = None,
     backward_refinements: int | None = None,
     margin: float = MARGIN,
 ) -> MixedPlan:
-    """The mixed version of an mtp ``plan`` (its normalisation and spectrum bound ``[plan.lower, 1]``) with
-    products of machine ``epsilon`` (:data:`covpool.linalg.emulation.EPSILON`).
+    """The mixed plan for a normalised input whose ``Â^(1/2)`` has its spectrum in ``[lower, 1]`` (an mtp
+    plan's ``lower``), with products of machine ``epsilon`` (:data:`covpool.linalg.emulation.EPSILON`).
 
     Both low-precision schedules stop at ``tol = 2 epsilon``: closer to 1 than the products' rounding they
     would only spend products. The upper end is 1: the float32 plan's room above it for the rounding of
     the normalisation (1e-4) is within the margin. The sign iteration's lower end leaves the forward's
     ``2 epsilon`` below the bound.
 
-    ``refinements`` and ``backward_refinements`` default to the cheapest counts that met ``tol = 1e-3``
-    with ten times room at condition 1e3 in ``python -m covpool.bench --mixed``: one each for TF32, two
-    each for bfloat16 (one each leaves bfloat16's gradient at up to 1e-3, two and one at 3e-4).
-
-    Raises:
-        ValueError: ``plan`` is not an mtp plan (its normalised input is what the mixed root takes).
+    ``refinements`` and ``backward_refinements`` default to what :func:`mixed_error_bound` is fitted for
+    in TF32, two and one (one forward refinement leaves the gradient 2.8e-3 off at condition 1e4; a second
+    correction of the gradient gains little), and to two each for bfloat16 (one each leaves its gradient
+    at up to 1e-3 at condition 1e3).
     """
-    if plan.method != "mtp":
-        raise ValueError(f"mixed plans are made from mtp plans, got method={plan.method!r}")
     target = 2.0 * epsilon
-    lower = plan.lower
-    default = 1 if epsilon <= EPSILON["tf32"] else 2
-    refinements = default if refinements is None else refinements
-    backward_refinements = default if backward_refinements is None else backward_refinements
+    tf32 = epsilon <= EPSILON["tf32"]
+    refinements = 2 if refinements is None else refinements
+    backward_refinements = (1 if tf32 else 2) if backward_refinements is None else backward_refinements
     return MixedPlan(
         lower,
         epsilon,
@@ -171,16 +178,13 @@ def mixed_plan(
     )
 
 
-def mixed_sqrt(
-    A_hat: torch.Tensor, plan: MixedPlan, low: ProductHook
-) -> tuple[torch.Tensor, torch.Tensor, SignFactor]:
+def mixed_sqrt(A_hat: torch.Tensor, plan: MixedPlan, low: ProductHook) -> tuple[torch.Tensor, torch.Tensor]:
     """``(Y, Z) ≈ (Â^(1/2), Â^(-1/2))``: the plan's low-precision coupled iteration, then its float32
-    refinements, and the sign factor of the low-precision ``Y`` that every refinement solved with (pass it
-    to :func:`mixed_lyapunov`; it is ``3 · steps`` matrices, where the float32 backward keeps ``Y`` alone).
+    refinements.
 
-    The corrections solve with the operator of the low-precision ``Y``, not of the refined one: classic
-    iterative refinement (factor once in low precision, residuals in high precision); the operator's error,
-    about the low-precision forward's, adds to the contraction factor of each refinement. Shapes:
+    The corrections solve with the sign factor of the low-precision ``Y``, not of the refined one: classic
+    iterative refinement (factor once in low precision, residuals in high precision); the operator's
+    error, about the low-precision forward's, adds to the contraction factor of each refinement. Shapes:
     ``(*, n, n)`` each, float32.
     """
     shape = A_hat.shape
@@ -195,19 +199,17 @@ def mixed_sqrt(
             E = apply_sign_factor(factor, R, plan.sign)
         Y = Y + symmetrize(E)
         Z = torch.baddbmm(Z, Z, torch.baddbmm(eye_like(Y), Y, Z, alpha=-1.0))
-    return Y.reshape(shape), symmetrize(Z).reshape(shape), factor
+    return Y.reshape(shape), symmetrize(Z).reshape(shape)
 
 
-def mixed_lyapunov(
-    Y: torch.Tensor, G: torch.Tensor, plan: MixedPlan, low: ProductHook, factor: SignFactor | None = None
-) -> torch.Tensor:
-    """``X`` with ``Y X + X Y = sym(G)``: the low-precision sign iteration with ``factor`` (that of ``Y``
-    when not given) and the plan's float32 residual corrections with ``Y``. Shapes: ``(*, n, n)`` each."""
+def mixed_lyapunov(Y: torch.Tensor, G: torch.Tensor, plan: MixedPlan, low: ProductHook) -> torch.Tensor:
+    """``X`` with ``Y X + X Y = sym(G)``: the low-precision sign iteration with the factor of ``Y`` and the
+    plan's float32 residual corrections. Shapes: ``(*, n, n)`` each."""
     shape = Y.shape
     Y = Y.reshape(-1, shape[-2], shape[-1])
     G = symmetrize(G.reshape(-1, shape[-2], shape[-1]))
     with low():
-        factor = sign_factor(Y, plan.sign) if factor is None else factor
+        factor: SignFactor = sign_factor(Y, plan.sign)
         X = symmetrize(apply_sign_factor(factor, G, plan.sign))
     for _ in range(plan.backward_refinements):
         YX = Y @ X
@@ -216,35 +218,50 @@ def mixed_lyapunov(
     return X.reshape(shape)
 
 
-def mixed_error_bound(plan: MixedPlan, n: int) -> tuple[float, float]:
-    """Modelled ``(forward, gradient)`` relative errors of a mixed plan on ``n × n`` input whose ``Â^(1/2)``
-    has its spectrum in ``[plan.lower, 1]``.
+TF32_DOMAIN = 0.14
+"""Largest ``t = ε / lower`` the certificate covers: the measured runs reach 0.138 (condition 1e4); at
+``t ≈ 0.4`` (condition 1e5) TF32 runs end in NaN or 3e-2 to 0.27 off."""
+MAX_FITTED_SIZE = 512
+"""Largest ``n`` the certificate was fitted on."""
+VALID_RESIDUAL_GROWTH = 0.1
+"""Modelled :func:`covpool.linalg.iteration.mixed_residual` of a valid input,
+``VALID_RESIDUAL_GROWTH · t²``: measured at most ``0.036 t²``."""
+ROOT_GROWTH = 2e-4
+"""Modelled error of ``Y ≈ Â^(1/2)``, ``ROOT_GROWTH · t``: measured at most ``6.7e-5 t``."""
+INVERSE_GROWTH = 0.04
+"""Modelled error of ``Z ≈ Â^(-1/2)`` and of the gradient, ``INVERSE_GROWTH · t²``: measured at most
+``1.24e-2 t²`` (``Z``) and ``1.06e-2 t²`` (gradient)."""
 
-    The low-precision forward ends within ``plan.forward.error`` of the root plus half its rounding
-    residual (:func:`covpool.linalg.iteration.residual_rounding` at the products' ``epsilon``: an eigenvalue
-    ``u`` of ``Z Y`` puts ``|u - 1| / 2`` on ``Y``). A sign solve has relative error
-    ``ρ = plan.sign.error + rounding_error`` at the products' ``epsilon``; a refinement takes ``δ`` to
-    ``δ (ρ + δ)`` plus float32's floor, the float32 residual's rounding through ``Y⁻¹``
-    (``residual_rounding`` at float32's); ``ρ`` grows by the low-precision forward's error, the operator's
-    (:func:`mixed_sqrt`). The gradient's corrections take ``ε`` to ``ρ ε`` plus
-    float32's Lyapunov floor, and the forward's error enters it once. Where ``ρ`` or the low-precision
-    forward's error reaches 1 the model certifies no convergence and returns ``inf``.
+
+def mixed_error_bound(plan: MixedPlan, n: int) -> tuple[float, float]:
+    """Modelled ``(forward, gradient)`` relative errors of a TF32 mixed plan on ``n × n`` input whose
+    ``Â^(1/2)`` has its spectrum in ``[plan.lower, 1]``; forward is the larger of ``Y``'s and ``Z``'s.
+
+    Fitted (``python -m covpool.bench --tf32-fit``, 66 s on 2 cores, prints the measured maxima and the
+    room) on emulated TF32 runs (:mod:`covpool.linalg.emulation`; float32 ``Â``, batches of 8, Gaussian
+    upstream gradients, against float64 eigendecompositions): ``random_spd``, user-ridged sample
+    covariances (rank ``n / 2``) and spectra with all but two eigenvalues at the lower end, condition
+    1e2, 1e3, 1e4 (``t`` = 0.012 … 0.138), n = 32 … 256 with two seeds and n = 512 with one, at 2 … 3
+    refinements and 1 … 3 corrections. ``inf`` where the plan is not what was fitted (fewer than two
+    refinements or no correction, products coarser than TF32) or the input lies outside the measured
+    range (:data:`TF32_DOMAIN`, :data:`MAX_FITTED_SIZE`).
     """
-    lower, epsilon = plan.lower, plan.epsilon
-    rho = plan.sign.error + rounding_error(lower, FLOAT32_EPSILON, product_roundoff=epsilon)
-    floor = residual_rounding("mtp", n, FLOAT32_EPSILON, lower)
-    forward = plan.forward.error + 0.5 * residual_rounding(
-        "mtp", n, FLOAT32_EPSILON, lower, product_roundoff=epsilon
-    )
-    rho = rho + forward  # every solve uses the operator of the low-precision Y
-    if rho >= 1.0 or forward >= 1.0:
+    t = plan.epsilon / plan.lower
+    fitted = plan.epsilon <= EPSILON["tf32"] and plan.refinements >= 2 and plan.backward_refinements >= 1
+    if not fitted or t > TF32_DOMAIN or n > MAX_FITTED_SIZE:
         return math.inf, math.inf
-    for _ in range(plan.refinements):
-        forward = forward * (rho + forward) + floor
-    gradient = rho
-    for _ in range(plan.backward_refinements):
-        gradient = gradient * rho + rounding_error(lower, FLOAT32_EPSILON)
-    return forward, gradient + forward
+    gradient = INVERSE_GROWTH * t * t
+    return max(ROOT_GROWTH * t, gradient), gradient
+
+
+def mixed_valid_residual(plan: MixedPlan, n: int) -> float:
+    """Modelled :func:`covpool.linalg.iteration.mixed_residual` of an input whose ``Â^(1/2)`` has its
+    spectrum in ``[plan.lower, 1]``: ``VALID_RESIDUAL_GROWTH · t²`` (``inf`` where
+    :func:`mixed_error_bound` is)."""
+    if math.isinf(mixed_error_bound(plan, n)[0]):
+        return math.inf
+    t = plan.epsilon / plan.lower
+    return VALID_RESIDUAL_GROWTH * t * t
 
 
 def staged_root(

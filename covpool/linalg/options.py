@@ -20,10 +20,12 @@ import torch
 from covpool.linalg.auto import choose_method
 from covpool.linalg.checks import check_choice, check_float, check_positive_int, reads_values
 from covpool.linalg.coefficients import pade_coefficients, taylor_coefficients
+from covpool.linalg.emulation import EPSILON
 from covpool.linalg.iteration import residual_rounding
 from covpool.linalg.lyapunov import rounding_error
+from covpool.linalg.mixed import MixedPlan, mixed_error_bound, mixed_plan, mixed_valid_residual
 from covpool.linalg.numerics import is_tracing
-from covpool.linalg.precision import PRECISIONS, Precision
+from covpool.linalg.precision import PRECISIONS, Precision, modelled_time, resolve_precision
 from covpool.linalg.schedule import (
     BACKWARD_DEGREES,
     FORWARD_DEGREES,
@@ -110,14 +112,17 @@ class RootPlan:
         lower: assumed lower end of the spectrum of ``Â^(1/2)``.
         check: the a-posteriori test of every result (mtp and mpa iterations; None for the single
             approximant, ns and eigh, which have checks of their own).
-        precision: the precision of the products the schedules are certified for
-            (:mod:`covpool.linalg.precision`).
+        precision: the precision of the products the schedules are certified for, ``"full"`` or
+            ``"tf32"`` (:mod:`covpool.linalg.precision`).
         read_values: read validity flags on the host and raise (``check_input`` resolved).
         gradient: how the backward runs: ``"lyapunov"`` (:mod:`covpool.linalg.lyapunov`), ``"adjoint"``
             (the fused reverse mode of polynomial steps, :mod:`covpool.linalg.unrolled`), ``"autograd"``
             (ns, and unrolled Padé steps) or ``"eigh"``.
         fused: run the iteration and the Lyapunov solve in the fused Triton kernels where they apply
             (:mod:`covpool.kernels.dispatch` decides where).
+        mixed: the mixed-precision plan that a ``"tf32"`` plan runs instead of ``forward`` and ``backward``
+            (:mod:`covpool.linalg.mixed`; ``forward`` and ``backward`` then hold its two schedules), else
+            None.
     """
 
     method: str
@@ -132,11 +137,15 @@ class RootPlan:
     read_values: bool
     gradient: str
     fused: bool = False
+    mixed: MixedPlan | None = None
 
     def products(self) -> int | None:
         """Matrix products of forward and backward as planned, without the normalisation's (two for the
-        Schatten-8 norm, none for the trace) and the residual test's three; None where autograd or eigh
-        differentiates."""
+        Schatten-8 norm, none for the trace) and the residual test's (three; eight for a mixed plan); None
+        where autograd or eigh differentiates. A mixed plan's low-precision and float32 products together
+        (:meth:`covpool.linalg.mixed.MixedPlan.products` has them apart)."""
+        if self.mixed is not None:
+            return sum(self.mixed.products())
         if self.gradient == "lyapunov":
             forward = self.forward.forward_products() if self.forward is not None else 0
             return forward + self.backward.backward_products()
@@ -178,9 +187,16 @@ class RootOptions:
             float32 the Lyapunov gradient loses up to about ``0.04 u κ(A)`` (``u`` = 1.2e-7), 1e-3 at
             ``κ ≈ 2e5``, which a covariance head's ridge allows.
         backward_steps: fixed number of backward steps instead of the certified count.
-        precision: precision of the matrix products, ``"full"`` (default: the working dtype's own,
-            IEEE float32 or float64, whatever torch's global matmul setting; see
-            :mod:`covpool.linalg.precision`).
+        precision: precision of the matrix products (:mod:`covpool.linalg.precision`). ``"full"``
+            (default): the working dtype's own, IEEE float32 or float64, whatever torch's global matmul
+            setting. ``"tf32"`` (mtp, float32): the bulk of the iteration and of the Lyapunov solve in
+            TF32 products with float32 refinements (:mod:`covpool.linalg.mixed`), certified by a model
+            fitted on emulated runs up to about condition 1e4 (``tol=1e-3``) and refused beyond; on CPU
+            the TF32 products are emulated, for checking. ``"auto"``: ``"tf32"`` on float32 CUDA
+            matrices where it is certified and its products are modelled faster at the H200's measured
+            TF32/float32 product times (n = 512; :func:`covpool.linalg.precision.modelled_time`), else
+            ``"full"``. Where ``method="auto"`` takes eigh, no precision applies. Not the default until
+            measured on a GPU.
         fused: run the forward iteration and the Lyapunov backward in one fused Triton kernel each
             where they apply (CUDA float32, ``n <= 64``, the Lyapunov backward; :mod:`covpool.kernels`).
             Default None: off, the plain-torch path, until the kernels are measured on a GPU (they are
@@ -232,6 +248,11 @@ class RootOptions:
             check_choice(self.backward, "backward", BACKWARDS)
         if self.precision is not None:
             check_choice(self.precision, "precision", PRECISIONS)
+            if self.precision != "full" and self.method not in ("auto", "mtp"):
+                raise ValueError(
+                    f"precision={self.precision!r} plans mtp's mixed-precision iteration; method="
+                    f"{self.method!r} runs at precision='full' only (pass method='mtp' or 'auto')"
+                )
         if self.backward == "newton-schulz" and self.backward_steps is None:
             raise ValueError("backward='newton-schulz' needs backward_steps (it has no certified count)")
         if self.backward == "unrolled" and self.backward_steps is not None:
@@ -297,22 +318,39 @@ class RootOptions:
                 + (", or float64 input" if dtype != torch.float64 else "")
             )
         read_values = reads_values(self.check_input, device)
+        precision = resolve_precision(self.precision, method, device, dtype, is_tracing())
+        if precision == "tf32" and self.precision == "auto":
+            precision = "full"
+            try:  # auto's precision takes the mixed plan where it is certified and modelled faster
+                mixed = _cached_plan(self, method, n, float(eps), unit_roundoff, read_values, "tf32")
+                full = _cached_plan(self, method, n, float(eps), unit_roundoff, read_values, "full")
+            except ValueError:
+                pass
+            else:
+                if modelled_time(*mixed.mixed.products(), n) < full.products():
+                    return mixed
         if self.method == "auto" and method != "eigh" and not is_tracing():
             try:  # auto takes the certified iteration where it holds tol, else the exact path
-                return _cached_plan(self, method, n, float(eps), unit_roundoff, read_values)
+                return _cached_plan(self, method, n, float(eps), unit_roundoff, read_values, precision)
             except ValueError:
                 method = "eigh"
-        return _cached_plan(self, method, n, float(eps), unit_roundoff, read_values)
+        return _cached_plan(self, method, n, float(eps), unit_roundoff, read_values, precision)
 
 
-_PLANS: dict[tuple[RootOptions, str, int, float, float, bool], RootPlan | ValueError] = {}
+_PLANS: dict[tuple[RootOptions, str, int, float, float, bool, str], RootPlan | ValueError] = {}
 """The plans resolved so far, keyed on every argument of :func:`_plan`, and the refusals (a refused plan
 is not searched for again)."""
 
 
 @torch.compiler.assume_constant_result
 def _cached_plan(
-    options: RootOptions, method: str, n: int, eps: float, unit_roundoff: float, read_values: bool
+    options: RootOptions,
+    method: str,
+    n: int,
+    eps: float,
+    unit_roundoff: float,
+    read_values: bool,
+    precision: str,
 ) -> RootPlan:
     """:func:`_plan`, resolved once per distinct arguments (:data:`_PLANS`).
 
@@ -320,7 +358,7 @@ def _cached_plan(
     it guards (options, size, ridge, dtype), and puts the plan in the graph as a constant. The cache is a
     plain dict rather than ``functools.cache``, whose wrapper dynamo would trace through with a warning.
     """
-    key = (options, method, n, eps, unit_roundoff, read_values)
+    key = (options, method, n, eps, unit_roundoff, read_values, precision)
     if key not in _PLANS:
         try:
             _PLANS[key] = _plan(*key)
@@ -381,10 +419,16 @@ def _direct_error(series: str, degree: int, lower: float) -> float:
 
 
 def _plan(
-    options: RootOptions, method: str, n: int, eps: float, unit_roundoff: float, read_values: bool
+    options: RootOptions,
+    method: str,
+    n: int,
+    eps: float,
+    unit_roundoff: float,
+    read_values: bool,
+    precision: str,
 ) -> RootPlan:
-    """The plan of ``options`` for ``method`` (resolved from ``"auto"``) on matrices of size ``n``."""
-    precision = options.precision or "full"
+    """The plan of ``options`` for ``method`` (resolved from ``"auto"``) on matrices of size ``n`` with
+    products at ``precision`` (resolved, :func:`covpool.linalg.precision.resolve_precision`)."""
     if method == "eigh":
         return RootPlan("eigh", None, None, None, None, None, 0.0, None, precision, read_values, "eigh")
     if method == "ns":
@@ -407,6 +451,8 @@ def _plan(
             f"ridge is within the rounding of the input (machine epsilon {unit_roundoff:.2g}); pass a larger "
             "eps, a condition=, or leave normalization to its default"
         )
+    if precision == "tf32":
+        return _tf32_plan(options, method, n, unit_roundoff, read_values, normalization, lower, tol)
     upper = 1.0 + _FLOAT_SLACK
     # a valid input's residual test: Schatten-8 overestimate of the largest |u - 1|, and rounding
     overestimate, noise = max(n, 1) ** 0.125, residual_rounding(method, max(n, 1), unit_roundoff, lower)
@@ -525,6 +571,73 @@ def _plan(
         read_values,
         "lyapunov",
         fused=bool(options.fused),
+    )
+
+
+MIXED_VALID_SHARE = 0.5
+"""A ``"tf32"`` plan's modelled residual of a valid input (:func:`covpool.linalg.mixed.mixed_valid_residual`)
+stays below this share of the test's limit (as :data:`_VALID_SHARE` for the float32 plans)."""
+
+
+def _tf32_plan(
+    options: RootOptions,
+    method: str,
+    n: int,
+    unit_roundoff: float,
+    read_values: bool,
+    normalization: str,
+    lower: float,
+    tol: float,
+) -> RootPlan:
+    """The ``"tf32"`` plan: :func:`covpool.linalg.mixed.mixed_plan` on the mtp plan's bound, certified by
+    :func:`covpool.linalg.mixed.mixed_error_bound` and by a valid input's modelled residual within
+    :data:`MIXED_VALID_SHARE` of the test's limit; that test passes a matrix whose estimated largest
+    eigenvalue error (:func:`covpool.linalg.mixed.mixed_residual`) is below ``tol``, so a matrix
+    beyond the bound is flagged rather than wrong (the refinements solve with the same sign factor as the
+    gradient: where it has not converged on an eigenvalue, neither has that eigenvalue's refinement).
+
+    Raises:
+        ValueError: not mtp on float32 products, steps fixed, or the models do not certify ``tol`` at
+            this bound.
+    """
+    chosen = {name: getattr(options, name) for name in ("steps", "backward", "backward_steps", "degree")}
+    given = sorted(name for name, value in chosen.items() if value is not None)
+    problem = None
+    if method != "mtp":
+        problem = f"method={method!r} (the mixed plan is mtp's)"
+    elif unit_roundoff != torch.finfo(torch.float32).eps:
+        problem = "the input works in float64 (TF32 replaces float32 products only)"
+    elif given:
+        problem = f"{', '.join(given)} given (the mixed plan chooses its own steps)"
+    if problem is None:
+        plan = mixed_plan(lower, epsilon=EPSILON["tf32"])
+        forward, gradient = mixed_error_bound(plan, n)
+        valid = mixed_valid_residual(plan, n)
+        if max(forward, gradient) <= tol and valid <= MIXED_VALID_SHARE * tol:
+            return RootPlan(
+                method,
+                normalization,
+                plan.forward,
+                None,
+                None,
+                plan.sign,
+                lower,
+                ResidualTest(tol, tol, valid),
+                "tf32",
+                read_values,
+                "lyapunov",
+                mixed=plan,
+            )
+        problem = (
+            f"its models give forward {forward:.2g}, gradient {gradient:.2g} and a valid input's residual "
+            f"{valid:.2g} (at most {MIXED_VALID_SHARE:g} tol) at this bound"
+            if math.isfinite(forward)
+            else f"the spectrum bound (κ up to about {1 / lower**2:.2g} after normalising) or n={n} lies "
+            "outside what its model was fitted on"
+        )
+    raise ValueError(
+        f"precision='tf32' cannot be planned for tol={tol:g}: {problem}; pass precision='full'"
+        + (", a larger tol, a smaller condition= or a larger eps" if "models" in problem else "")
     )
 
 

@@ -1,5 +1,10 @@
 """The precision of the roots' matrix products: a decision of the plan, scoped to the root.
 
+Two precisions are planned (``RootOptions(precision=...)``): ``"full"`` (the default), every product in
+the working dtype; ``"tf32"``, mtp's mixed plan (:mod:`covpool.linalg.mixed`), its bulk in TF32 products
+and float32 refinements that meet ``tol``. ``"auto"`` resolves to ``"tf32"`` where that plan is certified
+and modelled faster (:func:`resolve_precision`, :func:`modelled_time`), else ``"full"``.
+
 A plan's schedules and its residual test are certified for products computed in the working dtype
 (:func:`covpool.linalg.numerics.working_dtype`). torch lets a user lower the precision of every float32
 product globally: ``torch.set_float32_matmul_precision("high")`` (TF32 on CUDA, as Lightning advises on
@@ -13,10 +18,13 @@ on exit, exceptions included:
 - **eager and CUDA-graph capture**: the setting is changed for the duration of the root's forward and of
   its backward (the custom backward of mtp/mpa runs inside the scope; the autograd-differentiated
   methods, ns and unrolled mpa, mark their backward's first and last node, see :class:`ScopeBoundary`).
-  A capture records the kernels chosen under the scope, so replays keep the plan's precision.
+  A capture records the kernels chosen under the scope, so replays keep the plan's precision. A
+  ``"tf32"`` plan's low phases run inside :func:`tf32_products`, nested in that scope.
 - **threads**: torch's setting is process-wide. Scopes are counted under a lock, so nested and concurrent
   roots restore the user's setting only when the last one exits; while any root runs, another thread's
-  float32 products run at full precision too (never less precise than asked).
+  float32 products run at full precision too (never less precise than asked), except during the low
+  phases of a ``"tf32"`` plan on CUDA, which set TF32 only while no other root's scope is open (another
+  root entering one revokes it) and then run other threads' float32 CUDA products in TF32 too.
 - **torch.compile / torch.export**: a compiled graph cannot change the setting around its own products
   (inductor chooses its kernels from the setting at compile time), so a root traced while the global
   setting is reduced enters the graph as one opaque operator that runs the eager root at run time
@@ -33,23 +41,30 @@ from typing import Literal
 
 import torch
 
+from covpool.linalg.emulation import emulated_products
 from covpool.linalg.numerics import is_tracing
 
-Precision = Literal["full"]
-PRECISIONS: tuple[str, ...] = ("full",)
+Precision = Literal["full", "tf32", "auto"]
+PRECISIONS: tuple[str, ...] = ("full", "tf32", "auto")
 """``"full"``: products in the working dtype's own precision (IEEE float32 or float64), whatever torch's
-global matmul setting."""
+global matmul setting; ``"tf32"``: mtp's mixed plan; ``"auto"``: see :func:`resolve_precision`."""
+TF32_PRODUCT_TIME = {32: 1.03, 64: 0.93, 128: 0.56, 256: 0.37, 512: 0.20}
+"""Time of one batched TF32 product relative to a float32 one, by ``n`` (issue #18's H200 measurement,
+torch 2.11, batch 64: 3.3/3.2, 4.0/4.3, 5.8/10.4, 18/49, 70/352 µs)."""
 
 _NEW_API = hasattr(torch.backends.cuda.matmul, "fp32_precision")
 """torch >= 2.9 keeps the setting per backend (``fp32_precision``: CUDA, oneDNN); reading the legacy
 flags after a mix of both APIs raises there, so only the new one is used where it exists. Before, the
 setting is one string, which ``allow_tf32`` reads and writes as ``!= "highest"``."""
 _FULL = ("ieee", "ieee") if _NEW_API else ("highest", "")
+_TF32 = ("tf32", "ieee") if _NEW_API else ("high", "")
 
 _lock = threading.Lock()
 _depth = 0
 _saved: tuple[str, str] | None = None
 """torch's setting when the outermost scope was entered."""
+_tf32_owner: int | None = None
+"""The thread whose TF32 phase (:func:`tf32_products`) set TF32, while it lasts."""
 
 
 def _read() -> tuple[str, str]:
@@ -98,18 +113,43 @@ def _traced_precision() -> str:
     return global_precision()
 
 
-def reduced(precision: str, dtype: torch.dtype) -> bool:
-    """Whether torch's setting would run ``dtype`` products below ``precision``: float32 products under
+def reduced(dtype: torch.dtype) -> bool:
+    """Whether torch's setting would run ``dtype`` products below full precision: float32 products under
     TF32/bfloat16 (float64 products have no reduced mode in torch)."""
-    return precision == "full" and dtype == torch.float32 and _traced_precision() != "highest"
+    return dtype == torch.float32 and _traced_precision() != "highest"
+
+
+def resolve_precision(
+    precision: str | None, method: str, device: torch.device, dtype: torch.dtype, tracing: bool
+) -> str:
+    """The precision a call is planned for. ``None`` is ``"full"``, and so is any precision where
+    ``method`` (resolved from ``"auto"``) is not mtp: eigh has no products to lower. ``"auto"`` is
+    ``"tf32"`` on float32 CUDA matrices, not while tracing (a compiled graph cannot scope it), else
+    ``"full"``; :meth:`covpool.RootOptions.plan` then keeps the mixed plan only where it is certified and
+    modelled faster (:func:`modelled_time`)."""
+    if precision in (None, "full") or method != "mtp":
+        return "full"
+    if precision == "tf32":
+        return "tf32"
+    return "tf32" if device.type == "cuda" and dtype == torch.float32 and not tracing else "full"
+
+
+def modelled_time(low: int, full: int, n: int) -> float:
+    """Time of ``low`` TF32 and ``full`` float32 products of size ``n``, in float32 products
+    (:data:`TF32_PRODUCT_TIME`; sizes in between take the figure of the next smaller size listed)."""
+    ratio = TF32_PRODUCT_TIME[max((size for size in TF32_PRODUCT_TIME if size <= n), default=32)]
+    return low * ratio + full
 
 
 def _enter() -> None:
-    global _depth, _saved
+    global _depth, _saved, _tf32_owner
     with _lock:
         if _depth == 0:
             _saved = _read()
             _write(_FULL)
+        elif _tf32_owner is not None:  # another root's TF32 phase: back to full precision for this one
+            _write(_FULL)
+            _tf32_owner = None
         _depth += 1
 
 
@@ -126,12 +166,14 @@ def _exit() -> None:
 def products_in(precision: str, dtype: torch.dtype) -> Iterator[None]:
     """Run the enclosed products at ``precision`` for a root working in ``dtype``; restore on exit.
 
-    Nothing is changed where the setting is not reduced (:func:`reduced`).
+    Nothing is changed where the setting is not reduced (:func:`reduced`), except for a ``"tf32"`` plan,
+    whose scope is always entered: its low phases (:func:`tf32_products`) set TF32 inside it and its
+    float32 phases need the full precision it restores.
 
     Raises:
         RuntimeError: while ``torch.compile``/``torch.export`` trace with the global setting reduced.
     """
-    if not reduced(precision, dtype):
+    if not (reduced(dtype) or precision == "tf32"):
         yield
         return
     if is_tracing():
@@ -147,6 +189,33 @@ def products_in(precision: str, dtype: torch.dtype) -> Iterator[None]:
         yield
     finally:
         _exit()
+
+
+@contextlib.contextmanager
+def tf32_products(device: torch.device) -> Iterator[None]:
+    """The low phases of a ``"tf32"`` plan, inside its :func:`products_in` scope: on CUDA, float32
+    products in TF32 (restored on exit, exceptions included), set only while no other root's scope is
+    open; elsewhere TF32 products emulated by rounding their operands
+    (:func:`covpool.linalg.emulation.emulated_products`): the same numerics, slower than full precision,
+    for checking a plan without a GPU."""
+    global _tf32_owner
+    if device.type != "cuda":
+        with emulated_products("tf32"):
+            yield
+        return
+    me = threading.get_ident()
+    with _lock:
+        owned = _depth == 1 and _tf32_owner is None
+        if owned:
+            _write(_TF32)
+            _tf32_owner = me
+    try:
+        yield
+    finally:
+        with _lock:
+            if owned and _tf32_owner == me:
+                _write(_FULL)
+                _tf32_owner = None
 
 
 class ScopeBoundary(torch.autograd.Function):
@@ -169,9 +238,9 @@ class ScopeBoundary(torch.autograd.Function):
         return grad, None
 
 
-def scoped_backward(x: torch.Tensor, precision: str, *, enter: bool) -> torch.Tensor:
-    """``x``, marked so that its backward enters or leaves the scope of ``precision`` (see
+def scoped_backward(x: torch.Tensor, *, enter: bool) -> torch.Tensor:
+    """``x``, marked so that its backward enters or leaves the full-precision scope (see
     :class:`ScopeBoundary`); ``x`` itself where nothing needs scoping or no graph is recorded."""
-    if not (torch.is_grad_enabled() and x.requires_grad) or is_tracing() or not reduced(precision, x.dtype):
+    if not (torch.is_grad_enabled() and x.requires_grad) or is_tracing() or not reduced(x.dtype):
         return x
     return ScopeBoundary.apply(x, enter)

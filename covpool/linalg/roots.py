@@ -8,10 +8,13 @@ differentiated through their steps instead. ``"ns"`` always is, by autograd, as 
 ``"eigh"`` is exact (:mod:`covpool.linalg.eigh`). What is checked where is said in
 :mod:`covpool.linalg.checks`. With ``fused=True``, small float32 CUDA matrices run the forward iteration
 and the Lyapunov backward in one fused Triton launch each (:mod:`covpool.kernels.dispatch` decides where).
+With ``precision="tf32"``, mtp runs its mixed-precision plan (:mod:`covpool.linalg.mixed`) in both
+directions.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, TypedDict, Unpack
 
 import torch
@@ -31,11 +34,12 @@ from covpool.linalg.checks import (
 from covpool.linalg.eigh import eigh_root
 from covpool.linalg.iteration import coupled_root, direct_root, passes_residual_test, within_error
 from covpool.linalg.lyapunov import solve_lyapunov
+from covpool.linalg.mixed import mixed_lyapunov, mixed_sqrt
 from covpool.linalg.normalization import normalise
 from covpool.linalg.numerics import is_tracing, symmetrize, with_relative_ridge, working_dtype
 from covpool.linalg.opaque import opaque_root
 from covpool.linalg.options import DEFAULT_CONDITION, DEFAULT_TOL, RootOptions, RootPlan
-from covpool.linalg.precision import products_in, reduced, scoped_backward
+from covpool.linalg.precision import products_in, reduced, scoped_backward, tf32_products
 from covpool.linalg.unrolled import coupled_root_adjoint
 
 NS_DIVERGED = 1.0
@@ -74,11 +78,15 @@ class MatmulRoot(torch.autograd.Function):
             valid = torch.isfinite(root).flatten(-2).all(-1)
         else:
             record = [] if plan.gradient == "adjoint" else None
-            if uses_fused_forward(A_hat, plan):
+            if plan.mixed is not None:
+                Y, Z = mixed_sqrt(A_hat, plan.mixed, functools.partial(tf32_products, A_hat.device))
+            elif uses_fused_forward(A_hat, plan):
                 Y, Z = fused_coupled_root(A_hat, plan.forward)
             else:
                 Y, Z = coupled_root(A_hat, plan.forward, record)
-            valid = passes_residual_test(A_hat, Y, Z, plan.check.limit, inverse=inverse)
+            valid = passes_residual_test(
+                A_hat, Y, Z, plan.check.limit, inverse=inverse, mixed=plan.mixed is not None
+            )
             Z = Z if inverse else None
         root_scale = scale.sqrt()
         # NaN for an invalid matrix, folded into the scale (a (*, 1, 1) tensor) rather than the result.
@@ -118,8 +126,12 @@ class MatmulRoot(torch.autograd.Function):
             G = Z @ G @ Z
             root_scale = -root_scale.pow(3)
         # S X + X S = G with S = √c Y is Y X' + X' Y = G and X = X' / √c (the solver is linear).
-        solve = fused_solve_lyapunov if uses_fused_backward(Y, ctx.plan) else solve_lyapunov
-        X = solve(Y, G, ctx.plan.backward) / root_scale
+        if ctx.plan.mixed is not None:
+            X = mixed_lyapunov(Y, G, ctx.plan.mixed, functools.partial(tf32_products, Y.device))
+        else:
+            solve = fused_solve_lyapunov if uses_fused_backward(Y, ctx.plan) else solve_lyapunov
+            X = solve(Y, G, ctx.plan.backward)
+        X = X / root_scale
         return with_relative_ridge(X, ctx.eps), None, None, None
 
 
@@ -131,7 +143,7 @@ def _unrolled_root(A: torch.Tensor, plan: RootPlan, inverse: bool) -> tuple[torc
     test of gross failure (:data:`NS_DIVERGED`). The inverse root of an all-zero matrix is invalid as
     well. The backward's first and last nodes scope its products (:func:`scoped_backward`).
     """
-    A = scoped_backward(A, plan.precision, enter=False)
+    A = scoped_backward(A, enter=False)
     A_hat, scale = normalise(A, plan.normalization)
     Y, Z = coupled_root(A_hat, plan.forward)
     with torch.no_grad():
@@ -142,7 +154,7 @@ def _unrolled_root(A: torch.Tensor, plan: RootPlan, inverse: bool) -> tuple[torc
         if inverse:
             valid = valid & (scale[..., 0, 0] > torch.finfo(scale.dtype).tiny)
     factor = torch.where(valid[..., None, None], scale.sqrt(), float("nan"))
-    return scoped_backward(Z / factor if inverse else Y * factor, plan.precision, enter=True), valid
+    return scoped_backward(Z / factor if inverse else Y * factor, enter=True), valid
 
 
 def _invalid_message(
@@ -182,6 +194,8 @@ class RootOptionsKwargs(TypedDict, total=False):
     normalization: str
     backward: str
     backward_steps: int
+    precision: str
+    fused: bool
     check_input: bool
 
 
@@ -201,7 +215,7 @@ def _root(
     check_square_batch(A)
     n = A.shape[-1]
     work_dtype = working_dtype(A.dtype)
-    if is_tracing() and reduced(resolved.precision or "full", work_dtype):
+    if is_tracing() and (reduced(work_dtype) or resolved.precision == "tf32"):
         return opaque_root(A, inverse, resolved, eps)
     plan = resolved.plan(n, eps=eps, device=A.device, dtype=work_dtype)
     if A.numel() == 0:
