@@ -39,6 +39,7 @@ from covpool.bench.rounding import (
     rounding_row,
     trace_rows,
 )
+from covpool.bench.tf32_fit import FIT_SIZES, fit_rows, fit_summary
 from covpool.bench.trace import FAKE_CUDA_SUPPORTED, trace_root
 from covpool.linalg.options import TRACE_ROUNDING
 
@@ -193,6 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="TF32/bfloat16 products emulated on CPU: errors and float32-equivalent cost of mixed-precision "
         f"configurations (--sizes default {' '.join(map(str, MIXED_SIZES))})",
+    )
+    trace.add_argument(
+        "--tf32-fit",
+        action="store_true",
+        help="the emulated TF32 runs behind precision='tf32''s certificate: errors over the model's powers "
+        f"of t = eps / lower, n = {' '.join(map(str, FIT_SIZES))} by default (--sizes)",
     )
     trace.add_argument(
         "--beyond",
@@ -515,6 +522,18 @@ def run_mixed(args: argparse.Namespace) -> None:
     print(f"wrote {args.out / 'mixed.csv'} and {args.out / 'mixed.json'}")
 
 
+def run_tf32_fit(args: argparse.Namespace) -> None:
+    """Print and write (``tf32_fit.csv``, ``tf32_fit.json``) the runs of :mod:`covpool.bench.tf32_fit`."""
+    rows = fit_rows(tuple(args.sizes), progress=not args.no_progress)
+    print(format_table(rows, list(rows[0])))
+    print(fit_summary(rows))
+    write_csv(rows, args.out / "tf32_fit.csv")
+    write_json(
+        {"environment": _environment(), "settings": _settings(args), "rows": rows}, args.out / "tf32_fit.json"
+    )
+    print(f"wrote {args.out / 'tf32_fit.csv'} and {args.out / 'tf32_fit.json'}")
+
+
 def run_beyond_bound(args: argparse.Namespace) -> None:
     """The beyond-the-bound grid (:mod:`covpool.bench.beyond`): counts per method and dtype on stdout,
     every case in ``beyond.csv`` and ``beyond.json``."""
@@ -545,6 +564,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.sizes = args.sizes or list(ROUNDING_SIZES)
     if args.mixed:
         args.sizes = args.sizes or list(MIXED_SIZES)
+    if args.tf32_fit:
+        args.sizes = args.sizes or list(FIT_SIZES)
     if args.beyond:
         args.sizes = args.sizes or list(BEYOND_SIZES)
         if not set(args.dtype) <= {"float32", "float64"}:
@@ -565,6 +586,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         run_trace(args)
     elif args.mixed:
         run_mixed(args)
+    elif args.tf32_fit:
+        run_tf32_fit(args)
     elif args.beyond:
         run_beyond_bound(args)
     elif args.compile:

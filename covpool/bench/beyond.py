@@ -11,6 +11,9 @@ input's own rounding moves its inverse root by up to 3e-3 at κ = 1e6: no root c
 - ``flagged``: every matrix the root got wrong came back NaN (none was wrong: that is ``within``);
 - ``refused``: the call raised ``ValueError`` (host checks, or a plan that cannot certify ``tol``);
 - ``silently wrong``: a finite result beyond ``2 tol``. The target is none.
+
+Methods: ``mtp``, ``mpa``, ``auto`` and ``tf32``, mtp's mixed-precision plan (``precision="tf32"``; its
+TF32 products emulated off CUDA; float64 input is refused).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from covpool.testing import (
 CONDITIONS = (1e3, 1e4, 1e5, 1e6)
 KINDS = ("ridged", "spd")
 SIZES = (32, 64, 128)
-METHODS = ("mtp", "mpa", "auto")
+METHODS = ("mtp", "mpa", "auto", "tf32")
 DTYPES = ("float32", "float64")
 FUNCTIONS = ("sqrtm", "inv_sqrtm")
 BATCH = 3
@@ -91,7 +94,8 @@ def classify(case: Case, *, device: str = "cpu", seed: int = 0) -> dict:
     }
     X = A.to(device=device, dtype=getattr(torch, case.dtype)).requires_grad_(True)
     try:
-        out = getattr(covpool, case.function)(X, method=case.method, check_input=False)
+        options = dict(method="mtp", precision="tf32") if case.method == "tf32" else dict(method=case.method)
+        out = getattr(covpool, case.function)(X, **options, check_input=False)
         out.backward(upstream.to(X))
     except ValueError as error:
         return {

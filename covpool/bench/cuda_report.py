@@ -6,7 +6,8 @@ figure the README quotes for GPUs (and writes them to ``DIR/cuda_report.json``):
 1. **Host synchronisations**: default-option forward+backward of the roots and of every layer under
    ``torch.cuda.set_sync_debug_mode("error")``.
 2. **Roots**: forward+backward ms of batch 64 at n = 32 … 512 (float32, condition 1e3), eager and captured
-   in a CUDA graph, for the default (``mtp``), ``mtp`` at other tolerances, ``mpa``, ``ns`` (5 steps),
+   in a CUDA graph, for the default (``mtp``), ``mtp`` fused, ``mtp`` with ``precision="tf32"`` (the mixed
+   plan), ``mtp`` at other tolerances, ``mpa``, ``ns`` (5 steps),
    the paper's configuration and ``eigh``; their forward and gradient errors against float64; the
    achieved matrix-product throughput of ``mtp``. Then (2b) the same on rank-48 covariances with the
    heads' ridge, where the default takes the unrolled backward, against ``backward="minimax"`` and ``ns``.
@@ -43,6 +44,7 @@ from covpool.testing import (
 ROOT_CONFIGS: dict[str, dict] = {
     "mtp (default)": {},
     "mtp fused": {"method": "mtp", "fused": True},
+    "mtp tf32": {"method": "mtp", "precision": "tf32"},
     "mtp tol=1e-2": {"method": "mtp", "tol": 1e-2},
     "mtp tol=1e-5": {"method": "mtp", "tol": 1e-5},
     "mpa": {"method": "mpa"},
@@ -50,7 +52,7 @@ ROOT_CONFIGS: dict[str, dict] = {
     "paper": covpool.PAPER_CONFIG,
     "eigh": {"method": "eigh"},
 }
-GRAPHED = ("mtp (default)", "mtp fused", "ns 5 steps", "paper")
+GRAPHED = ("mtp (default)", "mtp fused", "mtp tf32", "ns 5 steps", "paper")
 RIDGE_CONFIGS: dict[str, dict] = {
     "mtp (default)": {},
     "mtp backward=minimax": {"method": "mtp", "backward": "minimax"},

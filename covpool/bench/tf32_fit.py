@@ -1,0 +1,134 @@
+"""The measurements behind the TF32 plan's certificate (``python -m covpool.bench --tf32-fit``).
+
+:func:`covpool.linalg.mixed.mixed_error_bound` and :func:`~covpool.linalg.mixed.mixed_valid_residual`
+model the errors of ``RootOptions(precision="tf32")`` in ``t = ε / lower`` with constants fitted on
+emulated TF32 runs (:mod:`covpool.linalg.emulation`). This module makes those runs: for every input family
+of :func:`covpool.testing.bounded_matrices`, size and condition, the mtp plan assuming that condition
+gives ``lower`` and the normalised float32 ``Â``; the mixed plan (two refinements and one correction, and
+three and two) runs with every low-precision product emulated, and the errors of ``Y``, ``Z`` and the
+Lyapunov gradient (Gaussian upstream) against float64 eigendecompositions, and the a-posteriori test's
+value (:func:`covpool.linalg.iteration.mixed_residual`), are divided by the model's power of ``t``.
+Condition 1e5 lies beyond the fitted range (``t > TF32_DOMAIN``) and shows why it ends there.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+from tqdm.auto import tqdm
+
+import covpool
+from covpool.linalg.emulation import EPSILON, emulated_products
+from covpool.linalg.iteration import mixed_residual
+from covpool.linalg.mixed import (
+    INVERSE_GROWTH,
+    ROOT_GROWTH,
+    TF32_DOMAIN,
+    VALID_RESIDUAL_GROWTH,
+    mixed_lyapunov,
+    mixed_plan,
+    mixed_sqrt,
+)
+from covpool.linalg.normalization import normalise
+from covpool.testing import (
+    SPECTRUM_KINDS,
+    bounded_matrices,
+    reference_gradient,
+    reference_root,
+    relative_error,
+)
+
+FIT_SIZES = (32, 64, 128, 256, 512)
+CONDITIONS = (1e2, 1e3, 1e4, 1e5)
+REFINEMENTS = ((2, 1), (3, 2))
+BATCH = 8
+LARGE = 512
+"""From this size one seed and batches of 3 (the emulated products cost minutes beyond)."""
+MODEL = {
+    "root/t": ROOT_GROWTH,
+    "inverse/t²": INVERSE_GROWTH,
+    "gradient/t²": INVERSE_GROWTH,
+    "residual/t²": VALID_RESIDUAL_GROWTH,
+}
+"""Each ratio's modelled constant."""
+
+
+def fit_rows(sizes: tuple[int, ...] = FIT_SIZES, *, seeds: int = 2, progress: bool = True) -> list[dict]:
+    """One row per family, size, condition, seed and refinement count: ``t``, the errors and their ratios to
+    the model's powers of ``t`` (see the module docstring)."""
+    grid = [
+        (kind, n, condition, seed)
+        for kind, n, condition in itertools.product(SPECTRUM_KINDS, sizes, CONDITIONS)
+        for seed in range(1 if n >= LARGE else seeds)
+    ]
+    low = lambda: emulated_products("tf32")  # noqa: E731
+    rows = []
+    for kind, n, condition, seed in tqdm(grid, desc="tf32 fit", disable=not progress, unit="case"):
+        generator = torch.Generator().manual_seed(seed + 1)
+        A = bounded_matrices(kind, 3 if n >= LARGE else BATCH, n, condition, generator)
+        # the bound and normalisation of the mtp plan assuming ``condition`` (they do not depend on tol;
+        # 1e-2 keeps float32's plan from being refused at condition 1e5)
+        plan = covpool.RootOptions(method="mtp", condition=condition, tol=1e-2).plan(
+            n, eps=0.0, device=torch.device("cpu"), dtype=torch.float32
+        )
+        A_hat, _ = normalise(A.float(), plan.normalization)
+        upstream = torch.randn(A.shape, generator=generator, dtype=torch.float64).float()
+        exact = (
+            reference_root(A_hat),
+            reference_root(A_hat, inverse=True),
+            reference_gradient(A_hat, upstream),
+        )
+        t = EPSILON["tf32"] / plan.lower
+        for refinements, corrections in REFINEMENTS:
+            mixed = mixed_plan(
+                plan.lower, epsilon=EPSILON["tf32"], refinements=refinements, backward_refinements=corrections
+            )
+            Y, Z = mixed_sqrt(A_hat, mixed, low)
+            X = mixed_lyapunov(Y, upstream, mixed, low)
+            root, inverse, gradient = (
+                relative_error(M, reference).max().item()
+                for M, reference in zip((Y, Z, X), exact, strict=True)
+            )
+            residual = mixed_residual(A_hat, Y, Z).max().item()
+            rows.append(
+                {
+                    "kind": kind,
+                    "n": n,
+                    "condition": condition,
+                    "seed": seed,
+                    "plan": f"{refinements}/{corrections}",
+                    "t": t,
+                    "fitted": t <= TF32_DOMAIN,
+                    "root": root,
+                    "inverse": inverse,
+                    "gradient": gradient,
+                    "residual": residual,
+                    "root/t": root / t,
+                    "inverse/t²": inverse / t**2,
+                    "gradient/t²": gradient / t**2,
+                    "residual/t²": residual / t**2,
+                }
+            )
+    return rows
+
+
+def fit_summary(rows: list[dict]) -> str:
+    """Per ratio, the largest measured inside the fitted range against the model's constant (the room),
+    and the worst gradient outside it."""
+    inside = [row for row in rows if row["fitted"]]
+    header = f"{'ratio':<12} {'measured max':>13} {'model':>8} {'room':>6}"
+    lines = [f"{header}   (t <= {TF32_DOMAIN:g}, {len(inside)} rows)"]
+    for ratio, constant in MODEL.items():
+        worst = max(row[ratio] for row in inside)
+        lines.append(f"{ratio:<12} {worst:>13.3g} {constant:>8.3g} {constant / worst:>6.1f}")
+    outside = [row for row in rows if not row["fitted"]]
+    if outside:
+        worst = max(outside, key=lambda row: math.inf if math.isnan(row["gradient"]) else row["gradient"])
+        error = "NaN" if math.isnan(worst["gradient"]) else f"{worst['gradient']:.3g}"
+        lines.append(
+            f"beyond the range (t up to {max(row['t'] for row in outside):.2f}): gradient error up to "
+            f"{error} ({worst['kind']}, n = {worst['n']}, condition {worst['condition']:g})"
+        )
+    return "\n".join(lines)
