@@ -43,6 +43,7 @@ from covpool.linalg.mixed import (
 from covpool.linalg.normalization import normalise
 from covpool.linalg.numerics import with_relative_ridge
 from covpool.linalg.options import RootPlan
+from covpool.linalg.precision import products_in
 from covpool.linalg.schedule import BACKWARD_DEGREES, Schedule, minimax_schedule
 from covpool.testing import random_covariance, random_spd, reference_gradient, reference_root, relative_error
 
@@ -161,7 +162,8 @@ def mixed_rows(sizes: tuple[int, ...] = MIXED_SIZES, *, seed: int = 0) -> list[d
                     lows.append(emulated_products(fmt))
                     return lows[-1]
 
-                with ProductCounter() as total:
+                # the float32 phases at full precision whatever torch's global setting (as in the roots)
+                with ProductCounter() as total, products_in("full", torch.float32):
                     Y, Z, X = run(case.A_hat, case.upstream, low if fmt != "float32" else full_precision)
                 low_products = sum(mode.products for mode in lows)
                 full_products = total.products - low_products

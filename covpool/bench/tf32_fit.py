@@ -32,6 +32,7 @@ from covpool.linalg.mixed import (
     mixed_sqrt,
 )
 from covpool.linalg.normalization import normalise
+from covpool.linalg.precision import products_in
 from covpool.testing import (
     SPECTRUM_KINDS,
     bounded_matrices,
@@ -85,8 +86,9 @@ def fit_rows(sizes: tuple[int, ...] = FIT_SIZES, *, seeds: int = 2, progress: bo
             mixed = mixed_plan(
                 plan.lower, epsilon=EPSILON["tf32"], refinements=refinements, backward_refinements=corrections
             )
-            Y, Z = mixed_sqrt(A_hat, mixed, low)
-            X = mixed_lyapunov(Y, upstream, mixed, low)
+            with products_in("full", torch.float32):  # float32 phases at full precision, as in the roots
+                Y, Z = mixed_sqrt(A_hat, mixed, low)
+                X = mixed_lyapunov(Y, upstream, mixed, low)
             root, inverse, gradient = (
                 relative_error(M, reference).max().item()
                 for M, reference in zip((Y, Z, X), exact, strict=True)
