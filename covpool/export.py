@@ -11,6 +11,11 @@ It is ``torch.onnx.export(..., dynamo=True)`` (the ``torch.export``-based export
   rule holds for them too.
 - **Inference graphs only.** A model in training mode is refused: its ZCA layers would use batch
   statistics and update their running ones, and dropout would be live.
+- **Full-precision products, whatever torch's setting.** A root that ``torch.export`` traces while the
+  float32 matmul setting is TF32/bfloat16 becomes an opaque operator ONNX cannot express
+  (:mod:`covpool.linalg.opaque`), so the export runs with the setting at ``"highest"``
+  (:func:`covpool.linalg.precision.traced_at_full_precision`; the user's is restored after). ONNX Runtime
+  runs float32 products in float32.
 
 The legacy TorchScript exporter (``dynamo=False``) is not used: it has no symbolic for ``aten::mT``, which
 the matrix roots use throughout.
@@ -27,6 +32,7 @@ from torch import Tensor, nn
 
 from covpool.layers.head_base import CovarianceHead
 from covpool.layers.zca_batchnorm import _ZCABatchNorm
+from covpool.linalg.precision import traced_at_full_precision
 
 ONNX_METHODS = ("auto", "mtp", "ns")
 """Root methods whose layers export to ONNX."""
@@ -141,16 +147,17 @@ def export_onnx(
     missing = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
     if missing:
         raise ModuleNotFoundError(f'export_onnx needs {" and ".join(missing)}: pip install "covpool[export]"')
-    program = torch.onnx.export(
-        model,
-        examples,
-        dynamo=True,
-        dynamic_shapes=dynamic_shapes,
-        opset_version=opset,
-        input_names=input_names,
-        output_names=output_names,
-        verbose=False,
-    )
+    with traced_at_full_precision():
+        program = torch.onnx.export(
+            model,
+            examples,
+            dynamo=True,
+            dynamic_shapes=dynamic_shapes,
+            opset_version=opset,
+            input_names=input_names,
+            output_names=output_names,
+            verbose=False,
+        )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     program.save(path)

@@ -17,6 +17,7 @@ from torch import nn
 import covpool
 from covpool import CovPoolHead, SecondOrderTokenHead, ZCABatchNorm2d, convert_zca_batchnorm
 from covpool.export import export_onnx, onnx_blockers
+from covpool.linalg import precision
 from covpool.testing import random_spd
 
 TOLERANCE = 1e-4  # exported graph against eager PyTorch with the same root method, relative
@@ -168,6 +169,28 @@ ONNX_CASES = {  # name: (model in eval, input shape without the batch)
 
 @OLD_DYNAMO
 class TestOnnx:
+    @pytest.mark.parametrize("setting", ["high", "medium"])
+    def test_exports_products_whatever_the_global_matmul_setting(
+        self, setting: str, tmp_path, restore_matmul_precision
+    ) -> None:
+        """With TF32/bfloat16 set globally a traced root would become ``covpool::root``, which ONNX cannot
+        express; the export traces at "highest" and gives the user's setting back."""
+        onnx = pytest.importorskip("onnx")
+        ort = pytest.importorskip("onnxruntime")
+        pytest.importorskip("onnxscript")
+        torch.set_float32_matmul_precision(setting)
+        before = precision.current_precision()
+        head = CovPoolHead(8, 2, reduction_dim=4, root="mtp").eval()
+        path = covpool.export_onnx(head, torch.randn(2, 8, 3, 3), tmp_path / "head.onnx")
+        assert precision.current_precision() == before != "highest"
+        assert {node.domain for node in onnx.load(path).graph.node} <= {""}  # standard operators only
+        x = torch.randn(3, 8, 3, 3)
+        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        (logits,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        with torch.no_grad():
+            expected = head(x)
+        assert _relative_error(torch.from_numpy(logits), expected) <= TOLERANCE
+
     @pytest.mark.parametrize("case", list(ONNX_CASES))
     def test_onnxruntime_matches_eager(self, case: str, tmp_path) -> None:
         onnx = pytest.importorskip("onnx")

@@ -22,12 +22,11 @@ ROOTS = {"sqrtm": (covpool.sqrtm, False), "inv_sqrtm": (covpool.inv_sqrtm, True)
 
 
 @pytest.fixture(params=["high", "medium"])
-def reduced_precision(request):
+def reduced_precision(request, restore_matmul_precision):
     """torch's float32 matmul precision set to TF32 ("high", as Lightning advises) or bfloat16 ("medium");
     restored after. Yields the setting as :func:`precision.current_precision` reads it."""
     torch.set_float32_matmul_precision(request.param)
-    yield precision.current_precision()
-    torch.set_float32_matmul_precision("highest")
+    return precision.current_precision()
 
 
 class SeenPrecision(torch.overrides.TorchFunctionMode):
@@ -142,23 +141,32 @@ class TestPrecisionScope:
         torch._dynamo.reset()
 
     @pytest.mark.parametrize("user", ["highest", "high"])
-    def test_tf32_phase_sets_tf32_inside_the_scope_and_restores_it(self, user):
+    def test_tf32_phase_sets_tf32_inside_the_scope_and_restores_it(self, user, restore_matmul_precision):
         """A ``"tf32"`` plan's low phase on CUDA (only torch's flags are touched: no GPU needed): TF32
         inside, full precision around it, the user's setting after, also when the phase raises."""
         torch.set_float32_matmul_precision(user)
-        try:
-            before = precision.current_precision()
-            with precision.products_in("tf32", torch.float32):
-                assert precision.current_precision() == "highest"
-                with pytest.raises(RuntimeError, match="in the phase"):
-                    with precision.tf32_products(torch.device("cuda")):
-                        assert precision.current_precision() != "highest"
-                        raise RuntimeError("in the phase")
-                assert precision.current_precision() == "highest"
-            assert precision.current_precision() == before
-            assert (precision._depth, precision._tf32_owner) == (0, None)
-        finally:
-            torch.set_float32_matmul_precision("highest")
+        before = precision.current_precision()
+        with precision.products_in("tf32", torch.float32):
+            assert precision.current_precision() == "highest"
+            with pytest.raises(RuntimeError, match="in the phase"):
+                with precision.tf32_products(torch.device("cuda")):
+                    assert precision.current_precision() != "highest"
+                    raise RuntimeError("in the phase")
+            assert precision.current_precision() == "highest"
+        assert precision.current_precision() == before
+        assert (precision._depth, precision._tf32_owner) == (0, None)
+
+    def test_traced_at_full_precision_is_the_users_setting_for_its_duration(self, reduced_precision):
+        """What :func:`covpool.export_onnx` runs in: the setting a traced root reads is "highest" inside,
+        the user's after, also while another root's scope is open around it."""
+        with precision.traced_at_full_precision():
+            assert precision.global_precision() == precision.current_precision() == "highest"
+        assert precision.current_precision() == reduced_precision
+        with precision.products_in("full", torch.float32):  # a root running (another thread)
+            with precision.traced_at_full_precision():
+                assert precision.global_precision() == "highest"
+            assert precision.global_precision() == reduced_precision
+        assert precision.current_precision() == reduced_precision
 
     def test_another_root_revokes_a_tf32_phase(self):
         """A root that opens its scope (another thread) while a TF32 phase runs gets full precision, and

@@ -218,6 +218,30 @@ def tf32_products(device: torch.device) -> Iterator[None]:
                 _tf32_owner = None
 
 
+@contextlib.contextmanager
+def traced_at_full_precision() -> Iterator[None]:
+    """torch's float32 matmul setting at ``"highest"`` as if the user had set it, for the duration
+    (restored on exit, exceptions included): a root traced inside traces its products (the setting it
+    reads is the user's, :func:`global_precision`) instead of becoming the opaque operator
+    (:mod:`covpool.linalg.opaque`). :func:`covpool.export_onnx` exports inside it: ONNX Runtime runs float32
+    products in float32, and ONNX has no operator for ``covpool::root``."""
+    global _saved
+    with _lock:
+        saved = _saved if _depth else _read()
+        if _depth:
+            _saved = _FULL
+        else:
+            _write(_FULL)
+    try:
+        yield
+    finally:
+        with _lock:
+            if _depth:
+                _saved = saved
+            else:
+                _write(saved)
+
+
 class ScopeBoundary(torch.autograd.Function):
     """Identity whose backward enters (``enter=True``) or leaves the full-precision scope.
 
