@@ -1,6 +1,7 @@
 """Shared fixtures (kornia's manner): ``--device`` (cpu by default; cuda runs the same tests on a GPU),
-``--dtype`` (the float dtypes the numerical tests run in), the session seed, and ``covpool_warnings`` (the
-warnings covpool's code gives while a block runs, e.g. dynamo's about a call it traces)."""
+``--dtype`` (the float dtypes the numerical tests run in), ``--matmul-precision`` (torch's float32 matmul
+setting for the whole run), the session seed, and ``covpool_warnings`` (the warnings covpool's code gives
+while a block runs, e.g. dynamo's about a call it traces)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 import torch._dynamo
 
 import covpool
+from covpool.linalg import precision
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -23,6 +25,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--device", default="cpu", help="device for the numerical tests (cpu or cuda)")
     parser.addoption(
         "--dtype", default="float32,float64", help="comma-separated dtypes of the `dtype` fixture"
+    )
+    parser.addoption(
+        "--matmul-precision",
+        default=None,
+        choices=("highest", "high", "medium"),
+        help="torch.set_float32_matmul_precision for the whole run (TF32: high, bfloat16: medium), as a "
+        "user may set it; the roots must not notice",
     )
 
 
@@ -48,6 +57,24 @@ def device(request: pytest.FixtureRequest) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         pytest.skip("--device cuda given but no CUDA device is available")
     return torch.device(name)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_matmul_precision(request: pytest.FixtureRequest) -> Iterator[None]:
+    saved = precision._read()
+    value = request.config.getoption("--matmul-precision")
+    if value is not None:
+        torch.set_float32_matmul_precision(value)
+    yield
+    precision._write(saved)
+
+
+@pytest.fixture
+def restore_matmul_precision() -> Iterator[None]:
+    """Put torch's float32 matmul setting back as the session had it after a test that changes it."""
+    saved = precision._read()
+    yield
+    precision._write(saved)
 
 
 @pytest.fixture(autouse=True)

@@ -102,10 +102,8 @@ class TestUnderReducedMatmulPrecision:
     setting reaches oneDNN only; run with ``--device cuda`` for the tensor-core case."""
 
     @pytest.fixture(autouse=True)
-    def _reduced(self, setting):
+    def _reduced(self, setting, restore_matmul_precision):
         torch.set_float32_matmul_precision(setting)
-        yield
-        torch.set_float32_matmul_precision("highest")
 
     @pytest.mark.parametrize("method", ["auto", "mtp", "mpa"])
     def test_covpool_head(self, method, device):
