@@ -386,6 +386,19 @@ def test_input_rounding_stays_within_the_traces_room():
     assert all(row["below_bound_in_u"] <= TRACE_ROUNDING for row in rows)
 
 
+def test_the_reports_training_step_learns_under_autocast():
+    """``cuda_report``'s step (section 5 and the ResNet-50 comparison), on CPU with bfloat16 autocast."""
+    from covpool.bench.cuda_report import sgd_step
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    x, y = torch.randn(6, 3, 2, 2), torch.tensor([0, 1, 2, 0, 1, 2])
+    step = sgd_step(net, x, y, autocast=torch.bfloat16)
+    losses = [step().item() for _ in range(30)]
+    assert losses[-1] < 0.5 * losses[0]
+    assert net[1].weight.grad is not None and net[1].weight.dtype == torch.float32
+
+
 def test_tf32_fit_rows_stay_within_the_certificate_and_show_where_it_ends():
     from covpool.bench.tf32_fit import MODEL, fit_rows, fit_summary
 

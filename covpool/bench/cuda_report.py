@@ -16,6 +16,9 @@ figure the README quotes for GPUs (and writes them to ``DIR/cuda_report.json``):
 4. **Layers**: forward+backward ms of each layer with ``mtp``, ``ns``, ``eigh`` and the paper's settings.
 5. **A captured training step** of ``resnet18_isqrtcov``: the whole step (forward, loss, backward, SGD)
    in one CUDA graph, against eager: ms per step, the same losses, flat memory over replays.
+6. **What the head costs a ResNet-50**: an eager training step (batch 64, 224 px, bfloat16 autocast,
+   channels_last, SGD) of timm's ``resnet50`` (average pooling) and of ``resnet50_isqrtcov``, and their
+   ratio (issue #18's target: at most 1.12).
 """
 
 from __future__ import annotations
@@ -284,6 +287,44 @@ def bench_layers() -> list[dict]:
     return rows
 
 
+def sgd_step(
+    net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, autocast: torch.dtype | None = None
+) -> Callable[[], torch.Tensor]:
+    """One training step of ``net`` on ``(x, y)``: zeroed gradients (kept allocated, as a CUDA graph
+    needs), cross-entropy under ``autocast`` (None: off), backward, an SGD step with momentum. Returns the
+    step, which returns the loss. ``x``: ``(batch, 3, h, w)``; ``y``: ``(batch,)`` class indices."""
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+
+    def step() -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=False)
+        with torch.autocast(x.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+            loss = torch.nn.functional.cross_entropy(net(x), y)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    return step
+
+
+def head_cost_on_resnet50(batch: int = 64, size: int = 224) -> dict:
+    """Eager ms per training step (bfloat16 autocast, channels_last) of timm's ``resnet50`` and
+    ``resnet50_isqrtcov``, 1000 classes, and their ratio."""
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, size, size, device="cuda").to(memory_format=torch.channels_last)
+    y = torch.randint(0, 1000, (batch,), device="cuda")
+    result = {}
+    for name in ("resnet50", "resnet50_isqrtcov"):
+        net = timm.create_model(name, num_classes=1000).cuda().to(memory_format=torch.channels_last)
+        result[f"{name}_ms_per_step"] = cuda_ms(sgd_step(net, x, y, autocast=torch.bfloat16), repeats=10)
+        del net
+    result["ratio"] = result["resnet50_isqrtcov_ms_per_step"] / result["resnet50_ms_per_step"]
+    print(
+        f"  resnet50 {result['resnet50_ms_per_step']:.2f} ms/step, resnet50_isqrtcov "
+        f"{result['resnet50_isqrtcov_ms_per_step']:.2f} ms/step: {result['ratio']:.2f}x"
+    )
+    return result
+
+
 def captured_training_step(steps: int = 20) -> dict:
     """Whole training step of ``resnet18_isqrtcov`` in one CUDA graph against eager, same initial state."""
     torch.manual_seed(0)
@@ -292,21 +333,9 @@ def captured_training_step(steps: int = 20) -> dict:
     x = torch.randn(32, 3, 112, 112, device="cuda")
     y = torch.randint(0, 10, (32,), device="cuda")
 
-    def make_step(net: torch.nn.Module) -> tuple[Callable[[], torch.Tensor], torch.optim.Optimizer]:
-        optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
-
-        def step() -> torch.Tensor:
-            optimizer.zero_grad(set_to_none=False)
-            loss = torch.nn.functional.cross_entropy(net(x), y)
-            loss.backward()
-            optimizer.step()
-            return loss
-
-        return step, optimizer
-
-    eager_step, _ = make_step(eager_model)
+    eager_step = sgd_step(eager_model, x, y)
     eager_losses = [eager_step().item() for _ in range(steps)]
-    graph_step, _ = make_step(model)
+    graph_step = sgd_step(model, x, y)
     # Warm-up steps (also creating the momentum buffers) on a side stream, then capture one step.
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -324,8 +353,7 @@ def captured_training_step(steps: int = 20) -> dict:
         graph.replay()
         graph_losses.append(static_loss.item())
         memory.append(torch.cuda.memory_allocated())
-    eager_model_timing = copy.deepcopy(eager_model)
-    timing_step, _ = make_step(eager_model_timing)
+    timing_step = sgd_step(copy.deepcopy(eager_model), x, y)
     result = {
         "eager_ms_per_step": cuda_ms(timing_step, repeats=10),
         "graphed_ms_per_step": cuda_ms(graph.replay, repeats=10),
@@ -347,7 +375,9 @@ def captured_training_step(steps: int = 20) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("bench_results"), help="folder for cuda_report.json")
-    parser.add_argument("--quick", action="store_true", help="n = 64 only, no layers (a smoke run)")
+    parser.add_argument(
+        "--quick", action="store_true", help="n = 64 only, no layers, no ResNet-50 (a smoke run)"
+    )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("cuda_report needs a CUDA device")
@@ -400,6 +430,13 @@ def main(argv: list[str] | None = None) -> None:
     except RuntimeError as error:
         report["training_step"] = {"error": str(error).splitlines()[0][:200]}
         print(f"  capture failed: {report['training_step']['error']}")
+    if not args.quick:
+        print("6. ResNet-50 training step, batch 64, 224 px, bfloat16 autocast, with and without the head:")
+        try:
+            report["resnet50_head_cost"] = head_cost_on_resnet50()
+        except RuntimeError as error:
+            report["resnet50_head_cost"] = {"error": str(error).splitlines()[0][:200]}
+            print(f"  failed: {report['resnet50_head_cost']['error']}")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "cuda_report.json").write_text(json.dumps(report, indent=1))
     print(f"wrote {args.out / 'cuda_report.json'}")
