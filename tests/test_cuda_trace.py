@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 import covpool
 from covpool.bench.trace import FAKE_CUDA_SUPPORTED, trace_root
@@ -44,3 +45,17 @@ def test_looser_tolerance_traces_fewer_products():
     # at n = 64 tol=1e-2 costs as much as 1e-3: the forward is held tighter so that a valid input passes
     # the residual test with room
     assert products(1e-2) <= products(1e-3) < products(1e-5)
+
+
+@pytest.mark.parametrize("name", ROOTS)
+def test_the_tf32_plan_is_sync_free_and_runs_its_planned_products(name):
+    """The mixed plan's TF32 phases only set torch's flags: no sync. Its products: the plan's, the
+    normalisation's two, the a-posteriori test's eight, and for the inverse root ``Z G Z`` (two)."""
+    from covpool.linalg import precision
+
+    options = covpool.RootOptions(method="mtp", precision="tf32")
+    result = trace_root(lambda a: ROOTS[name](a, options), n=64, batch=8)
+    plan = options.plan(64, eps=0.0, device=torch.device("cuda"), dtype=torch.float32)
+    assert result.syncs == 0
+    assert result.products == plan.products() + 2 + 8 + (2 if name == "inv_sqrtm" else 0)
+    assert (precision._depth, precision._tf32_owner) == (0, None)

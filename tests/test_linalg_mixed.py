@@ -325,6 +325,7 @@ class TestTF32Plan:
         [
             ("cuda", torch.float32, 512, None, "tf32"),
             ("cuda", torch.float32, 64, None, "full"),  # TF32 products barely faster there
+            ("cuda", torch.float32, 256, None, "full"),  # modelled times tie, the tests' products included
             ("cuda", torch.float32, 512, 1e4, "full"),  # TF32 not certified there, float32 is
             ("cuda", torch.float64, 512, None, "full"),
             ("cpu", torch.float32, 512, None, "full"),
@@ -338,11 +339,12 @@ class TestTF32Plan:
         options = covpool.RootOptions(method="mtp", precision="auto", condition=condition)
         plan = options.plan(n, eps=0.0, device=torch.device(device), dtype=dtype)
         assert plan.precision == expected and (plan.mixed is not None) == (expected == "tf32")
+        full = covpool.RootOptions(method="mtp", condition=condition).plan(
+            n, eps=0.0, device=torch.device(device), dtype=dtype
+        )
         if expected == "tf32":
-            full = covpool.RootOptions(method="mtp", condition=condition).plan(
-                n, eps=0.0, device=torch.device(device), dtype=dtype
-            )
-            assert modelled_time(*plan.mixed.products(), n) < full.products()
+            low, high = plan.mixed.products()
+            assert modelled_time(low, high + 8, n) < full.products() + 3
 
     def test_auto_method_on_cpu_takes_eigh_at_full_precision(self) -> None:
         plan = covpool.RootOptions(precision="tf32").plan(

@@ -171,6 +171,12 @@ def residual_rounding(
     return 0.25 * n**0.5 * unit_roundoff / lower
 
 
+RESIDUAL_TEST_PRODUCTS = 3
+"""Matrix products of :func:`residual_norm`."""
+MIXED_TEST_PRODUCTS = 8
+"""Matrix products of :func:`mixed_residual`."""
+
+
 def residual_norm(Y: torch.Tensor, Z: torch.Tensor) -> torch.Tensor:
     """``‖(Z Y - I)⁴‖_F^(1/4)``, at least ``max_i |u_i - 1|`` over the eigenvalues ``u_i`` of ``Z Y`` and
     at most ``n^(1/8)`` times it (``Z Y`` is symmetric in exact arithmetic). NaN or Inf anywhere gives NaN

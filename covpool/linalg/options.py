@@ -21,7 +21,7 @@ from covpool.linalg.auto import choose_method
 from covpool.linalg.checks import check_choice, check_float, check_positive_int, reads_values
 from covpool.linalg.coefficients import pade_coefficients, taylor_coefficients
 from covpool.linalg.emulation import EPSILON
-from covpool.linalg.iteration import residual_rounding
+from covpool.linalg.iteration import MIXED_TEST_PRODUCTS, RESIDUAL_TEST_PRODUCTS, residual_rounding
 from covpool.linalg.lyapunov import rounding_error
 from covpool.linalg.mixed import MixedPlan, mixed_error_bound, mixed_plan, mixed_valid_residual
 from covpool.linalg.numerics import is_tracing
@@ -194,7 +194,8 @@ class RootOptions:
             fitted on emulated runs up to about condition 1e4 (``tol=1e-3``) and refused beyond; on CPU
             the TF32 products are emulated, for checking. ``"auto"``: ``"tf32"`` on float32 CUDA
             matrices where it is certified and its products are modelled faster at the H200's measured
-            TF32/float32 product times (n = 512; :func:`covpool.linalg.precision.modelled_time`), else
+            TF32/float32 product times (n = 512 at condition 1e3;
+            :func:`covpool.linalg.precision.modelled_time`), else
             ``"full"``. Where ``method="auto"`` takes eigh, no precision applies. Not the default until
             measured on a GPU.
         fused: run the forward iteration and the Lyapunov backward in one fused Triton kernel each
@@ -327,7 +328,9 @@ class RootOptions:
             except ValueError:
                 pass
             else:
-                if modelled_time(*mixed.mixed.products(), n) < full.products():
+                low, high = mixed.mixed.products()
+                mixed_time = modelled_time(low, high + MIXED_TEST_PRODUCTS, n)
+                if mixed_time < full.products() + RESIDUAL_TEST_PRODUCTS:
                     return mixed
         if self.method == "auto" and method != "eigh" and not is_tracing():
             try:  # auto takes the certified iteration where it holds tol, else the exact path
