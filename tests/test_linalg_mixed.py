@@ -279,7 +279,9 @@ class TestTF32Plan:
         """User-ridged covariances at κ = 1e5 where 1e3 is assumed: with the host checks a ValueError that
         says what to pass; without, each matrix is NaN or within tol (forward and gradient)."""
         A, G = _root_case("ridged", 32, 1e5, seed=2)
-        with pytest.raises(ValueError, match=r"condition=1000 is assumed.*Pass eps="):
+        with pytest.raises(
+            ValueError, match=r"condition=1000 is assumed.*Y² = Â \(precision='tf32'\).*Pass eps="
+        ):
             covpool.sqrtm(A, TF32)
         A.requires_grad_(True)
         out = covpool.sqrtm(A, covpool.RootOptions(method="mtp", precision="tf32", check_input=False))
@@ -297,6 +299,7 @@ class TestTF32Plan:
             (dict(), torch.float64, 32, "works in float64"),
             (dict(steps=3), torch.float32, 32, "steps given"),
             (dict(backward="unrolled"), torch.float32, 32, "backward given"),
+            (dict(fused=True), torch.float32, 32, "fused=True given"),
             (dict(condition=1e5), torch.float32, 32, "outside what its model was fitted on"),
             (dict(), torch.float32, 1024, "n=1024 lies outside"),
             (dict(tol=1e-5), torch.float32, 32, r"models give forward .*precision='full', a larger tol"),

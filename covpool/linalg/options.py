@@ -605,13 +605,17 @@ def _tf32_plan(
     """
     chosen = {name: getattr(options, name) for name in ("steps", "backward", "backward_steps", "degree")}
     given = sorted(name for name, value in chosen.items() if value is not None)
+    given += ["fused=True"] if options.fused else []
     problem = None
     if method != "mtp":
         problem = f"method={method!r} (the mixed plan is mtp's)"
     elif unit_roundoff != torch.finfo(torch.float32).eps:
         problem = "the input works in float64 (TF32 replaces float32 products only)"
     elif given:
-        problem = f"{', '.join(given)} given (the mixed plan chooses its own steps)"
+        problem = (
+            f"{', '.join(given)} given (the mixed plan chooses its own steps; the fused kernels run "
+            "float32 products)"
+        )
     if problem is None:
         plan = mixed_plan(lower, epsilon=EPSILON["tf32"])
         forward, gradient = mixed_error_bound(plan, n)

@@ -175,9 +175,10 @@ def _invalid_message(
     reach = (
         f"tol={tol:g}" if plan.check.certifies <= tol else f"{plan.check.certifies:.2g} (the test's reach)"
     )
+    residual = "Z Y = I" if plan.mixed is None else "Z Y = I and Y² = Â (precision='tf32')"
     return (
         f"A must be symmetric positive {definite} with a spectrum inside the bound method={plan.method!r} "
-        f"was certified for ({bound}): the residual of Z Y = I shows an error beyond {reach}; "
+        f"was certified for ({bound}): the residual of {residual} shows an error beyond {reach}; "
         f"{estimated_condition(with_relative_ridge(A, eps), ~valid)}. Pass eps= (a relative ridge), a "
         "condition= at least that κ, or method='eigh'"
     )
