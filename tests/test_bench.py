@@ -386,6 +386,14 @@ def test_input_rounding_stays_within_the_traces_room():
     assert all(row["below_bound_in_u"] <= TRACE_ROUNDING for row in rows)
 
 
+def test_the_reports_product_floor_counts_each_product_in_its_precision():
+    from covpool.bench.cuda_report import product_floor
+
+    times = {"float32": 0.05, "tf32": 0.02, "bf16": 0.01}
+    assert product_floor(50, 0, times) == pytest.approx(2.5)
+    assert product_floor(119, 102, times) == pytest.approx(102 * 0.02 + 17 * 0.05)
+
+
 def test_the_reports_training_step_learns_under_autocast():
     """``cuda_report``'s step (section 5 and the ResNet-50 comparison), on CPU with bfloat16 autocast."""
     from covpool.bench.cuda_report import sgd_step

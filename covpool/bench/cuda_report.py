@@ -7,10 +7,12 @@ figure the README quotes for GPUs (and writes them to ``DIR/cuda_report.json``):
    ``torch.cuda.set_sync_debug_mode("error")``.
 2. **Roots**: forward+backward ms of batch 64 at n = 32 … 512 (float32, condition 1e3), eager and captured
    in a CUDA graph, for the default (``mtp``), ``mtp`` fused, ``mtp`` with ``precision="tf32"`` (the mixed
-   plan), ``mtp`` at other tolerances, ``mpa``, ``ns`` (5 steps),
-   the paper's configuration and ``eigh``; their forward and gradient errors against float64; the
-   achieved matrix-product throughput of ``mtp``. Then (2b) the same on rank-48 covariances with the
-   heads' ridge, where the default takes the unrolled backward, against ``backward="minimax"`` and ``ns``.
+   plan), ``mtp`` at other tolerances, ``mpa``, ``ns`` (5 steps), the paper's configuration and ``eigh``;
+   their forward and gradient errors against float64; the achieved matrix-product throughput, and the
+   product floor: the time of one product in float32, TF32 and bfloat16 at each size, and of a
+   configuration's products alone in the precision each runs in. Then (2b) the same on rank-48
+   covariances with the heads' ridge, where the default takes the unrolled backward, against
+   ``backward="minimax"`` and ``ns``.
 3. **Heads on rank-deficient input** (7×7 and 14×14 maps, d = 64 and 256): float32 features and input
    gradients against a float64 ``eigh`` copy.
 4. **Layers**: forward+backward ms of each layer with ``mtp``, ``ns``, ``eigh`` and the paper's settings.
@@ -36,6 +38,7 @@ import torch
 import covpool
 from covpool.bench.trace import trace_root
 from covpool.linalg.numerics import with_relative_ridge
+from covpool.linalg.precision import products_in, tf32_products
 from covpool.testing import (
     random_covariance,
     random_spd,
@@ -128,6 +131,27 @@ def check_syncs() -> dict[str, str]:
     return results
 
 
+def product_ms(n: int, batch: int) -> dict[str, float]:
+    """Median ms of one ``(batch, n, n)`` product: float32 at full precision, float32 in TF32 (the scope a
+    ``"tf32"`` plan's low phases run in), and bfloat16 operands."""
+    a, b = torch.randn(2, batch, n, n, device="cuda")
+    times = {}
+    with products_in("tf32", torch.float32):  # full precision whatever the user's setting
+        times["float32"] = cuda_ms(lambda: torch.bmm(a, b))
+        with tf32_products(a.device):
+            times["tf32"] = cuda_ms(lambda: torch.bmm(a, b))
+    a16, b16 = a.bfloat16(), b.bfloat16()
+    times["bf16"] = cuda_ms(lambda: torch.bmm(a16, b16))
+    return times
+
+
+def product_floor(products: float, low: int, times: dict[str, float]) -> float:
+    """Time of a call's matrix products alone, ``low`` of them in TF32 and the rest in float32, at the
+    measured ``times`` of one product (:func:`product_ms`): the floor a configuration's time is read
+    against."""
+    return low * times["tf32"] + (products - low) * times["float32"]
+
+
 def bench_roots(
     sizes: list[int],
     batch: int,
@@ -148,6 +172,11 @@ def bench_roots(
         exact_grad = with_relative_ridge(reference_gradient(with_relative_ridge(A64, eps), upstream64), eps)
         A = A64.float().requires_grad_()
         upstream = upstream64.float()
+        times = product_ms(n, batch)
+        print(
+            f"  n={n:4d} one product: float32 {times['float32'] * 1e3:.1f} µs, "
+            f"TF32 {times['tf32'] * 1e3:.1f} µs, bf16 {times['bf16'] * 1e3:.1f} µs"
+        )
         for name, options in configs.items():
             options = {**options, "eps": eps}
 
@@ -187,13 +216,19 @@ def bench_roots(
                 row["products"] = products
                 best = row.get("graphed_ms", row["eager_ms"])
                 row["tflops"] = products * 2 * n**3 * batch / (best * 1e-3) / 1e12
+                plan = covpool.RootOptions.coerce({k: v for k, v in options.items() if k != "eps"}).plan(
+                    n, eps=eps, device=A.device, dtype=torch.float32
+                )
+                low = plan.mixed.products()[0] if plan.mixed is not None else 0
+                row["floor_ms"] = product_floor(products, low, times)
             rows.append(row)
             print(
                 f"  n={n:4d} {name:14s} eager {row['eager_ms']:8.3f} ms"
                 + (f"  graphed {row['graphed_ms']:7.3f} ms" if "graphed_ms" in row else " " * 25)
                 + f"  fwd err {row['forward_error']:.1e}  grad err {row['gradient_error']:.1e}"
                 + (
-                    f"  {row['products']:.0f} products, {row['tflops']:.1f} TFLOP/s"
+                    f"  {row['products']:.0f} products, {row['tflops']:.1f} TFLOP/s, floor "
+                    f"{row['floor_ms']:.3f} ms"
                     if "tflops" in row
                     else ""
                 )
