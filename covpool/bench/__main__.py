@@ -510,16 +510,21 @@ def run_rounding(args: argparse.Namespace) -> None:
     print(f"wrote {args.out / 'rounding.csv'} and {args.out / 'rounding.json'}")
 
 
+def _write_rows(args: argparse.Namespace, name: str, rows: list[dict]) -> None:
+    """``rows`` as ``name.csv`` and, with the environment and settings, ``name.json`` under ``--out``."""
+    write_csv(rows, args.out / f"{name}.csv")
+    write_json(
+        {"environment": _environment(), "settings": _settings(args), "rows": rows}, args.out / f"{name}.json"
+    )
+    print(f"wrote {args.out / f'{name}.csv'} and {args.out / f'{name}.json'}")
+
+
 def run_mixed(args: argparse.Namespace) -> None:
     """Print and write (``mixed.csv``, ``mixed.json``) the study of :mod:`covpool.bench.mixed`."""
     rows = mixed_rows(tuple(args.sizes), seed=args.seed)
     print(format_table(rows, list(rows[0])))
     print(mixed_summary(rows))
-    write_csv(rows, args.out / "mixed.csv")
-    write_json(
-        {"environment": _environment(), "settings": _settings(args), "rows": rows}, args.out / "mixed.json"
-    )
-    print(f"wrote {args.out / 'mixed.csv'} and {args.out / 'mixed.json'}")
+    _write_rows(args, "mixed", rows)
 
 
 def run_tf32_fit(args: argparse.Namespace) -> None:
@@ -527,11 +532,7 @@ def run_tf32_fit(args: argparse.Namespace) -> None:
     rows = fit_rows(tuple(args.sizes), progress=not args.no_progress)
     print(format_table(rows, list(rows[0])))
     print(fit_summary(rows))
-    write_csv(rows, args.out / "tf32_fit.csv")
-    write_json(
-        {"environment": _environment(), "settings": _settings(args), "rows": rows}, args.out / "tf32_fit.json"
-    )
-    print(f"wrote {args.out / 'tf32_fit.csv'} and {args.out / 'tf32_fit.json'}")
+    _write_rows(args, "tf32_fit", rows)
 
 
 def run_beyond_bound(args: argparse.Namespace) -> None:
@@ -544,12 +545,8 @@ def run_beyond_bound(args: argparse.Namespace) -> None:
         seed=args.seed,
         progress=not args.no_progress,
     )
-    write_csv(rows, args.out / "beyond.csv")
-    write_json(
-        {"environment": _environment(), "settings": _settings(args), "rows": rows}, args.out / "beyond.json"
-    )
     print(summary(rows))
-    print(f"wrote {args.out / 'beyond.csv'} and {args.out / 'beyond.json'}")
+    _write_rows(args, "beyond", rows)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
