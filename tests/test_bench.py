@@ -421,6 +421,13 @@ def test_tf32_fit_rows_stay_within_the_certificate_and_show_where_it_ends():
     assert "beyond the range" in fit_summary(rows)
 
 
+def test_tf32_fit_cli_writes_rows_and_figure(tmp_path):
+    main(["--tf32-fit", "--sizes", "16", "--no-progress", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "tf32_fit.json").read_text())["rows"]
+    assert len(rows) == 3 * 4 * 2 * 2 and (tmp_path / "tf32_fit.csv").exists()  # two seeds below n = 512
+    assert (tmp_path / "tf32_fit.png").read_bytes()[:4] == b"\x89PNG"
+
+
 class TestBeyondTheBound:
     def test_each_verdict_is_what_the_root_did(self):
         from covpool.bench.beyond import Case, classify

@@ -39,7 +39,7 @@ from covpool.bench.rounding import (
     rounding_row,
     trace_rows,
 )
-from covpool.bench.tf32_fit import FIT_SIZES, fit_rows, fit_summary
+from covpool.bench.tf32_fit import FIT_SIZES, fit_rows, fit_summary, plot_fit
 from covpool.bench.trace import FAKE_CUDA_SUPPORTED, trace_root
 from covpool.linalg.options import TRACE_ROUNDING
 
@@ -533,6 +533,7 @@ def run_tf32_fit(args: argparse.Namespace) -> None:
     print(format_table(rows, list(rows[0])))
     print(fit_summary(rows))
     _write_rows(args, "tf32_fit", rows)
+    print(f"wrote {plot_fit(rows, args.out / 'tf32_fit.png')}")
 
 
 def run_beyond_bound(args: argparse.Namespace) -> None:

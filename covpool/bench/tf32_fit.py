@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -47,6 +48,13 @@ REFINEMENTS = ((2, 1), (3, 2))
 BATCH = 8
 LARGE = 512
 """From this size one seed and batches of 3 (the emulated products cost minutes beyond)."""
+PANELS = (
+    ("root", "error of Y", 1, ROOT_GROWTH),
+    ("inverse", "error of Z", 2, INVERSE_GROWTH),
+    ("gradient", "gradient error", 2, INVERSE_GROWTH),
+    ("residual", "a-posteriori test, valid input", 2, VALID_RESIDUAL_GROWTH),
+)
+"""Per quantity: its column, title, the model's power of ``t`` and constant."""
 MODEL = {
     "root/t": ROOT_GROWTH,
     "inverse/t²": INVERSE_GROWTH,
@@ -134,3 +142,41 @@ def fit_summary(rows: list[dict]) -> str:
             f"{error} ({worst['kind']}, n = {worst['n']}, condition {worst['condition']:g})"
         )
     return "\n".join(lines)
+
+
+def plot_fit(rows: list[dict], path: Path) -> Path:
+    """``path`` (PNG): each quantity of :data:`PANELS` against ``t`` on log scales, one colour per input
+    family, the model's line, and the end of the fitted range (dashed); NaN results beyond it are counted
+    in the panel's title. Drawn with matplotlib's Agg canvas, without pyplot's global state."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(11.0, 8.0), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(2, 2).ravel()
+    ts = [row["t"] for row in rows]
+    line = [min(ts) / 1.2, max(ts) * 1.2]
+    for axis, (column, title, power, constant) in zip(axes, PANELS, strict=True):
+        for index, kind in enumerate(SPECTRUM_KINDS):
+            chosen = [row for row in rows if row["kind"] == kind and math.isfinite(row[column])]
+            axis.scatter(
+                [row["t"] for row in chosen],
+                [max(row[column], 1e-12) for row in chosen],
+                s=14,
+                color=f"C{index}",
+                label=kind,
+                alpha=0.7,
+            )
+        axis.plot(
+            line, [constant * t**power for t in line], color="black", label=f"model {constant:g} t^{power}"
+        )
+        axis.axvline(TF32_DOMAIN, color="grey", linestyle="--", label=f"fitted range t <= {TF32_DOMAIN:g}")
+        not_finite = sum(not math.isfinite(row[column]) for row in rows)
+        axis.set(xscale="log", yscale="log", xlabel="t = eps_TF32 / lower", ylabel="relative error")
+        axis.set_title(title + (f" ({not_finite} NaN beyond the range)" if not_finite else ""), fontsize=10)
+        axis.legend(fontsize=7)
+    figure.suptitle(
+        "precision='tf32': emulated runs against the certificate's model (python -m covpool.bench --tf32-fit)"
+    )
+    figure.savefig(path, dpi=110)
+    return path
