@@ -318,3 +318,28 @@ class TestSelfCertification:
             covpool.RootOptions(method="mtp", tol=1e-5).plan(
                 512, eps=0.0, device=torch.device("cuda"), dtype=torch.float32
             )
+
+
+class TestResidualTestValues:
+    """The a-posteriori tests' values themselves (:func:`covpool.linalg.iteration.residual_norm`,
+    :func:`~covpool.linalg.iteration.mixed_residual`) against eigenvalues placed exactly."""
+
+    @staticmethod
+    def _pair(error: float, n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+        """``Y = I`` and ``Z`` with one eigenvalue ``1 + error`` (float32, batch of 1)."""
+        generator = torch.Generator().manual_seed(0)
+        Q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=generator))
+        values = torch.ones(n, dtype=torch.float64)
+        values[0] += error
+        return torch.eye(n)[None], ((Q * values) @ Q.T).float()[None]
+
+    @pytest.mark.parametrize("error", [1e-2, 1e-4, 1e-5, 2e-6, 4e-7])
+    def test_residual_norm_reads_the_eigenvalue_down_to_float32_rounding(self, error):
+        """Eighth powers of entries below about 3e-6 flush to 0 in a float32 norm: the test would read 0
+        and pass any limit. The norm is taken in float64."""
+        from covpool.linalg.iteration import mixed_residual, residual_norm
+
+        Y, Z = self._pair(error)
+        assert residual_norm(Y, Z).item() == pytest.approx(error, rel=0.3)
+        # with Â = Y² = I, the mixed test reads Z Y - I as well, and Z (Â - Y²) Z = 0
+        assert mixed_residual(torch.eye(16)[None], Y, Z).item() == pytest.approx(error, rel=0.3)

@@ -146,8 +146,9 @@ def fit_summary(rows: list[dict]) -> str:
 
 def plot_fit(rows: list[dict], path: Path) -> Path:
     """``path`` (PNG): each quantity of :data:`PANELS` against ``t`` on log scales, one colour per input
-    family, the model's line, and the end of the fitted range (dashed); NaN results beyond it are counted
-    in the panel's title. Drawn with matplotlib's Agg canvas, without pyplot's global state."""
+    family, the model's line, and the end of the fitted range (dashed); NaN results beyond it and exact
+    zeros (no point on a log scale) are counted in the panel's title. Drawn with matplotlib's Agg canvas,
+    without pyplot's global state."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -158,10 +159,10 @@ def plot_fit(rows: list[dict], path: Path) -> Path:
     line = [min(ts) / 1.2, max(ts) * 1.2]
     for axis, (column, title, power, constant) in zip(axes, PANELS, strict=True):
         for index, kind in enumerate(SPECTRUM_KINDS):
-            chosen = [row for row in rows if row["kind"] == kind and math.isfinite(row[column])]
+            chosen = [row for row in rows if row["kind"] == kind and row[column] > 0]  # NaN compares False
             axis.scatter(
                 [row["t"] for row in chosen],
-                [max(row[column], 1e-12) for row in chosen],
+                [row[column] for row in chosen],
                 s=14,
                 color=f"C{index}",
                 label=kind,
@@ -172,8 +173,10 @@ def plot_fit(rows: list[dict], path: Path) -> Path:
         )
         axis.axvline(TF32_DOMAIN, color="grey", linestyle="--", label=f"fitted range t <= {TF32_DOMAIN:g}")
         not_finite = sum(not math.isfinite(row[column]) for row in rows)
+        zero = sum(row[column] == 0 for row in rows)
+        notes = [f"{not_finite} NaN beyond the range"] * bool(not_finite) + [f"{zero} exactly 0"] * bool(zero)
         axis.set(xscale="log", yscale="log", xlabel="t = eps_TF32 / lower", ylabel="relative error")
-        axis.set_title(title + (f" ({not_finite} NaN beyond the range)" if not_finite else ""), fontsize=10)
+        axis.set_title(title + (f" ({', '.join(notes)})" if notes else ""), fontsize=10)
         axis.legend(fontsize=7)
     figure.suptitle(
         "precision='tf32': emulated runs against the certificate's model (python -m covpool.bench --tf32-fit)"

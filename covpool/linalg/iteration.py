@@ -177,6 +177,14 @@ MIXED_TEST_PRODUCTS = 8
 """Matrix products of :func:`mixed_residual`."""
 
 
+def _quartic_norm(R: torch.Tensor) -> torch.Tensor:
+    """``‖R⁴‖_F^(1/4)`` per matrix: two products in ``R``'s dtype, the norm in float64, whose range holds
+    the eighth powers of entries that a float32 norm flushes to 0 (below about 3e-6: such a residual
+    would read 0 and pass any limit). Shapes: ``(b, n, n)`` → ``(b,)``, ``R``'s dtype."""
+    R2 = R @ R
+    return torch.linalg.matrix_norm(R2 @ R2, dtype=torch.float64).pow(0.25).to(R.dtype)
+
+
 def residual_norm(Y: torch.Tensor, Z: torch.Tensor) -> torch.Tensor:
     """``‖(Z Y - I)⁴‖_F^(1/4)``, at least ``max_i |u_i - 1|`` over the eigenvalues ``u_i`` of ``Z Y`` and
     at most ``n^(1/8)`` times it (``Z Y`` is symmetric in exact arithmetic). NaN or Inf anywhere gives NaN
@@ -186,9 +194,7 @@ def residual_norm(Y: torch.Tensor, Z: torch.Tensor) -> torch.Tensor:
     """
     batch = Y.shape[:-2]
     Y, Z = Y.reshape(-1, *Y.shape[-2:]), Z.reshape(-1, *Z.shape[-2:])
-    R = torch.baddbmm(eye_like(Y), Z, Y, beta=-1.0)
-    R2 = R @ R
-    return torch.linalg.matrix_norm(R2 @ R2).pow(0.25).reshape(batch)
+    return _quartic_norm(torch.baddbmm(eye_like(Y), Z, Y, beta=-1.0)).reshape(batch)
 
 
 def mixed_residual(A_hat: torch.Tensor, Y: torch.Tensor, Z: torch.Tensor) -> torch.Tensor:
@@ -200,9 +206,7 @@ def mixed_residual(A_hat: torch.Tensor, Y: torch.Tensor, Z: torch.Tensor) -> tor
     batch = Y.shape[:-2]
     A_hat, Y, Z = (M.reshape(-1, *M.shape[-2:]) for M in (A_hat, Y, Z))
     relative = Z @ torch.baddbmm(A_hat, Y, Y, alpha=-1.0) @ Z
-    R2 = relative @ relative
-    squared_root_error = torch.linalg.matrix_norm(R2 @ R2).pow(0.25) / 2.0
-    return torch.maximum(residual_norm(Y, Z), squared_root_error).reshape(batch)
+    return torch.maximum(residual_norm(Y, Z), _quartic_norm(relative) / 2.0).reshape(batch)
 
 
 def passes_residual_test(
