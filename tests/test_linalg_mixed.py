@@ -313,6 +313,23 @@ class TestTF32Plan:
                 n, eps=0.0, device=torch.device("cpu"), dtype=dtype
             )
 
+    def test_batch_shapes_and_degenerate_input(self) -> None:
+        """Leading batch dimensions, n = 1, an empty batch, the zero matrix (its square root is exact; its
+        inverse root is flagged), NaN flagged per matrix, and scales 1e-30 … 1e30 finite and right."""
+        options = covpool.RootOptions(method="mtp", precision="tf32", check_input=False)
+        A = random_spd(2, 3, n=8, dtype=torch.float32)
+        assert covpool.sqrtm(A, options).shape == (2, 3, 8, 8)
+        assert torch.equal(covpool.sqrtm(torch.tensor([[[4.0]]]), options), torch.tensor([[[2.0]]]))
+        assert covpool.sqrtm(torch.empty(0, 8, 8), options).shape == (0, 8, 8)
+        mixed = torch.stack([torch.zeros(8, 8), A[0, 0], 1e-30 * A[0, 1], 1e30 * A[0, 2]])
+        mixed[1, 0, 0] = float("nan")
+        out = covpool.sqrtm(mixed, options)
+        assert torch.equal(out[0], torch.zeros(8, 8))
+        assert out[1].isnan().all() and out[2:].isfinite().all()
+        for scale, matrix, root in ((1e-30, A[0, 1], out[2]), (1e30, A[0, 2], out[3])):
+            assert relative_error(root / scale**0.5, reference_root(matrix.double())) <= 1e-3
+        assert covpool.inv_sqrtm(torch.zeros(1, 8, 8), options).isnan().all()
+
     def test_a_covariance_head_ridge_is_refused(self) -> None:
         head = covpool.layers.CovPoolHead(64, num_classes=3, root=TF32)
         with pytest.raises(ValueError, match="precision='tf32' cannot be planned"):
