@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import covpool
+from covpool.bench.tf32_fit import normalised_case
 from covpool.linalg.emulation import EPSILON, ProductCounter, emulated_products
 from covpool.linalg.iteration import coupled_root, mixed_residual, residual_rounding
 from covpool.linalg.lyapunov import rounding_error, solve_lyapunov
@@ -62,18 +63,9 @@ class TestMarginedSchedule:
             margined_schedule(0.02, 1.0, 1e-9, degree=1, margin=0.01)
 
 
-def _bounded_case(
-    kind: str, n: int, condition: float, seed: int
-) -> tuple[torch.Tensor, RootPlan, torch.Tensor]:
-    """Float32 ``Â`` of 4 :func:`covpool.testing.bounded_matrices` at ``condition``, the mtp plan assuming
-    it, and an upstream gradient."""
-    generator = torch.Generator().manual_seed(seed)
-    A = bounded_matrices(kind, 4, n, condition, generator)
-    plan = covpool.RootOptions(method="mtp", condition=condition).plan(
-        n, eps=0.0, device=torch.device("cpu"), dtype=torch.float32
-    )
-    A_hat, _ = normalise(A.float(), plan.normalization)
-    return A_hat, plan, torch.randn(A.shape, generator=generator, dtype=torch.float64).float()
+def _bounded_case(kind: str, n: int, condition: float, seed: int) -> tuple[torch.Tensor, float, torch.Tensor]:
+    """:func:`covpool.bench.tf32_fit.normalised_case` of 4 matrices, with its own seed."""
+    return normalised_case(kind, n, condition, 4, torch.Generator().manual_seed(seed))
 
 
 def _case(n: int, kind: str, seed: int = 0) -> tuple[torch.Tensor, RootPlan, torch.Tensor]:
@@ -167,9 +159,9 @@ class TestRoundingModel:
     ) -> None:
         """Fresh seeds and sizes the model was not fitted on, up to the edge of its range (condition 1e4):
         forward, inverse, gradient and a valid input's residual within the model."""
-        A_hat, root_plan, G = _bounded_case(kind, n, condition, seed=7)
+        A_hat, lower, G = _bounded_case(kind, n, condition, seed=7)
         plan = mixed_plan(
-            root_plan.lower,
+            lower,
             epsilon=EPSILON["tf32"],
             refinements=refinements[0],
             backward_refinements=refinements[1],
@@ -201,8 +193,8 @@ class TestRoundingModel:
 
     def test_beyond_the_fitted_range_tf32_fails(self) -> None:
         """Why the range ends: at condition 1e5 the same plan, designed for it, misses 1e-3 by far."""
-        A_hat, root_plan, G = _bounded_case("ridged", 64, 1e5, seed=1)
-        plan = mixed_plan(root_plan.lower, epsilon=EPSILON["tf32"])
+        A_hat, lower, G = _bounded_case("ridged", 64, 1e5, seed=1)
+        plan = mixed_plan(lower, epsilon=EPSILON["tf32"])
         low = lambda: emulated_products("tf32")  # noqa: E731
         Y, _ = mixed_sqrt(A_hat, plan, low)
         error = relative_error(mixed_lyapunov(Y, G, plan, low), reference_gradient(A_hat, G))

@@ -64,6 +64,22 @@ MODEL = {
 """Each ratio's modelled constant."""
 
 
+def normalised_case(
+    kind: str, n: int, condition: float, batch: int, generator: torch.Generator
+) -> tuple[torch.Tensor, float, torch.Tensor]:
+    """``batch`` :func:`covpool.testing.bounded_matrices` of ``kind`` at ``condition``, normalised as the
+    mtp plan assuming that condition normalises them (float32 ``Â``); that plan's ``lower``; a Gaussian
+    upstream gradient (float32). Shapes: ``(batch, n, n)``."""
+    A = bounded_matrices(kind, batch, n, condition, generator)
+    # the plan's bound and normalisation do not depend on tol; 1e-2 keeps float32's plan from being
+    # refused at condition 1e5
+    plan = covpool.RootOptions(method="mtp", condition=condition, tol=1e-2).plan(
+        n, eps=0.0, device=torch.device("cpu"), dtype=torch.float32
+    )
+    A_hat, _ = normalise(A.float(), plan.normalization)
+    return A_hat, plan.lower, torch.randn(A.shape, generator=generator, dtype=torch.float64).float()
+
+
 def fit_rows(sizes: tuple[int, ...] = FIT_SIZES, *, seeds: int = 2, progress: bool = True) -> list[dict]:
     """One row per family, size, condition, seed and refinement count: ``t``, the errors and their ratios to
     the model's powers of ``t`` (see the module docstring)."""
@@ -76,23 +92,17 @@ def fit_rows(sizes: tuple[int, ...] = FIT_SIZES, *, seeds: int = 2, progress: bo
     rows = []
     for kind, n, condition, seed in tqdm(grid, desc="tf32 fit", disable=not progress, unit="case"):
         generator = torch.Generator().manual_seed(seed + 1)
-        A = bounded_matrices(kind, 3 if n >= LARGE else BATCH, n, condition, generator)
-        # the bound and normalisation of the mtp plan assuming ``condition`` (they do not depend on tol;
-        # 1e-2 keeps float32's plan from being refused at condition 1e5)
-        plan = covpool.RootOptions(method="mtp", condition=condition, tol=1e-2).plan(
-            n, eps=0.0, device=torch.device("cpu"), dtype=torch.float32
-        )
-        A_hat, _ = normalise(A.float(), plan.normalization)
-        upstream = torch.randn(A.shape, generator=generator, dtype=torch.float64).float()
+        batch = 3 if n >= LARGE else BATCH
+        A_hat, lower, upstream = normalised_case(kind, n, condition, batch, generator)
         exact = (
             reference_root(A_hat),
             reference_root(A_hat, inverse=True),
             reference_gradient(A_hat, upstream),
         )
-        t = EPSILON["tf32"] / plan.lower
+        t = EPSILON["tf32"] / lower
         for refinements, corrections in REFINEMENTS:
             mixed = mixed_plan(
-                plan.lower, epsilon=EPSILON["tf32"], refinements=refinements, backward_refinements=corrections
+                lower, epsilon=EPSILON["tf32"], refinements=refinements, backward_refinements=corrections
             )
             with products_in("full", torch.float32):  # float32 phases at full precision, as in the roots
                 Y, Z = mixed_sqrt(A_hat, mixed, low)
