@@ -28,9 +28,9 @@ from covpool.kernels.dispatch import MAX_N, triton_available, uses_fused_backwar
 from covpool.linalg.iteration import passes_residual_test
 from covpool.linalg.lyapunov import rounding_error
 from covpool.linalg.normalization import normalise
-from covpool.linalg.numerics import symmetrize, with_relative_ridge
 from covpool.linalg.options import RootPlan
 from covpool.linalg.schedule import pade_schedule
+from covpool.numerics import symmetrize, with_relative_ridge
 from covpool.testing import random_covariance, random_spd, reference_gradient, reference_root, relative_error
 
 AGREEMENT = {torch.float32: 2e-5}

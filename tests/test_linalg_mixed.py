@@ -24,9 +24,9 @@ from covpool.linalg.mixed import (
     mixed_valid_residual,
 )
 from covpool.linalg.normalization import normalise
-from covpool.linalg.numerics import with_relative_ridge
 from covpool.linalg.options import RootPlan
 from covpool.linalg.schedule import step_map
+from covpool.numerics import with_relative_ridge
 from covpool.testing import (
     bounded_matrices,
     random_covariance,

@@ -17,7 +17,7 @@ import torch
 
 import covpool
 from covpool.linalg import RootOptions
-from covpool.linalg.numerics import working_dtype
+from covpool.numerics import working_dtype
 
 RootFn = Callable[[torch.Tensor, bool], torch.Tensor]
 

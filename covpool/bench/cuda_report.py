@@ -37,8 +37,8 @@ import torch
 
 import covpool
 from covpool.bench.trace import trace_root
-from covpool.linalg.numerics import with_relative_ridge
 from covpool.linalg.precision import products_in, tf32_products
+from covpool.numerics import with_relative_ridge
 from covpool.testing import (
     random_covariance,
     random_spd,

@@ -20,8 +20,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import covpool
-from covpool.linalg.numerics import working_dtype
 from covpool.linalg.options import RootPlan
+from covpool.numerics import working_dtype
 from covpool.testing import random_spd
 
 HOST_METHODS = ("eigh", "mtp", "mpa")

@@ -28,7 +28,7 @@ from covpool.bench.budget import BudgetResult, run_groups_within_budget
 from covpool.bench.ranking import ROW_TIMES, rank_rows, time_fields
 from covpool.bench.timing import Timer, measure_interleaved
 from covpool.linalg import RootOptions
-from covpool.linalg.numerics import working_dtype
+from covpool.numerics import working_dtype
 
 LayerBuilder = Callable[..., nn.Module]
 """``builder(root=..., device=..., dtype=...)`` returns the layer."""

@@ -41,10 +41,10 @@ from covpool.linalg.mixed import (
     staged_root,
 )
 from covpool.linalg.normalization import normalise
-from covpool.linalg.numerics import with_relative_ridge
 from covpool.linalg.options import RootPlan
 from covpool.linalg.precision import products_in
 from covpool.linalg.schedule import BACKWARD_DEGREES, Schedule, minimax_schedule
+from covpool.numerics import with_relative_ridge
 from covpool.testing import random_covariance, random_spd, reference_gradient, reference_root, relative_error
 
 MIXED_SIZES = (64, 256)

@@ -27,7 +27,7 @@ import covpool
 from covpool.bench.timing import saved_tensor_bytes
 from covpool.bench.trace import trace_root
 from covpool.linalg.lyapunov import rounding_error
-from covpool.linalg.numerics import with_relative_ridge
+from covpool.numerics import with_relative_ridge
 from covpool.testing import random_covariance, reference_gradient, relative_error
 
 ROUNDING_SIZES = (32, 64, 128, 256)

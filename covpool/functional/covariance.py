@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from covpool.linalg import RootOptions, sqrtm
-from covpool.linalg.numerics import working_dtype
+from covpool.numerics import working_dtype
 
 MIN_POSITIONS = 2
 """Fewest positions (samples) a covariance pooling accepts: the covariance of one position is zero."""

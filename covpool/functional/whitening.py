@@ -22,7 +22,7 @@ from einops import rearrange
 from torch import Tensor
 
 from covpool.linalg import RootOptions, inv_sqrtm
-from covpool.linalg.numerics import working_dtype
+from covpool.numerics import working_dtype
 
 STATISTICS_DTYPE = torch.float64
 RELATIVE_FLOOR_ULPS = 1.0

@@ -22,7 +22,7 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 
 from covpool.kernels import fused_iteration, fused_lyapunov
-from covpool.linalg.numerics import is_tracing
+from covpool.numerics import is_tracing
 
 if TYPE_CHECKING:
     from covpool.linalg.options import RootPlan

@@ -25,11 +25,11 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from covpool.checks import check_choice
 from covpool.functional.covariance import MIN_POSITIONS, sqrt_covariance_pool
 from covpool.layers.constructor_doc import document_init
 from covpool.layers.head_base import CovarianceHead
 from covpool.linalg import RootOptions
-from covpool.linalg.checks import check_choice
 
 INPUT_FORMATS = ("NCHW", "NLC")
 

@@ -8,8 +8,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from covpool.checks import check_float, check_positive_int
 from covpool.linalg import RootOptions
-from covpool.linalg.checks import check_float, check_positive_int
 
 
 def make_classifier(

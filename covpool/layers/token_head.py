@@ -19,11 +19,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from covpool.checks import check_positive_int
 from covpool.functional.covariance import MIN_POSITIONS, sqrt_covariance_pool
 from covpool.layers.constructor_doc import document_init
 from covpool.layers.head_base import CovarianceHead
 from covpool.linalg import RootOptions
-from covpool.linalg.checks import check_positive_int
 
 
 @document_init

@@ -43,6 +43,7 @@ import torch.distributed as dist
 from einops import rearrange
 from torch import Tensor, nn
 
+from covpool.checks import check_float, check_positive_int, reads_values
 from covpool.functional.distributed import all_reduce_sum, is_distributed
 from covpool.functional.whitening import (
     group_statistics,
@@ -52,8 +53,7 @@ from covpool.functional.whitening import (
 )
 from covpool.layers.constructor_doc import document_init
 from covpool.linalg import RootOptions
-from covpool.linalg.checks import check_float, check_positive_int, reads_values
-from covpool.linalg.numerics import working_dtype
+from covpool.numerics import working_dtype
 
 
 class _ZCABatchNorm(nn.Module):

@@ -1,6 +1,6 @@
 """Differentiable matrix square roots and inverse square roots of batches of SPD matrices."""
 
-from covpool.linalg.checks import flagged_matrices
+from covpool.linalg.flags import flagged_matrices
 from covpool.linalg.options import METHODS, PAPER_CONFIG, RootOptions
 from covpool.linalg.roots import inv_sqrtm, sqrtm
 

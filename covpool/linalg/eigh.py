@@ -30,9 +30,9 @@ from __future__ import annotations
 
 import torch
 
-from covpool.linalg.checks import refuse_double_backward
-from covpool.linalg.numerics import eye_like
+from covpool.checks import refuse_double_backward
 from covpool.linalg.precision import products_in
+from covpool.numerics import eye_like
 
 _RELATIVE_ROUNDING = 10.0
 DECOMPOSED_IN = {torch.float32: torch.float64}

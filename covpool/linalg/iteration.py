@@ -25,9 +25,9 @@ from fractions import Fraction
 import torch
 
 from covpool.linalg.coefficients import pade_coefficients, taylor_coefficients
-from covpool.linalg.numerics import add_to_diagonal, eye_like, symmetrize
 from covpool.linalg.polynomial import matrix_polynomials
 from covpool.linalg.schedule import PadeStep, Schedule
+from covpool.numerics import add_to_diagonal, eye_like, symmetrize
 
 
 @torch.compiler.assume_constant_result

@@ -66,8 +66,8 @@ from covpool.linalg.lyapunov import (
     apply_sign_factor,
     sign_factor,
 )
-from covpool.linalg.numerics import eye_like, symmetrize
 from covpool.linalg.schedule import MAX_STEPS, PolynomialStep, Schedule, image
+from covpool.numerics import eye_like, symmetrize
 
 MARGIN = 0.01
 """Relative room on both ends of every low-precision step (Polar Express's 1.01)."""

@@ -22,8 +22,8 @@ import torch
 from torch import Tensor
 
 from covpool.linalg.eigh import exact_root_gradient
-from covpool.linalg.numerics import symmetrize, with_relative_ridge
 from covpool.linalg.options import RootOptions
+from covpool.numerics import symmetrize, with_relative_ridge
 
 
 def _eager_root(A: Tensor, inverse: bool, options: str, eps: float) -> Tensor:

@@ -17,14 +17,13 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from covpool.checks import check_choice, check_float, check_positive_int, reads_values
 from covpool.linalg.auto import choose_method
-from covpool.linalg.checks import check_choice, check_float, check_positive_int, reads_values
 from covpool.linalg.coefficients import pade_coefficients, taylor_coefficients
 from covpool.linalg.emulation import EPSILON
 from covpool.linalg.iteration import MIXED_TEST_PRODUCTS, RESIDUAL_TEST_PRODUCTS, residual_rounding
 from covpool.linalg.lyapunov import rounding_error
 from covpool.linalg.mixed import MixedPlan, mixed_error_bound, mixed_plan, mixed_valid_residual
-from covpool.linalg.numerics import is_tracing
 from covpool.linalg.precision import PRECISIONS, Precision, modelled_time, resolve_precision
 from covpool.linalg.schedule import (
     BACKWARD_DEGREES,
@@ -39,6 +38,7 @@ from covpool.linalg.schedule import (
     residual_test,
     valid_residual,
 )
+from covpool.numerics import is_tracing
 
 Method = Literal["auto", "mtp", "mpa", "ns", "eigh"]
 Normalization = Literal["schatten8", "frobenius", "trace"]

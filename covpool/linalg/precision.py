@@ -6,7 +6,7 @@ and float32 refinements that meet ``tol``. ``"auto"`` resolves to ``"tf32"`` whe
 and modelled faster (:func:`resolve_precision`, :func:`modelled_time`), else ``"full"``.
 
 A plan's schedules and its residual test are certified for products computed in the working dtype
-(:func:`covpool.linalg.numerics.working_dtype`). torch lets a user lower the precision of every float32
+(:func:`covpool.numerics.working_dtype`). torch lets a user lower the precision of every float32
 product globally: ``torch.set_float32_matmul_precision("high")`` (TF32 on CUDA, as Lightning advises on
 every tensor-core GPU), ``"medium"`` (bfloat16 products where the backend has them, oneDNN on CPUs with
 AMX included), ``torch.backends.cuda.matmul.allow_tf32``. TF32's unit roundoff, 4.9e-4, is four thousand
@@ -42,7 +42,7 @@ from typing import Literal
 import torch
 
 from covpool.linalg.emulation import emulated_products
-from covpool.linalg.numerics import is_tracing
+from covpool.numerics import is_tracing
 
 Precision = Literal["full", "tf32", "auto"]
 PRECISIONS: tuple[str, ...] = ("full", "tf32", "auto")

@@ -6,7 +6,7 @@ inverse root) and a scale per matrix, whatever the number of steps; where roundi
 gradient (``backward="unrolled"``, the default beyond about ``κ = 2e5`` in float32) they are
 differentiated through their steps instead. ``"ns"`` always is, by autograd, as iSQRT-COV does.
 ``"eigh"`` is exact (:mod:`covpool.linalg.eigh`). What is checked where is said in
-:mod:`covpool.linalg.checks`. With ``fused=True``, small float32 CUDA matrices run the forward iteration
+:mod:`covpool.checks`. With ``fused=True``, small float32 CUDA matrices run the forward iteration
 and the Lyapunov backward in one fused Triton launch each (:mod:`covpool.kernels.dispatch` decides where).
 With ``precision="tf32"``, mtp runs its mixed-precision plan (:mod:`covpool.linalg.mixed`) in both
 directions.
@@ -19,28 +19,28 @@ from typing import Any, TypedDict, Unpack
 
 import torch
 
-from covpool.kernels.dispatch import uses_fused_backward, uses_fused_forward
-from covpool.kernels.fused_iteration import fused_coupled_root
-from covpool.kernels.fused_lyapunov import fused_solve_lyapunov
-from covpool.linalg.checks import (
+from covpool.checks import (
     check_finite,
     check_float,
     check_square_batch,
-    count_flagged,
     estimated_condition,
     raise_if_invalid,
     refuse_double_backward,
 )
+from covpool.kernels.dispatch import uses_fused_backward, uses_fused_forward
+from covpool.kernels.fused_iteration import fused_coupled_root
+from covpool.kernels.fused_lyapunov import fused_solve_lyapunov
 from covpool.linalg.eigh import eigh_root
+from covpool.linalg.flags import count_flagged
 from covpool.linalg.iteration import coupled_root, direct_root, passes_residual_test, within_error
 from covpool.linalg.lyapunov import solve_lyapunov
 from covpool.linalg.mixed import mixed_lyapunov, mixed_sqrt
 from covpool.linalg.normalization import normalise
-from covpool.linalg.numerics import is_tracing, symmetrize, with_relative_ridge, working_dtype
 from covpool.linalg.opaque import opaque_root
 from covpool.linalg.options import DEFAULT_CONDITION, DEFAULT_TOL, RootOptions, RootPlan
 from covpool.linalg.precision import products_in, reduced, scoped_backward, tf32_products
 from covpool.linalg.unrolled import coupled_root_adjoint
+from covpool.numerics import is_tracing, symmetrize, with_relative_ridge, working_dtype
 
 NS_DIVERGED = 1.0
 """ns's test of gross failure (:func:`covpool.linalg.iteration.within_error`): a few Newton-Schulz steps

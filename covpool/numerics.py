@@ -1,4 +1,5 @@
-"""Working precision and symmetrisation: the few numerical conventions every root and layer shares."""
+"""Working precision, symmetrisation and the ridge: the few numerical conventions every root and layer
+shares."""
 
 from __future__ import annotations
 

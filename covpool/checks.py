@@ -15,7 +15,8 @@ Three kinds of check, one place:
   free (CPU), no on CUDA and while ``torch.compile``/``torch.export`` trace, so that the default GPU path
   never synchronises.
 
-Every error names the argument, what was seen and what was expected.
+Every error names the argument, what was seen and what was expected. The layers and the roots take
+their checks from here; the count of flagged matrices lives in :mod:`covpool.linalg.flags`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from collections.abc import Callable
 
 import torch
 
-from covpool.linalg.numerics import is_tracing
+from covpool.numerics import is_tracing
 
 _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -74,45 +75,6 @@ def raise_if_invalid(valid: torch.Tensor, message: Callable[[], str]) -> None:
     the message is built only then (it may read values)."""
     if not bool(valid.all()):
         raise ValueError(f"{message()}; failing {_entries(~valid)}")
-
-
-_flagged: dict[torch.device, torch.Tensor] = {}
-
-
-def count_flagged(valid: torch.Tensor) -> None:
-    """Add the number of unset flags of ``valid`` to its device's count of flagged matrices, on the
-    device (no synchronisation; three kernels). Not while tracing, where the graph's NaN still marks them,
-    nor on fake tensors, which cannot keep a count (so ``python -m covpool.bench --trace`` leaves those
-    three kernels out)."""
-    if is_tracing() or valid.numel() == 0 or torch._subclasses.fake_tensor.is_fake(valid):
-        return
-    count = _flagged.get(valid.device)
-    if count is None:
-        count = _flagged[valid.device] = torch.zeros((), dtype=torch.int64, device=valid.device)
-    count.add_((~valid).sum())
-
-
-def flagged_matrices(*, reset: bool = False) -> int:
-    """How many matrices the roots have flagged (returned NaN for, or raised on) since the start or the
-    last reset, over every device. The roots count on the device, without a synchronisation, so a NaN
-    that the sync-free CUDA path returns is still counted; reading the count synchronises once per
-    device: call it where a host read is cheap (a logging step, the end of an epoch). Not counted:
-    calls traced by ``torch.compile``/``torch.export`` (their NaN still marks the matrix).
-
-    Example:
-        >>> import torch, covpool
-        >>> _ = covpool.flagged_matrices(reset=True)
-        >>> _ = covpool.sqrtm(-torch.eye(3).expand(2, 3, 3), method="mtp", check_input=False)
-        >>> covpool.flagged_matrices(reset=True)
-        2
-        >>> covpool.flagged_matrices()
-        0
-    """
-    total = sum(int(count) for count in _flagged.values())
-    if reset:
-        for count in _flagged.values():
-            count.zero_()
-    return total
 
 
 def estimated_condition(A: torch.Tensor, mask: torch.Tensor) -> str:
