@@ -377,7 +377,7 @@ def test_mixed_run_separates_refined_from_low_precision_configurations(tmp_path,
 
 def test_input_rounding_stays_within_the_traces_room():
     from covpool.bench.rounding import INPUT_SIZES, input_rounding_rows
-    from covpool.linalg.options import TRACE_ROUNDING
+    from covpool.linalg.certify import TRACE_ROUNDING
 
     rows = input_rounding_rows(batch=4)
     assert len(rows) == len(INPUT_SIZES) * 4

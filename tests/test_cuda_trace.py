@@ -7,6 +7,7 @@ import torch
 
 import covpool
 from covpool.bench.trace import FAKE_CUDA_SUPPORTED, trace_root
+from covpool.linalg.planner import plan_root
 
 pytestmark = pytest.mark.skipif(
     not FAKE_CUDA_SUPPORTED,
@@ -55,7 +56,7 @@ def test_the_tf32_plan_is_sync_free_and_runs_its_planned_products(name):
 
     options = covpool.RootOptions(method="mtp", precision="tf32")
     result = trace_root(lambda a: ROOTS[name](a, options), n=64, batch=8)
-    plan = options.plan(64, eps=0.0, device=torch.device("cuda"), dtype=torch.float32)
+    plan = plan_root(options, 64, eps=0.0, device=torch.device("cuda"), dtype=torch.float32)
     assert result.syncs == 0
     assert result.products == plan.products() + 2 + 8 + (2 if name == "inv_sqrtm" else 0)
     assert (precision._depth, precision._tf32_owner) == (0, None)

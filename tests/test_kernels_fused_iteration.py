@@ -23,12 +23,12 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 import covpool
 from covpool import PAPER_CONFIG, RootOptions
 from covpool.bench.trace import FAKE_CUDA_SUPPORTED
-from covpool.kernels import fused_iteration, fused_lyapunov
-from covpool.kernels.dispatch import MAX_N, triton_available, uses_fused_backward, uses_fused_forward
+from covpool.kernels import MAX_N, fused_iteration, fused_lyapunov, triton_available
+from covpool.linalg import planner
 from covpool.linalg.iteration import passes_residual_test
 from covpool.linalg.lyapunov import rounding_error
 from covpool.linalg.normalization import normalise
-from covpool.linalg.options import RootPlan
+from covpool.linalg.planner import RootPlan, plan_call, plan_root
 from covpool.linalg.schedule import pade_schedule
 from covpool.numerics import symmetrize, with_relative_ridge
 from covpool.testing import random_covariance, random_spd, reference_gradient, reference_root, relative_error
@@ -67,7 +67,7 @@ needs_triton = pytest.mark.skipif(not triton_available(), reason="needs triton")
 
 def _plan(method: str, n: int, eps: float) -> RootPlan:
     options = RootOptions(**PAPER_CONFIG) if method == "paper" else RootOptions(method=method)
-    return options.plan(n, eps=eps, device=torch.device("cpu"), dtype=torch.float32)
+    return plan_root(options, n, eps=eps, device=torch.device("cpu"), dtype=torch.float32)
 
 
 def _normalised_input(method: str, n: int, eps: float) -> torch.Tensor:
@@ -202,17 +202,15 @@ class TestCompiledProducts:
 
 class TestDispatch:
     def test_cpu_tensors_take_the_reference(self, monkeypatch):
-        plan = RootOptions(method="mtp", fused=True).plan(
-            32, eps=0.0, device=torch.device("cpu"), dtype=torch.float32
-        )
         A = random_spd(2, n=32, dtype=torch.float32).requires_grad_()
-        assert not uses_fused_forward(A, plan) and not uses_fused_backward(A, plan)
+        plan = plan_call(RootOptions(method="mtp", fused=True), A, 0.0)
+        assert not plan.fused_forward and not plan.fused_backward
 
         def refuse(*args: object) -> None:
             raise AssertionError("a fused kernel was launched on CPU tensors")
 
-        monkeypatch.setattr(covpool.linalg.roots, "fused_coupled_root", refuse)
-        monkeypatch.setattr(covpool.linalg.roots, "fused_solve_lyapunov", refuse)
+        monkeypatch.setattr(fused_iteration, "fused_coupled_root", refuse)
+        monkeypatch.setattr(fused_lyapunov, "fused_solve_lyapunov", refuse)
         for method in ("mtp", "mpa"):
             covpool.sqrtm(A, method=method, fused=True).sum().backward()
         assert torch.isfinite(A.grad).all()
@@ -223,23 +221,23 @@ class TestDispatch:
             with FakeTensorMode():
                 return torch.empty(2, n, n, dtype=dtype, device="cuda")
 
-        def plan(n: int, **options: object) -> RootPlan:
-            return RootOptions(method="mtp", **{"fused": True, **options}).plan(
-                n, eps=0.0, device=torch.device("cuda"), dtype=torch.float32
-            )
+        def plan(A: torch.Tensor, **options: object) -> RootPlan:
+            return plan_call(RootOptions(method="mtp", **{"fused": True, **options}), A, 0.0)
 
-        assert not uses_fused_forward(fake_cuda(32), plan(32))  # fake tensors (the trace) take the reference
-        monkeypatch.setattr(covpool.kernels.dispatch, "is_fake", lambda tensor: False)
-        monkeypatch.setattr(covpool.kernels.dispatch, "triton_available", lambda: True)
-        assert uses_fused_forward(fake_cuda(32), plan(32)) and uses_fused_backward(fake_cuda(32), plan(32))
-        off = plan(32, fused=None)  # the default until the kernels are measured on a GPU
-        assert not uses_fused_forward(fake_cuda(32), off) and not uses_fused_backward(fake_cuda(32), off)
-        assert uses_fused_forward(fake_cuda(MAX_N), plan(MAX_N))
-        assert not uses_fused_forward(fake_cuda(MAX_N + 1), plan(MAX_N + 1))
-        assert not uses_fused_forward(fake_cuda(32, torch.float64), plan(32))
-        unrolled = plan(32, backward="unrolled")  # the fused adjoint needs the reference's iterates
-        assert not uses_fused_forward(fake_cuda(32), unrolled)
-        assert not uses_fused_backward(fake_cuda(32), unrolled)
+        monkeypatch.setattr(planner, "_PLANS", {})  # plans cached under the real triton_available
+        assert not plan(fake_cuda(32)).fused_forward  # fake tensors (the trace) take the reference
+        monkeypatch.setattr(planner, "is_fake", lambda tensor: False)
+        monkeypatch.setattr(covpool.kernels, "triton_available", lambda: True)
+        assert plan(fake_cuda(32)).fused_forward and plan(fake_cuda(32)).fused_backward
+        off = plan(fake_cuda(32), fused=None)  # the default until the kernels are measured on a GPU
+        assert not off.fused_forward and not off.fused_backward
+        assert plan(fake_cuda(MAX_N)).fused_forward
+        assert not plan(fake_cuda(MAX_N + 1)).fused_forward
+        assert not plan(fake_cuda(32, torch.float64)).fused_forward
+        unrolled = plan(
+            fake_cuda(32), backward="unrolled"
+        )  # the fused adjoint needs the reference's iterates
+        assert not unrolled.fused_forward and not unrolled.fused_backward
 
     def test_pade_steps_beyond_direct_sums_are_left_to_the_reference(self):
         assert fused_iteration.schedule_in_kernel(pade_schedule(0.03, 1.0, 1e-3, degree=4))
@@ -248,7 +246,6 @@ class TestDispatch:
     @pytest.mark.cuda
     @needs_triton
     def test_cuda_float32_takes_the_kernels_and_matches(self, monkeypatch):
-        roots = covpool.linalg.roots
         A = random_spd(5, n=48, dtype=torch.float32, device="cuda").requires_grad_()
         G = torch.randn_like(A)
 
@@ -257,15 +254,19 @@ class TestDispatch:
             (grad,) = torch.autograd.grad(out, A, G)
             return out.detach(), grad
 
-        monkeypatch.setattr(roots, "uses_fused_forward", lambda *args: False)
-        monkeypatch.setattr(roots, "uses_fused_backward", lambda *args: False)
+        monkeypatch.setattr(planner, "_PLANS", {})
+        monkeypatch.setattr(planner, "_fused", lambda *args: (False, False))
         expected = root_and_gradient()
         monkeypatch.undo()
+        monkeypatch.setattr(planner, "_PLANS", {})
         launched = []
-        for name in ("fused_coupled_root", "fused_solve_lyapunov"):
-            launch = getattr(roots, name)
+        for module, name in (
+            (fused_iteration, "fused_coupled_root"),
+            (fused_lyapunov, "fused_solve_lyapunov"),
+        ):
+            launch = getattr(module, name)
             monkeypatch.setattr(
-                roots, name, lambda *args, launch=launch: launched.append(launch) or launch(*args)
+                module, name, lambda *args, launch=launch: launched.append(launch) or launch(*args)
             )
         for value, reference in zip(root_and_gradient(), expected, strict=True):
             assert relative_error(value, reference).max() <= AGREEMENT[torch.float32]

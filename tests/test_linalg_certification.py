@@ -10,6 +10,7 @@ import torch
 
 import covpool
 from covpool.linalg import precision
+from covpool.linalg.planner import plan_root
 from covpool.testing import (
     random_spd,
     reference_gradient,
@@ -271,8 +272,12 @@ class TestSelfCertification:
         for n in (16, 64, 256):
             for dtype in (torch.float32, torch.float64):
                 for method in ("mtp", "mpa"):
-                    plan = covpool.RootOptions(method=method).plan(
-                        n, eps=0.0, device=torch.device("cpu"), dtype=dtype
+                    plan = plan_root(
+                        covpool.RootOptions(method=method),
+                        n,
+                        eps=0.0,
+                        device=torch.device("cpu"),
+                        dtype=dtype,
                     )
                     assert plan.check.certifies <= 1e-3, (n, dtype, method, plan.check)
                     assert plan.check.limit > plan.check.valid_residual * n**0.125
@@ -311,12 +316,16 @@ class TestSelfCertification:
     def test_auto_takes_eigh_where_mtp_refuses_tol(self):
         def method(n: int) -> str:
             options = covpool.RootOptions(tol=1e-5)
-            return options.plan(n, eps=0.0, device=torch.device("cuda"), dtype=torch.float32).method
+            return plan_root(options, n, eps=0.0, device=torch.device("cuda"), dtype=torch.float32).method
 
         assert method(64) == "mtp" and method(512) == "eigh"
         with pytest.raises(ValueError, match="cannot be certified for method='mtp'"):  # the refusal is kept
-            covpool.RootOptions(method="mtp", tol=1e-5).plan(
-                512, eps=0.0, device=torch.device("cuda"), dtype=torch.float32
+            plan_root(
+                covpool.RootOptions(method="mtp", tol=1e-5),
+                512,
+                eps=0.0,
+                device=torch.device("cuda"),
+                dtype=torch.float32,
             )
 
 

@@ -10,6 +10,7 @@ import torch
 
 import covpool
 from covpool.linalg.emulation import UNIT_ROUNDOFF, ProductCounter, emulated_products, round_to
+from covpool.linalg.planner import plan_root
 from covpool.testing import random_spd, relative_error
 
 FORMATS = ("tf32", "bf16")
@@ -99,8 +100,8 @@ class TestEmulatedProducts:
         """Forward and Lyapunov backward of mtp: the plan's products, the Schatten-8 normalisation's two and
         the residual test's three, every one rounded (counted apart by an outer counting mode)."""
         n = 32
-        plan = covpool.RootOptions(method="mtp").plan(
-            n, eps=0.0, device=torch.device("cpu"), dtype=torch.float32
+        plan = plan_root(
+            covpool.RootOptions(method="mtp"), n, eps=0.0, device=torch.device("cpu"), dtype=torch.float32
         )
         assert plan.gradient == "lyapunov" and plan.normalization == "schatten8"
         A = random_spd(2, n=n, condition=10.0).float().requires_grad_(True)

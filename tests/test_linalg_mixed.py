@@ -24,7 +24,7 @@ from covpool.linalg.mixed import (
     mixed_valid_residual,
 )
 from covpool.linalg.normalization import normalise
-from covpool.linalg.options import RootPlan
+from covpool.linalg.planner import RootPlan, plan_root
 from covpool.linalg.schedule import step_map
 from covpool.numerics import with_relative_ridge
 from covpool.testing import (
@@ -75,8 +75,12 @@ def _case(n: int, kind: str, seed: int = 0) -> tuple[torch.Tensor, RootPlan, tor
         A, eps, condition = random_spd(4, n=n, condition=1e3, generator=generator), 0.0, 1e3
     else:
         A, eps, condition = random_covariance(4, n=n, samples=49, generator=generator), 1e-4, None
-    plan = covpool.RootOptions(method="mtp", condition=condition).plan(
-        n, eps=eps, device=torch.device("cpu"), dtype=torch.float32
+    plan = plan_root(
+        covpool.RootOptions(method="mtp", condition=condition),
+        n,
+        eps=eps,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
     )
     A_hat, _ = normalise(with_relative_ridge(A.float(), eps), plan.normalization)
     return A_hat, plan, torch.randn(A.shape, generator=generator, dtype=torch.float64).float()
@@ -261,7 +265,7 @@ class TestTF32Plan:
         monkeypatch.setattr(precision, "emulated_products", counted)
         A, G = _root_case("spd", 24, 1e3)
         A.requires_grad_(True)
-        plan = TF32.plan(24, eps=0.0, device=torch.device("cpu"), dtype=torch.float32)
+        plan = plan_root(TF32, 24, eps=0.0, device=torch.device("cpu"), dtype=torch.float32)
         with ProductCounter() as total:
             covpool.sqrtm(A, TF32).backward(G)
         low = sum(phase.products for phase in phases)
@@ -301,8 +305,12 @@ class TestTF32Plan:
         self, options: dict, dtype: torch.dtype, n: int, message: str
     ) -> None:
         with pytest.raises(ValueError, match=rf"precision='tf32' cannot be planned .*{message}"):
-            covpool.RootOptions(method="mtp", precision="tf32", **options).plan(
-                n, eps=0.0, device=torch.device("cpu"), dtype=dtype
+            plan_root(
+                covpool.RootOptions(method="mtp", precision="tf32", **options),
+                n,
+                eps=0.0,
+                device=torch.device("cpu"),
+                dtype=dtype,
             )
 
     def test_batch_shapes_and_degenerate_input(self) -> None:
@@ -346,21 +354,29 @@ class TestTF32Plan:
     def test_auto_takes_tf32_where_certified_and_modelled_faster(
         self, device: str, dtype: torch.dtype, n: int, condition: float | None, expected: str
     ) -> None:
-        from covpool.linalg.precision import modelled_time
+        from covpool.linalg.planner import modelled_time
 
         options = covpool.RootOptions(method="mtp", precision="auto", condition=condition)
-        plan = options.plan(n, eps=0.0, device=torch.device(device), dtype=dtype)
+        plan = plan_root(options, n, eps=0.0, device=torch.device(device), dtype=dtype)
         assert plan.precision == expected and (plan.mixed is not None) == (expected == "tf32")
-        full = covpool.RootOptions(method="mtp", condition=condition).plan(
-            n, eps=0.0, device=torch.device(device), dtype=dtype
+        full = plan_root(
+            covpool.RootOptions(method="mtp", condition=condition),
+            n,
+            eps=0.0,
+            device=torch.device(device),
+            dtype=dtype,
         )
         if expected == "tf32":
             low, high = plan.mixed.products()
             assert modelled_time(low, high + 8, n) < full.products() + 3
 
     def test_auto_method_on_cpu_takes_eigh_at_full_precision(self) -> None:
-        plan = covpool.RootOptions(precision="tf32").plan(
-            64, eps=0.0, device=torch.device("cpu"), dtype=torch.float32
+        plan = plan_root(
+            covpool.RootOptions(precision="tf32"),
+            64,
+            eps=0.0,
+            device=torch.device("cpu"),
+            dtype=torch.float32,
         )
         assert (plan.method, plan.precision) == ("eigh", "full")
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import covpool
+from covpool.linalg.planner import plan_root
 from covpool.testing import (
     assert_relative_close,
     random_covariance,
@@ -192,11 +193,13 @@ class TestGradients:
     @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
     def test_smaller_tolerance_costs_more_products(self, dtype):
         def products(tol: float) -> int:
-            return (
-                covpool.RootOptions(method="mtp", tol=tol)
-                .plan(64, eps=0.0, device=torch.device("cpu"), dtype=dtype)
-                .products()
-            )
+            return plan_root(
+                covpool.RootOptions(method="mtp", tol=tol),
+                64,
+                eps=0.0,
+                device=torch.device("cpu"),
+                dtype=dtype,
+            ).products()
 
         assert products(1e-2) <= products(1e-3) < products(1e-5)
         if dtype == torch.float64:
@@ -271,8 +274,8 @@ class TestUnrolledBackward:
     def test_float32_default_gradient_on_a_heads_covariance(self, name, method):
         fn, inverse = ROOTS[name]
         A, eps = head_covariances(128), 1e-4
-        plan = covpool.RootOptions(method=method).plan(
-            128, eps=eps, device=torch.device("cpu"), dtype=torch.float32
+        plan = plan_root(
+            covpool.RootOptions(method=method), 128, eps=eps, device=torch.device("cpu"), dtype=torch.float32
         )
         assert plan.gradient == ("adjoint" if method == "mtp" else "autograd")
         A, upstream = A.float(), torch.randn_like(A).float()
@@ -295,8 +298,8 @@ class TestUnrolledBackward:
         A, upstream = A.float(), torch.randn_like(A).float()
         _, grad = forward_and_gradient(covpool.sqrtm, A, upstream, method="mtp", eps=eps, backward="minimax")
         expected = ridge_adjoint(reference_gradient(ridged(A.double(), eps), upstream), eps)
-        plan = covpool.RootOptions(method="mtp").plan(
-            n, eps=eps, device=torch.device("cpu"), dtype=torch.float32
+        plan = plan_root(
+            covpool.RootOptions(method="mtp"), n, eps=eps, device=torch.device("cpu"), dtype=torch.float32
         )
         bound = rounding_error(plan.lower, torch.finfo(torch.float32).eps) + 1e-3
         rank = samples - 1
@@ -306,11 +309,9 @@ class TestUnrolledBackward:
 
     def test_default_backward_follows_the_rounding_model(self):
         def gradient(dtype, eps, method="mtp"):
-            return (
-                covpool.RootOptions(method=method)
-                .plan(256, eps=eps, device=torch.device("cuda"), dtype=dtype)
-                .gradient
-            )
+            return plan_root(
+                covpool.RootOptions(method=method), 256, eps=eps, device=torch.device("cuda"), dtype=dtype
+            ).gradient
 
         assert gradient(torch.float32, 0.0) == "lyapunov"  # condition 1e3
         assert gradient(torch.float32, 1e-4) == "adjoint"  # a head's ridge: κ up to 2.6e6
@@ -323,8 +324,12 @@ class TestUnrolledBackward:
     def test_lyapunov_plan_splits_tol_between_forward_and_backward(self, method, tol, eps):
         # The gradient solves with the computed roots: to first order it takes the forward's error once,
         # and the solver's on top (test_ridge_certifies_tolerance_on_rank_deficient_covariances measures it).
-        plan = covpool.RootOptions(method=method, tol=tol, backward="minimax").plan(
-            64, eps=eps, device=torch.device("cpu"), dtype=torch.float64
+        plan = plan_root(
+            covpool.RootOptions(method=method, tol=tol, backward="minimax"),
+            64,
+            eps=eps,
+            device=torch.device("cpu"),
+            dtype=torch.float64,
         )
         assert plan.forward.error + plan.backward.error <= tol, plan
 
@@ -338,14 +343,19 @@ class TestUnrolledBackward:
 class TestPlanCache:
     def test_a_plan_is_resolved_once_per_options_size_ridge_and_dtype(self):
         cpu = torch.device("cpu")
-        first = covpool.RootOptions(method="mtp").plan(24, eps=1e-4, device=cpu, dtype=torch.float32)
+        first = plan_root(covpool.RootOptions(method="mtp"), 24, eps=1e-4, device=cpu, dtype=torch.float32)
         # Equal options built anew (as every call from keywords does) find the same plan object.
-        assert covpool.RootOptions(method="mtp").plan(24, eps=1e-4, device=cpu, dtype=torch.float32) is first
+        assert (
+            plan_root(covpool.RootOptions(method="mtp"), 24, eps=1e-4, device=cpu, dtype=torch.float32)
+            is first
+        )
         others = [
-            covpool.RootOptions(method="mtp", tol=1e-4).plan(24, eps=1e-4, device=cpu, dtype=torch.float32),
-            covpool.RootOptions(method="mtp").plan(25, eps=1e-4, device=cpu, dtype=torch.float32),
-            covpool.RootOptions(method="mtp").plan(24, eps=1e-3, device=cpu, dtype=torch.float32),
-            covpool.RootOptions(method="mtp").plan(24, eps=1e-4, device=cpu, dtype=torch.float64),
+            plan_root(
+                covpool.RootOptions(method="mtp", tol=1e-4), 24, eps=1e-4, device=cpu, dtype=torch.float32
+            ),
+            plan_root(covpool.RootOptions(method="mtp"), 25, eps=1e-4, device=cpu, dtype=torch.float32),
+            plan_root(covpool.RootOptions(method="mtp"), 24, eps=1e-3, device=cpu, dtype=torch.float32),
+            plan_root(covpool.RootOptions(method="mtp"), 24, eps=1e-4, device=cpu, dtype=torch.float64),
         ]
         assert all(other is not first for other in others)
 
@@ -361,8 +371,12 @@ class TestNormalization:
 
         n, eps = 96, 1e-4
         A = head_covariances(n) * scale
-        plan = covpool.RootOptions(method="mtp", normalization=normalization).plan(
-            n, eps=eps, device=torch.device("cpu"), dtype=torch.float64
+        plan = plan_root(
+            covpool.RootOptions(method="mtp", normalization=normalization),
+            n,
+            eps=eps,
+            device=torch.device("cpu"),
+            dtype=torch.float64,
         )
         A_hat, _ = normalise(with_relative_ridge(A, eps), normalization)
         eigenvalues = torch.linalg.eigvalsh(A_hat)
@@ -385,7 +399,9 @@ class TestNormalization:
             X = X * torch.logspace(0, -2, n)[:, None]
         X = X - X.mean(-1, keepdim=True)
         A = X @ X.mT / samples
-        plan = covpool.RootOptions(method="mtp").plan(n, eps=eps, device=torch.device("cpu"), dtype=A.dtype)
+        plan = plan_root(
+            covpool.RootOptions(method="mtp"), n, eps=eps, device=torch.device("cpu"), dtype=A.dtype
+        )
         assert plan.normalization == "trace"
         A_hat, _ = normalise(with_relative_ridge(A, eps), "trace")
         smallest = torch.linalg.eigvalsh(A_hat.double()).min()
@@ -395,7 +411,7 @@ class TestNormalization:
         def plan(n=64, dtype=torch.float32, **kwargs):
             eps = kwargs.pop("eps")
             options = covpool.RootOptions(method="mtp", **kwargs)
-            return options.plan(n, eps=eps, device=torch.device("cuda"), dtype=dtype)
+            return plan_root(options, n, eps=eps, device=torch.device("cuda"), dtype=dtype)
 
         ridge, no_ridge = plan(eps=1e-4), plan(eps=0.0)
         assert ridge.normalization == "trace"
@@ -417,7 +433,9 @@ class TestNormalization:
         ):
             covpool.sqrtm(A, method="mtp", normalization="trace", eps=torch.finfo(torch.float32).eps)
         options = covpool.RootOptions(method="mtp", normalization="trace", condition=1e5)  # stands in
-        plan = options.plan(64, eps=1e-7, device=A.device, dtype=torch.float64)  # float32 at 1e5: refused
+        plan = plan_root(
+            options, 64, eps=1e-7, device=A.device, dtype=torch.float64
+        )  # float32 at 1e5: refused
         assert plan.lower == pytest.approx((1e5 * 64) ** -0.5)
 
 
@@ -524,6 +542,21 @@ class TestShapesAndDtypes:
         assert_relative_close(out.detach(), root(A).detach())
         assert_relative_close(grad, expected_grad)
 
+    @pytest.mark.skipif(
+        torch.torch_version.TorchVersion(torch.__version__) < "2.12",
+        reason="dynamo before torch 2.12 cannot compile the roots",
+    )
+    @pytest.mark.parametrize(
+        "options", [{"method": "mtp", "tol": 1e-5}, {"method": "mtp", "steps": 2}, {"method": "ns", "steps": 2}]
+    )
+    def test_torch_compile_plans_with_the_options_given(self, options, restore_matmul_precision):
+        # The planner sees the options' values while tracing, not defaults: the compiled root runs the
+        # schedule the eager one does (steps=2 is far from converged, so any other schedule shows).
+        torch.set_float32_matmul_precision("highest")
+        A = random_spd(2, n=8, condition=10, dtype=torch.float32)
+        compiled = torch.compile(lambda a: covpool.inv_sqrtm(a, **options), backend="eager", fullgraph=True)
+        assert_relative_close(compiled(A), covpool.inv_sqrtm(A, **options), rtol=1e-5)
+
     @pytest.mark.slow
     @pytest.mark.parametrize("backward", ["minimax", "unrolled"])
     def test_torch_compile_inductor(self, backward):
@@ -627,6 +660,7 @@ class TestBadInput:
             ({"eps": -1.0}, "eps must be a finite float >= 0"),
             ({"eps": float("inf")}, "eps must be a finite float >= 0, got inf"),
             ({"tol": 0.0}, "tol must be a finite float > 0"),
+            ({"tol": 2.0}, "tol is a relative error and must be below 1, got 2.0"),
             ({"method": "eigh", "steps": 3}, "steps is not used by method='eigh'"),
             ({"method": "eigh", "tol": 1e-3}, "tol is not used by method='eigh'"),
             ({"method": "ns", "degree": 2}, "degree is not used by method='ns'"),

@@ -11,6 +11,7 @@ import torch
 import covpool
 from covpool.bench.trace import FAKE_CUDA_SUPPORTED
 from covpool.linalg.coefficients import minimax_odd_polynomial, pade_coefficients, taylor_coefficients
+from covpool.linalg.planner import plan_root
 from covpool.linalg.polynomial import best_block, matrix_polynomials, product_count
 from covpool.linalg.schedule import (
     BACKWARD_DEGREES,
@@ -179,7 +180,7 @@ class TestSchedules:
         from covpool.linalg.options import RootOptions
 
         options = RootOptions(method="mtp")
-        plan = options.plan(32, eps=0.0, device=torch.device("cuda"), dtype=torch.float32)
+        plan = plan_root(options, 32, eps=0.0, device=torch.device("cuda"), dtype=torch.float32)
         result = trace_root(lambda a: covpool.sqrtm(a, options), n=32, batch=4)
         # + 2 for the Schatten-8 normalisation (the default without a ridge), + 3 for the residual test.
         assert plan.normalization == "schatten8"
@@ -188,7 +189,7 @@ class TestSchedules:
         assert result.backward.product_units == plan.backward.backward_products()
 
         # A head's ridge: the fused unrolled backward.
-        plan = options.plan(32, eps=1e-4, device=torch.device("cuda"), dtype=torch.float32)
+        plan = plan_root(options, 32, eps=1e-4, device=torch.device("cuda"), dtype=torch.float32)
         assert (plan.gradient, plan.normalization) == ("adjoint", "trace")
         for function in (covpool.sqrtm, covpool.inv_sqrtm):
             result = trace_root(lambda a, f=function: f(a, options, eps=1e-4), n=32, batch=4)

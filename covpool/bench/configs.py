@@ -17,6 +17,7 @@ import torch
 
 import covpool
 from covpool.linalg import RootOptions
+from covpool.linalg.planner import plan_root
 from covpool.numerics import working_dtype
 
 RootFn = Callable[[torch.Tensor, bool], torch.Tensor]
@@ -42,7 +43,9 @@ class RootConfig:
         if self.options is None:
             return self.name
         working = working_dtype(getattr(torch, dtype))
-        return RootOptions(**self.options).plan(n, eps=0.0, device=torch.device(device), dtype=working).method
+        return plan_root(
+            RootOptions(**self.options), n, eps=0.0, device=torch.device(device), dtype=working
+        ).method
 
 
 def _covpool(name: str, description: str, **options) -> RootConfig:

@@ -37,6 +37,7 @@ import torch
 
 import covpool
 from covpool.bench.trace import trace_root
+from covpool.linalg.planner import plan_root
 from covpool.linalg.precision import products_in, tf32_products
 from covpool.numerics import with_relative_ridge
 from covpool.testing import (
@@ -216,8 +217,12 @@ def bench_roots(
                 row["products"] = products
                 best = row.get("graphed_ms", row["eager_ms"])
                 row["tflops"] = products * 2 * n**3 * batch / (best * 1e-3) / 1e12
-                plan = covpool.RootOptions.coerce({k: v for k, v in options.items() if k != "eps"}).plan(
-                    n, eps=eps, device=A.device, dtype=torch.float32
+                plan = plan_root(
+                    covpool.RootOptions.coerce({k: v for k, v in options.items() if k != "eps"}),
+                    n,
+                    eps=eps,
+                    device=A.device,
+                    dtype=torch.float32,
                 )
                 low = plan.mixed.products()[0] if plan.mixed is not None else 0
                 row["floor_ms"] = product_floor(products, low, times)

@@ -6,7 +6,7 @@ ridge, device type and dtype, then cached in :mod:`covpool.linalg.options`), the
 For each method and size this prints the median wall time of a call (forward, and forward with the
 backward of ``out.sum()``), the operators dispatched per call (every ``aten`` op, views included, as a
 ``TorchDispatchMode`` sees them), and the median time of the options and plan alone (``RootOptions``
-from the keywords and :meth:`covpool.RootOptions.plan`), which is what a call costs beyond its operators'
+from the keywords and :func:`covpool.linalg.planner.plan_root`), which is what a call costs beyond its operators'
 own Python-to-kernel path.
 """
 
@@ -20,7 +20,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import covpool
-from covpool.linalg.options import RootPlan
+from covpool.linalg.planner import RootPlan, plan_root
 from covpool.numerics import working_dtype
 from covpool.testing import random_spd
 
@@ -74,7 +74,7 @@ def _row(method: str, A: torch.Tensor, calls: int) -> dict:
 
     def planning() -> RootPlan:
         options = covpool.RootOptions(method=method)
-        return options.plan(n, eps=0.0, device=A.device, dtype=working_dtype(A.dtype))
+        return plan_root(options, n, eps=0.0, device=A.device, dtype=working_dtype(A.dtype))
 
     return {
         "method": method,

@@ -28,6 +28,7 @@ from covpool.bench.budget import BudgetResult, run_groups_within_budget
 from covpool.bench.ranking import ROW_TIMES, rank_rows, time_fields
 from covpool.bench.timing import Timer, measure_interleaved
 from covpool.linalg import RootOptions
+from covpool.linalg.planner import plan_root
 from covpool.numerics import working_dtype
 
 LayerBuilder = Callable[..., nn.Module]
@@ -92,11 +93,9 @@ class LayerCell:
     def runs(self) -> str:
         """The method the layer runs: what ``"auto"`` resolves to on this device and dtype."""
         size, dtype = LAYER_CASES[self.layer].matrix_size, working_dtype(getattr(torch, self.dtype))
-        return (
-            RootOptions(method=self.method)
-            .plan(size, eps=0.0, device=torch.device(self.device), dtype=dtype)
-            .method
-        )
+        return plan_root(
+            RootOptions(method=self.method), size, eps=0.0, device=torch.device(self.device), dtype=dtype
+        ).method
 
 
 def _row(cell: LayerCell, **values) -> dict:

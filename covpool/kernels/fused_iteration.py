@@ -10,8 +10,8 @@ factorisation written out in the kernel where the reference calls LAPACK/cuSOLVE
 :func:`fused_coupled_root` launches :func:`covpool.kernels.triton_iteration.coupled_root_kernel` once for
 the whole schedule, one program per matrix, the matrix held in registers, the products as ``tl.dot`` at
 ``input_precision="ieee"``: Triton's default for float32 operands is TF32, whose rounding the plans are
-not certified for (:mod:`covpool.linalg.precision`). :mod:`covpool.kernels.dispatch` decides where it
-runs; Triton is imported lazily, on the first launch: CPU builds of torch run without it.
+not certified for (:mod:`covpool.linalg.precision`). :func:`covpool.linalg.planner.plan_root` decides where
+it runs; Triton is imported lazily, on the first launch: CPU builds of torch run without it.
 """
 
 from __future__ import annotations
@@ -60,7 +60,8 @@ def tile_size(n: int) -> int:
     GPU; no timings yet): the forward kernel spills nothing at tile 32 with 8 warps (190 bytes with 4) and
     least at tile 64 with 8 (2 KB; 0.6 KB for Padé steps; 16 warps spill more); the sign iteration spills
     nothing at tile 32 with 8 warps and least at tile 64 with 16 (2.8 KB; 23 KB with 8). At tile 128 the
-    forward kernel needs 256 KB of shared memory, beyond any GPU's, which is why dispatch stops at 64."""
+    forward kernel needs 256 KB of shared memory, beyond any GPU's, which is why the planner stops at 64
+    (:data:`covpool.kernels.MAX_N`)."""
     return max(16, 1 << (n - 1).bit_length())
 
 
@@ -91,8 +92,8 @@ def on_device(tensor: torch.Tensor) -> contextlib.AbstractContextManager[object]
 def fused_coupled_root(A_hat: torch.Tensor, schedule: Schedule) -> tuple[torch.Tensor, torch.Tensor]:
     """``(Y, Z) ≈ (Â^(1/2), Â^(-1/2))`` after the steps of ``schedule``, in one launch.
 
-    The caller checks :func:`covpool.kernels.dispatch.uses_fused_forward` (on CPU tensors the kernel runs
-    only under ``TRITON_INTERPRET=1``, which the tests use). No graph is recorded.
+    The planner decides where it runs (``RootPlan.fused_forward``); on CPU tensors the kernel runs only
+    under ``TRITON_INTERPRET=1``, which the tests use). No graph is recorded.
 
     Shapes: ``A_hat (*, n, n)`` float32 → ``Y``, ``Z`` of the same shape. Each matrix is padded in
     registers to :func:`tile_size`.

@@ -7,7 +7,7 @@ folds it. They differ by rounding only (the order of the sums inside a product).
 
 :func:`fused_solve_lyapunov` launches :func:`covpool.kernels.triton_lyapunov.sign_iteration_kernel` once
 for the whole schedule, one program per matrix pair held in registers, products as ``tl.dot`` at
-:data:`covpool.kernels.fused_iteration.INPUT_PRECISION`. :mod:`covpool.kernels.dispatch` decides where it
+:data:`covpool.kernels.fused_iteration.INPUT_PRECISION`. :mod:`covpool.linalg.planner` decides where it
 runs.
 """
 
@@ -41,8 +41,8 @@ def _table_rows(schedule: Schedule) -> list[list[float]]:
 def fused_solve_lyapunov(Y: torch.Tensor, C: torch.Tensor, schedule: Schedule) -> torch.Tensor:
     """``X`` with ``Y X + X Y = C`` by the sign iteration of ``schedule``, in one launch.
 
-    The caller checks :func:`covpool.kernels.dispatch.uses_fused_backward` (on CPU tensors the kernel runs
-    only under ``TRITON_INTERPRET=1``). No graph is recorded.
+    The planner decides where it runs (``RootPlan.fused_backward``); on CPU tensors the kernel runs only
+    under ``TRITON_INTERPRET=1``. No graph is recorded.
 
     Shapes: ``Y``, ``C`` ``(*, n, n)`` float32 → ``X`` of the same shape.
     """

@@ -2,6 +2,16 @@
 
 from covpool.linalg.flags import flagged_matrices
 from covpool.linalg.options import METHODS, PAPER_CONFIG, RootOptions
+from covpool.linalg.planner import RootPlan, plan_root
 from covpool.linalg.roots import inv_sqrtm, sqrtm
 
-__all__ = ["METHODS", "PAPER_CONFIG", "RootOptions", "flagged_matrices", "inv_sqrtm", "sqrtm"]
+__all__ = [
+    "METHODS",
+    "PAPER_CONFIG",
+    "RootOptions",
+    "RootPlan",
+    "flagged_matrices",
+    "inv_sqrtm",
+    "plan_root",
+    "sqrtm",
+]

@@ -18,12 +18,14 @@ eigenvalues floored at ``ε λmax``, which keeps the gradient finite where the e
 inverse root of a matrix that is singular within rounding uses the same floor (the inverse root of the
 matrix with its eigenvalues raised to ``ε λmax``); an all-zero matrix has none. An invalid matrix gets NaN.
 
-Working precision: float32 input is decomposed, and its gradient formed, in float64 (:data:`DECOMPOSED_IN`).
-A float32 eigendecomposition is off by about ``u κ`` (measured: gradients 2 % off at κ = 1e6, 0.2 % at
-κ = 1e4, where the plans' ``tol`` is 1e-3), so the exact path would be silently wrong beyond κ ≈ 1e4; in
-float64 it holds every κ float32 can represent, at 1.4× (n = 64) to 2.0× (n = 256) the CPU cost of a
-float32 decomposition (README). The validity test and the floor stay at the input's rounding level,
-which is what decides whether a float32 matrix is PSD.
+Working precision: a float32 eigendecomposition is off by about ``u κ`` in the root and its gradient
+(``u`` float32's machine epsilon; :data:`FLOAT32_GROWTH`). ``method="eigh"`` decomposes float32 input, and
+forms its gradient, in float64 (:data:`DECOMPOSED_IN`), which holds every κ float32 can represent. Given a
+``tol`` (``method="auto"`` on CPU), each float32 matrix is decomposed in float32 first, and only the matrices
+whose own eigenvalues give ``FLOAT32_GROWTH · u · κ > tol`` (or that are not positive definite within
+float32) are decomposed again in float64; reading the eigenvalues on the host costs no synchronisation on
+CPU. The validity test and the floor stay at the input's rounding level, which is what decides whether a
+float32 matrix is PSD.
 """
 
 from __future__ import annotations
@@ -37,6 +39,10 @@ from covpool.numerics import eye_like
 _RELATIVE_ROUNDING = 10.0
 DECOMPOSED_IN = {torch.float32: torch.float64}
 """The dtype the decomposition and the gradient's products run in, per input dtype (else its own)."""
+FLOAT32_GROWTH = 5.0
+"""Bound on the relative error of a float32 decomposition's root and gradient, in ``u κ``: the largest
+measured is 2.5 (inverse root's gradient, κ = 1e5, n = 128) and this leaves 2× room. Measured by
+``python examples/studies/eigh_precision.py``, recorded in ``examples/results/eigh_precision.json``."""
 
 
 def _max_abs(A: torch.Tensor) -> torch.Tensor:
@@ -52,14 +58,18 @@ class EighRoot(torch.autograd.Function):
 
     @staticmethod
     def forward(  # noqa: D102
-        ctx, A: torch.Tensor, inverse: bool, precision: str
+        ctx, A: torch.Tensor, inverse: bool, precision: str, tol: float | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # LAPACK refuses NaN/Inf; such a matrix is swapped for the identity and marked invalid below.
         finite = torch.isfinite(A).flatten(-2).all(-1)
         input_dtype, unit_roundoff = A.dtype, torch.finfo(A.dtype).eps
-        A = torch.where(finite[..., None, None], A, eye_like(A)).to(DECOMPOSED_IN.get(A.dtype, A.dtype))
+        A = torch.where(finite[..., None, None], A, eye_like(A))
+        if tol is None or A.dtype not in DECOMPOSED_IN:
+            A = A.to(DECOMPOSED_IN.get(A.dtype, A.dtype))
         scale = _max_abs(A)
         eigenvalues, vectors = torch.linalg.eigh(A / scale)
+        if tol is not None and A.dtype in DECOMPOSED_IN:
+            eigenvalues, vectors, scale = _redecompose(A, scale, eigenvalues, vectors, tol)
         top = eigenvalues[..., -1:].clamp_min(0)
         rounding = _RELATIVE_ROUNDING * A.shape[-1] * unit_roundoff * top
         smallest = eigenvalues[..., 0]
@@ -87,11 +97,33 @@ class EighRoot(torch.autograd.Function):
             return EighRoot._backward(ctx, grad)
 
     @staticmethod
-    def _backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+    def _backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         roots, vectors, scale = ctx.saved_tensors
         factor = scale.pow(-1.5) if ctx.inverse else scale.rsqrt()
         grad_A = _daleckii_krein(roots, vectors, grad.to(vectors.dtype), inverse=ctx.inverse)
-        return (grad_A * factor).to(grad.dtype), None, None
+        return (grad_A * factor).to(grad.dtype), None, None, None
+
+
+def _redecompose(
+    A: torch.Tensor, scale: torch.Tensor, eigenvalues: torch.Tensor, vectors: torch.Tensor, tol: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The float32 decomposition (``eigenvalues`` ``(*, n)``, ``vectors`` ``(*, n, n)``) of ``A / scale``
+    (``(*, n, n)`` and ``(*, 1, 1)``) where its own eigenvalues certify ``tol`` for every matrix
+    (:data:`FLOAT32_GROWTH`); else the batch in float64, the matrices that need it decomposed again in
+    float64. Reads one flag on the host (free on CPU)."""
+    unit_roundoff = torch.finfo(A.dtype).eps
+    top, smallest = eigenvalues[..., -1], eigenvalues[..., 0]
+    certified = FLOAT32_GROWTH * unit_roundoff * top < tol * smallest  # also false where smallest <= 0
+    if bool(certified.all()):
+        return eigenvalues, vectors, scale
+    wide = DECOMPOSED_IN[A.dtype]
+    n = A.shape[-1]
+    redo = (~certified).reshape(-1)
+    scale = scale.to(wide)  # the largest entry, exact in either dtype
+    eigenvalues, vectors = eigenvalues.to(wide).reshape(-1, n), vectors.to(wide).reshape(-1, n, n)
+    chosen = A.reshape(-1, n, n)[redo].to(wide) / scale.reshape(-1, 1, 1)[redo]
+    eigenvalues[redo], vectors[redo] = torch.linalg.eigh(chosen)
+    return eigenvalues.reshape(A.shape[:-1]), vectors.reshape(A.shape), scale
 
 
 def _daleckii_krein(
@@ -115,8 +147,11 @@ def exact_root_gradient(A: torch.Tensor, grad: torch.Tensor, *, inverse: bool) -
     return _daleckii_krein(roots, vectors, grad, inverse=inverse)
 
 
-def eigh_root(A: torch.Tensor, *, inverse: bool, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+def eigh_root(
+    A: torch.Tensor, *, inverse: bool, precision: str, tol: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(A^(±1/2), valid)`` of symmetric ``A`` of shape ``(*, n, n)``; ``valid`` has shape ``(*,)``. The
     backward's products run at ``precision`` (:mod:`covpool.linalg.precision`); the caller scopes the
-    forward's."""
-    return EighRoot.apply(A, inverse, precision)
+    forward's. ``tol``: decompose float32 matrices in float32 where that holds ``tol`` (module docstring);
+    None: in float64, exact at every κ."""
+    return EighRoot.apply(A, inverse, precision, tol)

@@ -59,7 +59,7 @@ SignFactor = tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None], ...]
 what the right-hand side's update reads (:func:`sign_factor`)."""
 
 
-def _operator_step(
+def operator_step(
     B: torch.Tensor, coefficients: tuple[float, ...]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``(B², T, B H)`` of one step: the new diagonal block ``B H = c₀ B + B T`` (degree 1: ``T`` is None
@@ -75,7 +75,7 @@ def _operator_step(
     raise ValueError(f"sign steps of degree 1 or 2 are supported, got {len(coefficients) - 1}")
 
 
-def _rhs_step(
+def rhs_step(
     B: torch.Tensor,
     B2: torch.Tensor,
     T: torch.Tensor | None,
@@ -107,7 +107,7 @@ def sign_factor(Y: torch.Tensor, schedule: Schedule) -> SignFactor:
     memory, which :func:`solve_lyapunov` does not keep."""
     factor, B = [], Y
     for step in schedule.steps:
-        B2, T, B_next = _operator_step(B, step.coefficients)
+        B2, T, B_next = operator_step(B, step.coefficients)
         factor.append((B, B2, T))
         B = B_next
     return tuple(factor)
@@ -117,7 +117,7 @@ def apply_sign_factor(factor: SignFactor, C: torch.Tensor, schedule: Schedule) -
     """:func:`solve_lyapunov` for ``Y`` given by its :func:`sign_factor`. Shapes: ``(b, n, n)``."""
     last = len(schedule.steps) - 1
     for k, ((B, B2, T), step) in enumerate(zip(factor, schedule.steps, strict=True)):
-        C = _rhs_step(B, B2, T, C, step.coefficients, 0.5 if k == last else 1.0)
+        C = rhs_step(B, B2, T, C, step.coefficients, 0.5 if k == last else 1.0)
     return C
 
 
@@ -138,7 +138,7 @@ def solve_lyapunov(Y: torch.Tensor, C: torch.Tensor, schedule: Schedule) -> torc
     C = C.reshape(-1, shape[-2], shape[-1])
     last = len(schedule.steps) - 1
     for k, step in enumerate(schedule.steps):
-        B2, T, B_next = _operator_step(B, step.coefficients)
+        B2, T, B_next = operator_step(B, step.coefficients)
         # sign(M) has 2X in its corner: the last step halves its result.
-        B, C = B_next, _rhs_step(B, B2, T, C, step.coefficients, 0.5 if k == last else 1.0)
+        B, C = B_next, rhs_step(B, B2, T, C, step.coefficients, 0.5 if k == last else 1.0)
     return C.reshape(shape)

@@ -61,9 +61,9 @@ from covpool.linalg.emulation import EPSILON
 from covpool.linalg.iteration import coupled_root
 from covpool.linalg.lyapunov import (
     SignFactor,
-    _operator_step,
-    _rhs_step,
     apply_sign_factor,
+    operator_step,
+    rhs_step,
     sign_factor,
 )
 from covpool.linalg.schedule import MAX_STEPS, PolynomialStep, Schedule, image
@@ -291,6 +291,6 @@ def staged_lyapunov(
     last = len(schedule.steps) - 1
     for k, step in enumerate(schedule.steps):
         with low() if k < low_steps else contextlib.nullcontext():
-            B2, T, B_next = _operator_step(B, step.coefficients)
-            B, C = B_next, _rhs_step(B, B2, T, C, step.coefficients, 0.5 if k == last else 1.0)
+            B2, T, B_next = operator_step(B, step.coefficients)
+            B, C = B_next, rhs_step(B, B2, T, C, step.coefficients, 0.5 if k == last else 1.0)
     return C.reshape(shape)

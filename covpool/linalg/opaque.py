@@ -16,20 +16,21 @@ and a graph that ONNX cannot export (export with the setting at ``"highest"``).
 
 # No ``from __future__ import annotations``: torch 2.4's custom_op reads the annotations as types.
 import json
-from dataclasses import fields
 
 import torch
 from torch import Tensor
 
 from covpool.linalg.eigh import exact_root_gradient
-from covpool.linalg.options import RootOptions
+from covpool.linalg.options import OPTION_FIELDS, RootOptions
+from covpool.linalg.planner import plan_call
+from covpool.linalg.runner import run_root
 from covpool.numerics import symmetrize, with_relative_ridge
 
 
 def _eager_root(A: Tensor, inverse: bool, options: str, eps: float) -> Tensor:
-    from covpool.linalg.roots import inv_sqrtm, sqrtm  # roots imports this module
-
-    return (inv_sqrtm if inverse else sqrtm)(A, RootOptions(**json.loads(options)), eps=eps)
+    """The root planned and run eagerly, as :func:`covpool.sqrtm` runs it outside a traced graph."""
+    resolved = RootOptions(**json.loads(options))
+    return run_root(A, inverse, plan_call(resolved, A, eps), resolved, eps)
 
 
 @torch.library.custom_op("covpool::root", mutates_args=())
@@ -74,15 +75,12 @@ def _backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:
 root_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-_FIELDS = tuple(field.name for field in fields(RootOptions))
-
-
 def _as_json(options: RootOptions) -> str:
     """The fields of ``options`` that are set, as the operator's JSON string; built from plain string
     operations, which dynamo traces (it cannot trace ``json``, and options built inside the compiled
     region are not constants)."""
     items = []
-    for name in _FIELDS:
+    for name in OPTION_FIELDS:
         value = getattr(options, name)
         if value is None:
             continue

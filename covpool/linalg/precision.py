@@ -3,7 +3,8 @@
 Two precisions are planned (``RootOptions(precision=...)``): ``"full"`` (the default), every product in
 the working dtype; ``"tf32"``, mtp's mixed plan (:mod:`covpool.linalg.mixed`), its bulk in TF32 products
 and float32 refinements that meet ``tol``. ``"auto"`` resolves to ``"tf32"`` where that plan is certified
-and modelled faster (:func:`resolve_precision`, :func:`modelled_time`), else ``"full"``.
+and modelled faster, else ``"full"`` (:mod:`covpool.linalg.planner` decides). This module scopes the
+products to the plan's precision.
 
 A plan's schedules and its residual test are certified for products computed in the working dtype
 (:func:`covpool.numerics.working_dtype`). torch lets a user lower the precision of every float32
@@ -37,20 +38,11 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
-from typing import Literal
 
 import torch
 
 from covpool.linalg.emulation import emulated_products
 from covpool.numerics import is_tracing
-
-Precision = Literal["full", "tf32", "auto"]
-PRECISIONS: tuple[str, ...] = ("full", "tf32", "auto")
-"""``"full"``: products in the working dtype's own precision (IEEE float32 or float64), whatever torch's
-global matmul setting; ``"tf32"``: mtp's mixed plan; ``"auto"``: see :func:`resolve_precision`."""
-TF32_PRODUCT_TIME = {32: 1.03, 64: 0.93, 128: 0.56, 256: 0.37, 512: 0.20}
-"""Time of one batched TF32 product relative to a float32 one, by ``n`` (issue #18's H200 measurement,
-torch 2.11, batch 64: 3.3/3.2, 4.0/4.3, 5.8/10.4, 18/49, 70/352 µs)."""
 
 _NEW_API = hasattr(torch.backends.cuda.matmul, "fp32_precision")
 """torch >= 2.9 keeps the setting per backend (``fp32_precision``: CUDA, oneDNN); reading the legacy
@@ -117,29 +109,6 @@ def reduced(dtype: torch.dtype) -> bool:
     """Whether torch's setting would run ``dtype`` products below full precision: float32 products under
     TF32/bfloat16 (float64 products have no reduced mode in torch)."""
     return dtype == torch.float32 and _traced_precision() != "highest"
-
-
-def resolve_precision(
-    precision: str | None, method: str, device: torch.device, dtype: torch.dtype, tracing: bool
-) -> str:
-    """The precision a call is planned for. ``None`` is ``"full"``, and so is any precision where
-    ``method`` (resolved from ``"auto"``) is not mtp: eigh has no products to lower. ``"auto"`` is
-    ``"tf32"`` on float32 CUDA matrices, not while tracing (a compiled graph cannot scope it), else
-    ``"full"``; :meth:`covpool.RootOptions.plan` then keeps the mixed plan only where it is certified and
-    modelled faster (:func:`modelled_time`, the residual tests' products included: n = 512 at condition
-    1e3; at n = 256 the two tie)."""
-    if precision in (None, "full") or method != "mtp":
-        return "full"
-    if precision == "tf32":
-        return "tf32"
-    return "tf32" if device.type == "cuda" and dtype == torch.float32 and not tracing else "full"
-
-
-def modelled_time(low: int, full: int, n: int) -> float:
-    """Time of ``low`` TF32 and ``full`` float32 products of size ``n``, in float32 products
-    (:data:`TF32_PRODUCT_TIME`; sizes in between take the figure of the next smaller size listed)."""
-    ratio = TF32_PRODUCT_TIME[max((size for size in TF32_PRODUCT_TIME if size <= n), default=32)]
-    return low * ratio + full
 
 
 def _enter() -> None:
