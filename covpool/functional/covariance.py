@@ -95,7 +95,9 @@ def sqrt_covariance_pool(
     """Matrix-power-normalised covariance pooling (iSQRT-COV): ``triu(Σ^(1/2))`` of each sample's tokens.
 
     The covariance and its root run in float32 (float64 stays float64) with autocast disabled; the
-    result is returned in the autocast dtype under autocast, else in the input dtype.
+    result is returned in the autocast dtype under autocast, else in the input dtype. Each sample is
+    pooled at unit scale and scaled back (:func:`sample_scale`), so features of any magnitude the dtype
+    holds (1e-20 and 1e20 in float32 alike) give the exact root, not an overflow or a flush to zero.
 
     Args:
         tokens: ``(N, M, d)`` features of ``M >= 2`` positions per sample (the covariance of one position
@@ -122,5 +124,25 @@ def sqrt_covariance_pool(
             f"the covariance of one position is zero, so the pooled vector would be the same for every "
             f"input; got shape {tuple(tokens.shape)}"
         )
-    pooled = sqrtm(covariance(tokens), root, eps=eps)
+    with torch.autocast(device_type=tokens.device.type, enabled=False):
+        x = tokens.to(working_dtype(tokens.dtype))
+        scale = sample_scale(x)
+        pooled = sqrtm(covariance(x / scale), root, eps=eps) * scale
     return triu_vectorize(pooled, off_diagonal_scale=off_diagonal_scale).to(output_dtype(tokens))
+
+
+def sample_scale(x: Tensor) -> Tensor:
+    """Largest ``|x|`` of each sample of ``(N, M, d)`` tokens, detached, shape ``(N, 1, 1)``; 1 where that
+    is 0 or not finite (the root then answers the non-finite values itself).
+
+    ``Σ(x)^(1/2) = s Σ(x / s)^(1/2)`` for any ``s > 0``: pooling ``x / s`` and scaling back gives the same
+    vector without forming squares that overflow (``|x| > 1.8e19`` in float32) or underflow into
+    subnormals (``|x| < 1.1e-19``). With ``s`` detached the gradient is the same function's, since the
+    root is homogeneous of degree 1 in ``x``.
+
+    Example:
+        >>> sample_scale(torch.tensor([[[1.0, -3.0]], [[0.0, 0.0]]])).flatten()
+        tensor([3., 1.])
+    """
+    scale = x.detach().abs().amax(dim=(-2, -1), keepdim=True)
+    return torch.where((scale > 0) & torch.isfinite(scale), scale, torch.ones_like(scale))

@@ -19,19 +19,59 @@ Differences from the paper:
   autocast dtype.
 """
 
-from __future__ import annotations
-
 import torch
-from einops import rearrange
 from torch import Tensor, nn
 
 from covpool.checks import check_choice
-from covpool.functional.covariance import MIN_POSITIONS, sqrt_covariance_pool
+from covpool.functional.covariance import MIN_POSITIONS
 from covpool.layers.constructor_doc import document_init
 from covpool.layers.head_base import CovarianceHead
 from covpool.linalg import RootOptions
 
 INPUT_FORMATS = ("NCHW", "NLC")
+
+
+@torch.jit.ignore
+def checked_feature_map(x: Tensor, in_features: int, input_format: str) -> Tensor:
+    """``x`` as an ``(N, C, H, W)`` map (``(N, L, C)`` tokens become ``(N, C, L, 1)``), after the checks of
+    :class:`CovPoolHead`. Opaque to ``torch.fx``, a Python call under TorchScript (:mod:`.head_base`)."""
+    if not torch.is_floating_point(x):
+        raise TypeError(
+            f"CovPoolHead: input must be a floating-point tensor (float16, bfloat16, float32 or float64), "
+            f"got {x.dtype}"
+        )
+    if input_format == "NCHW":
+        if x.ndim != 4 or x.shape[1] != in_features:
+            raise ValueError(
+                f"CovPoolHead(input_format='NCHW') expects input of shape (N, {in_features}, H, W), "
+                f"got shape {tuple(x.shape)}"
+            )
+        if x.shape[2] * x.shape[3] < MIN_POSITIONS:
+            raise ValueError(
+                f"CovPoolHead needs feature maps of at least {MIN_POSITIONS} positions (H * W >= "
+                f"{MIN_POSITIONS}), got shape {tuple(x.shape)}: the covariance of one position is zero, "
+                f"so the head would give the same output for every image. Feed larger images, or use a "
+                f"backbone with a smaller output stride (timm's output_stride=16 or 8; a ResNet at "
+                f"output_stride=32 needs images of at least 64 px)"
+            )
+        # A channels-last input (token view, ConvNeXt maps) gives the 1x1 conv a weight gradient with
+        # channels-last strides, which DDP reports as "Grad strides do not match bucket view strides".
+        return x.contiguous()
+    if x.ndim != 3 or x.shape[2] != in_features:
+        raise ValueError(
+            f"CovPoolHead(input_format='NLC') expects input of shape (N, L, {in_features}), "
+            f"got shape {tuple(x.shape)}"
+        )
+    if x.shape[1] < MIN_POSITIONS:
+        raise ValueError(
+            f"CovPoolHead needs at least {MIN_POSITIONS} tokens (N, L >= {MIN_POSITIONS}, C), got shape "
+            f"{tuple(x.shape)}: the covariance of one token is zero, so the head would give the same "
+            f"output for every input. Feed larger images or use a smaller patch size"
+        )
+    return x.transpose(1, 2).unsqueeze(-1).contiguous()
+
+
+torch.fx.wrap("checked_feature_map")
 
 
 @document_init
@@ -47,6 +87,8 @@ class CovPoolHead(CovarianceHead):
         drop_rate: dropout on the pooled features.
         input_format: ``"NCHW"`` feature maps or ``"NLC"`` token sequences.
         eps: relative ridge before the root (see the module docstring).
+        pool_type: ``"cov"`` (default, the covariance pooling) or ``""`` (no pooling, with
+            ``num_classes=0``: ``forward`` returns its input, timm's unpooled convention).
         device, dtype: factory arguments, where and in which dtype the parameters and buffers are created
             (as for :mod:`torch.nn` layers).
 
@@ -55,8 +97,10 @@ class CovPoolHead(CovarianceHead):
         in_features: ``C``.
 
     Raises:
+        TypeError: in ``forward``, input that is not floating point.
         ValueError: in ``forward``, input of fewer than 2 positions (``H * W < 2`` or ``L < 2``), whose
-            covariance is zero whatever the input.
+            covariance is zero whatever the input; a batch the head rejects (NaN/Inf, a covariance the root
+            refuses, reduction statistics that overflow), which leaves every buffer unchanged.
 
     Shape:
         - input: :math:`(N, C, H, W)` or :math:`(N, L, C)`, ``H * W >= 2`` or ``L >= 2``
@@ -70,6 +114,8 @@ class CovPoolHead(CovarianceHead):
         (136, torch.Size([2, 136]))
     """
 
+    POOL_TYPE = "cov"
+
     def __init__(
         self,
         in_features: int,
@@ -80,10 +126,11 @@ class CovPoolHead(CovarianceHead):
         drop_rate: float = 0.0,
         input_format: str = "NCHW",
         eps: float = 1e-4,
+        pool_type: str | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(in_features, root=root, eps=eps, device=device, dtype=dtype)
+        super().__init__(in_features, root=root, eps=eps, pool_type=pool_type, device=device, dtype=dtype)
         check_choice(input_format, "input_format", INPUT_FORMATS)
         self.input_format = input_format
         dim = self._build_reduction(
@@ -96,39 +143,6 @@ class CovPoolHead(CovarianceHead):
         )
         self._build_classifier(dim * (dim + 1) // 2, num_classes, drop_rate)
 
-    def _feature_map(self, x: Tensor) -> Tensor:
-        if self.input_format == "NCHW":
-            if x.ndim != 4 or x.shape[1] != self.in_features:
-                raise ValueError(
-                    f"CovPoolHead(input_format='NCHW') expects input of shape (N, {self.in_features}, H, W), "
-                    f"got shape {tuple(x.shape)}"
-                )
-            if x.shape[2] * x.shape[3] < MIN_POSITIONS:
-                raise ValueError(
-                    f"CovPoolHead needs feature maps of at least {MIN_POSITIONS} positions (H * W >= "
-                    f"{MIN_POSITIONS}), got shape {tuple(x.shape)}: the covariance of one position is zero, "
-                    f"so the head would give the same output for every image. Feed larger images, or use a "
-                    f"backbone with a smaller output stride (timm's output_stride=16 or 8; a ResNet at "
-                    f"output_stride=32 needs images of at least 64 px)"
-                )
-            return x
-        if x.ndim != 3 or x.shape[2] != self.in_features:
-            raise ValueError(
-                f"CovPoolHead(input_format='NLC') expects input of shape (N, L, {self.in_features}), "
-                f"got shape {tuple(x.shape)}"
-            )
-        if x.shape[1] < MIN_POSITIONS:
-            raise ValueError(
-                f"CovPoolHead needs at least {MIN_POSITIONS} tokens (N, L >= {MIN_POSITIONS}, C), got shape "
-                f"{tuple(x.shape)}: the covariance of one token is zero, so the head would give the same "
-                f"output for every input. Feed larger images or use a smaller patch size"
-            )
-        return rearrange(x, "n l c -> n c l 1")
-
-    def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        # A channels-last input (token view, ConvNeXt maps) gives the 1x1 conv a weight gradient with
-        # channels-last strides, which DDP reports as "Grad strides do not match bucket view strides".
-        x = self.reduce(self._feature_map(x).contiguous())
-        pooled = sqrt_covariance_pool(rearrange(x, "n c h w -> n (h w) c"), root=self.root, eps=self.eps)
-        pooled = self.drop(pooled)
-        return pooled if pre_logits else self.fc(pooled)
+    def _pooled_features(self, x: Tensor) -> Tensor:
+        reduced = self.reduce(checked_feature_map(x, self.in_features, self.input_format))
+        return self._pool(reduced.flatten(2).transpose(1, 2))

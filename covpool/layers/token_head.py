@@ -14,16 +14,43 @@ off-diagonal entries are scaled by ``√2``, a relative ridge ``eps`` guards sin
 visual tokens than ``d``), and the covariance and root run in float32 under autocast.
 """
 
-from __future__ import annotations
-
 import torch
 from torch import Tensor, nn
 
 from covpool.checks import check_positive_int
-from covpool.functional.covariance import MIN_POSITIONS, sqrt_covariance_pool
+from covpool.functional.covariance import MIN_POSITIONS
 from covpool.layers.constructor_doc import document_init
 from covpool.layers.head_base import CovarianceHead
 from covpool.linalg import RootOptions
+
+
+@torch.jit.ignore
+def checked_tokens(x: Tensor, in_features: int, num_prefix_tokens: int) -> Tensor:
+    """``x`` after the checks of :class:`SecondOrderTokenHead`. Opaque to ``torch.fx``, a Python call under
+    TorchScript (:mod:`covpool.layers.head_base`)."""
+    if not torch.is_floating_point(x):
+        raise TypeError(
+            f"SecondOrderTokenHead: input must be a floating-point tensor (float16, bfloat16, float32 or "
+            f"float64), got {x.dtype}"
+        )
+    if x.ndim != 3 or x.shape[2] != in_features:
+        raise ValueError(
+            f"SecondOrderTokenHead expects tokens of shape (N, L, {in_features}), got shape {tuple(x.shape)}"
+        )
+    visual_tokens = x.shape[1] - num_prefix_tokens
+    if visual_tokens < MIN_POSITIONS:
+        raise ValueError(
+            f"SecondOrderTokenHead needs at least {MIN_POSITIONS} visual tokens after the "
+            f"num_prefix_tokens={num_prefix_tokens} prefix tokens "
+            f"(L >= {num_prefix_tokens + MIN_POSITIONS}), got shape {tuple(x.shape)} "
+            f"({max(visual_tokens, 0)} visual tokens): the covariance of one token is zero, so the "
+            f"second-order branch would be the same for every input. Feed larger "
+            f"images or use a smaller patch size"
+        )
+    return x
+
+
+torch.fx.wrap("checked_tokens")
 
 
 @document_init
@@ -41,6 +68,9 @@ class SecondOrderTokenHead(CovarianceHead):
             of its fields; default ``"auto"``), passed unchanged to :func:`covpool.sqrtm`.
         drop_rate: dropout on the concatenated features.
         eps: relative ridge before the root (see :func:`covpool.functional.sqrt_covariance_pool`).
+        pool_type: ``"token"`` (default: class token and second-order pooling, timm's name for a ViT that
+            classifies from its class token) or ``""`` (no pooling, with ``num_classes=0``: ``forward``
+            returns the tokens, timm's unpooled convention).
         device, dtype: factory arguments, where and in which dtype the parameters and buffers are created
             (as for :mod:`torch.nn` layers).
 
@@ -49,7 +79,10 @@ class SecondOrderTokenHead(CovarianceHead):
         in_features: ``C``.
 
     Raises:
-        ValueError: in ``forward``, fewer than 2 visual tokens, whose covariance is zero whatever the input.
+        TypeError: in ``forward``, input that is not floating point.
+        ValueError: in ``forward``, fewer than 2 visual tokens, whose covariance is zero whatever the input;
+            a batch the head rejects (NaN/Inf, a covariance the root refuses), which leaves every buffer
+            unchanged.
 
     Shape:
         - input: :math:`(N, L, C)` with ``num_prefix_tokens`` leading prefix tokens and at least 2 visual ones
@@ -63,6 +96,8 @@ class SecondOrderTokenHead(CovarianceHead):
         (torch.Size([2, 10]), torch.Size([2, 68]))
     """
 
+    POOL_TYPE = "token"
+
     def __init__(
         self,
         in_features: int,
@@ -73,10 +108,11 @@ class SecondOrderTokenHead(CovarianceHead):
         root: RootOptions | str | dict | None = None,
         drop_rate: float = 0.0,
         eps: float = 1e-4,
+        pool_type: str | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(in_features, root=root, eps=eps, device=device, dtype=dtype)
+        super().__init__(in_features, root=root, eps=eps, pool_type=pool_type, device=device, dtype=dtype)
         check_positive_int(num_prefix_tokens, "num_prefix_tokens")
         self.num_prefix_tokens = num_prefix_tokens
         dim = self._build_reduction(
@@ -84,23 +120,7 @@ class SecondOrderTokenHead(CovarianceHead):
         )
         self._build_classifier(in_features + dim * (dim + 1) // 2, num_classes, drop_rate)
 
-    def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        if x.ndim != 3 or x.shape[2] != self.in_features:
-            raise ValueError(
-                f"SecondOrderTokenHead expects tokens of shape (N, L, {self.in_features}), "
-                f"got shape {tuple(x.shape)}"
-            )
-        visual_tokens = x.shape[1] - self.num_prefix_tokens
-        if visual_tokens < MIN_POSITIONS:
-            raise ValueError(
-                f"SecondOrderTokenHead needs at least {MIN_POSITIONS} visual tokens after the "
-                f"num_prefix_tokens={self.num_prefix_tokens} prefix tokens "
-                f"(L >= {self.num_prefix_tokens + MIN_POSITIONS}), got shape {tuple(x.shape)} "
-                f"({max(visual_tokens, 0)} visual tokens): the covariance of one token is zero, so the "
-                f"second-order branch would be the same for every input. Feed larger "
-                f"images or use a smaller patch size"
-            )
-        visual = self.reduce(x[:, self.num_prefix_tokens :])
-        pooled = sqrt_covariance_pool(visual, root=self.root, eps=self.eps)
-        features = self.drop(torch.cat([x[:, 0].to(pooled.dtype), pooled], dim=-1))
-        return features if pre_logits else self.fc(features)
+    def _pooled_features(self, x: Tensor) -> Tensor:
+        x = checked_tokens(x, self.in_features, self.num_prefix_tokens)
+        pooled = self._pool(self.reduce(x[:, self.num_prefix_tokens :]))
+        return torch.cat([x[:, 0].to(pooled.dtype), pooled], dim=-1)

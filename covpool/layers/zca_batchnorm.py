@@ -38,9 +38,12 @@ Design choices:
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 from einops import rearrange
+from timm.layers import register_notrace_module
 from torch import Tensor, nn
 
 from covpool.checks import check_float, check_positive_int, reads_values
@@ -52,8 +55,24 @@ from covpool.functional.whitening import (
     whitening_matrix,
 )
 from covpool.layers.constructor_doc import document_init
+from covpool.layers.head_base import nonfinite_samples
 from covpool.linalg import RootOptions
 from covpool.numerics import working_dtype
+
+
+def check_momentum(value: float | None, name: str) -> None:
+    """Raise ``ValueError`` unless ``value`` is None or a finite real in ``[0, 1]`` (a BatchNorm momentum)."""
+    ok = value is None or (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and 0.0 <= value <= 1.0
+    )
+    if not ok:
+        raise ValueError(
+            f"{name} must be None (cumulative average) or a float in [0, 1] (the weight of each new batch "
+            f"in the running statistics, as in torch.nn.BatchNorm2d), got {value!r}"
+        )
 
 
 class _ZCABatchNorm(nn.Module):
@@ -84,6 +103,7 @@ class _ZCABatchNorm(nn.Module):
             )
         self.root = RootOptions.coerce(root)
         check_float(eps, f"{type(self).__name__}: eps")
+        check_momentum(momentum, f"{type(self).__name__}: momentum")
         factory = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.group_size = group_size
@@ -128,9 +148,35 @@ class _ZCABatchNorm(nn.Module):
         self._eval_cache = None
         return super().train(mode)
 
-    def _load_from_state_dict(self, *args, **kwargs) -> None:
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
         self._eval_cache = None
-        super()._load_from_state_dict(*args, **kwargs)
+        saved = state_dict.get(prefix + "running_cov")
+        if self.running_cov is not None and saved is not None and saved.shape != self.running_cov.shape:
+            seen = (
+                f"group_size={saved.shape[-1]} ({saved.shape[0]} groups)"
+                if saved.ndim == 3 and saved.shape[0] * saved.shape[-1] == self.num_features
+                else f"a running_cov of shape {tuple(saved.shape)}"
+            )
+            error_msgs.append(
+                f"{type(self).__name__} '{prefix[:-1] or '<root>'}': the state was saved with {seen}, this "
+                f"layer has group_size={self.group_size} ({self.num_groups} groups of {self.num_features} "
+                f"channels); create it with the group_size of the saved state"
+            )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """TorchScript cannot express this layer: ``torch.jit.script`` gets this error instead of its own."""
+        raise TypeError(
+            f"{type(self).__name__} cannot be compiled by TorchScript (torch.jit.script): its whitening "
+            "calls covpool's matrix roots, which TorchScript cannot express (autograd Functions, a "
+            "dataclass of options, Python control flow on values). Deploy with "
+            "torch.export.export(model.eval(), ...) or covpool.export_onnx(model.eval(), ...), or compile "
+            "with torch.compile"
+        )
 
     def _batch_moments(self, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(count, mean, cov)`` of the batch, over all ranks of ``process_group`` when training."""
@@ -208,8 +254,10 @@ class _ZCABatchNorm(nn.Module):
         rows = self._to_rows(x)
         if reads_values(self.root.check_input, x.device) and not bool(torch.isfinite(x).all()):
             raise ValueError(
-                f"{type(self).__name__}: input holds NaN or Inf (shape {tuple(x.shape)}); the batch was "
-                "rejected and the running statistics are unchanged"
+                f"{type(self).__name__}: input holds NaN or Inf in samples {nonfinite_samples(x)} of "
+                f"{x.shape[0]} (shape {tuple(x.shape)}, layer {type(self).__name__}({self.num_features}, "
+                f"group_size={self.group_size})); the batch was rejected and the running statistics are "
+                "unchanged"
             )
         work = working_dtype(x.dtype)
         with torch.autocast(device_type=x.device.type, enabled=False):
@@ -241,6 +289,7 @@ class _ZCABatchNorm(nn.Module):
         )
 
 
+@register_notrace_module  # a leaf of timm's fx feature extraction (torchvision: pass it in leaf_modules)
 @document_init
 class ZCABatchNorm2d(_ZCABatchNorm):
     """Group ZCA whitening of the channels of ``(N, C, H, W)`` maps, statistics over ``(N, H, W)``.
@@ -283,6 +332,7 @@ class ZCABatchNorm2d(_ZCABatchNorm):
         return rearrange(rows, "(n h w) c -> n c h w", n=n, h=h, w=w)
 
 
+@register_notrace_module
 @document_init(args_from=ZCABatchNorm2d)
 class ZCABatchNorm1d(_ZCABatchNorm):
     """Group ZCA whitening of features ``(N, C)`` or channels-last sequences ``(N, L, C)``.

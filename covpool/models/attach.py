@@ -77,9 +77,13 @@ class CovPooledModel(nn.Module):
         return self.head.fc
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the classifier with one for ``num_classes`` (0: pre-logits); ``global_pool`` is ignored."""
+        """Replace the classifier with one for ``num_classes`` (0: pre-logits features).
+
+        ``global_pool``: ``None`` keeps the pooling, ``""`` removes it (with ``num_classes=0``: ``forward``
+        returns the backbone's features, as timm's models do), the head's ``POOL_TYPE`` restores it.
+        """
+        self.head.reset(num_classes, global_pool)
         self.num_classes = num_classes
-        self.head.reset(num_classes)
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -97,7 +101,10 @@ class CovPooledModel(nn.Module):
         return self.backbone.forward_features(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Covariance-pool the features and classify, or return the pooled vector if ``pre_logits``."""
+        """Covariance-pool the features and classify, or return the pooled vector if ``pre_logits``
+        (the features themselves when the pooling is removed)."""
+        if self.head.pool_type == "":
+            return x
         if self.drop_prefix_tokens:
             x = x[:, self.drop_prefix_tokens :]
         return self.head(x, pre_logits=pre_logits)

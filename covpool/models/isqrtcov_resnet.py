@@ -43,6 +43,8 @@ class IsqrtCovResNet(ResNet):
             dict), passed unchanged to the head.
         drop_rate: dropout before the classifier.
         output_stride: 16 (default, last downsampling removed) or 32 (as plain ResNet) or 8.
+        global_pool: ``"cov"`` (covariance pooling, the default) or ``""`` (no pooling, with
+            ``num_classes=0``: ``forward`` returns the feature map, timm's convention).
         **kwargs: further :class:`timm.models.ResNet` arguments (``in_chans``, ``stem_type`` ...).
 
     Shape:
@@ -66,6 +68,7 @@ class IsqrtCovResNet(ResNet):
         root: RootOptions | str | dict | None = None,
         drop_rate: float = 0.0,
         output_stride: int = 16,
+        global_pool: str = "cov",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         **kwargs: Any,
@@ -88,6 +91,7 @@ class IsqrtCovResNet(ResNet):
             root=root,
             drop_rate=drop_rate,
             input_format="NCHW",
+            pool_type=global_pool,
             device=device,
             dtype=dtype,
         )
@@ -99,13 +103,17 @@ class IsqrtCovResNet(ResNet):
         return "head.fc" if name_only else self.head.fc
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the classifier with one for ``num_classes`` (0: pre-logits); ``global_pool`` is ignored,
-        covariance pooling being the pooling of this model."""
+        """Replace the classifier with one for ``num_classes`` (0: pre-logits features).
+
+        ``global_pool``: ``None`` keeps the pooling, ``""`` removes it (with ``num_classes=0``: ``forward``
+        returns the feature map, as timm's CNNs do), ``"cov"`` restores covariance pooling.
+        """
+        self.head.reset(num_classes, global_pool)
         self.num_classes = num_classes
-        self.head.reset(num_classes)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Covariance-pool ``x`` (B, C, H, W) and classify, or return the pooled vector if ``pre_logits``."""
+        """Covariance-pool ``x`` (B, C, H, W) and classify, or return the pooled vector if ``pre_logits``
+        (``x`` itself when the pooling is removed)."""
         return self.head(x, pre_logits=pre_logits)
 
 
@@ -121,7 +129,7 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
     return {
         "num_classes": 1000,
         "input_size": (3, 224, 224),
-        "pool_size": None,
+        "pool_size": (14, 14),  # the final map at 224 px, output_stride=16 (timm's CNNs: 7 x 7 at 32)
         "crop_pct": 0.875,
         "interpolation": "bilinear",
         "mean": IMAGENET_DEFAULT_MEAN,

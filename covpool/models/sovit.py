@@ -7,8 +7,9 @@ The backbone is timm's own :class:`timm.models.VisionTransformer` (same paramete
 checkpoints load into it, positional embeddings resized by timm's filter); its linear ``head`` is replaced by
 :class:`covpool.SecondOrderTokenHead`, which takes all tokens of ``forward_features`` and splits off the
 ``num_prefix_tokens`` itself. Design choices: the backbone is the plain ViT (the paper also changes the
-patch embedding to a convolutional stem, which we leave to the backbone choice); pooling is always
-``global_pool="token"``, since the class token is the head's first-order branch.
+patch embedding to a convolutional stem, which we leave to the backbone choice); ``global_pool`` is
+``"token"`` (the class token is the head's first-order branch) or ``""`` (unpooled tokens, timm's
+``reset_classifier(0, "")``).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class SoViT(VisionTransformer):
         root: options of the head's matrix square root (:class:`covpool.RootOptions`, a method name or a
             dict), passed unchanged to the head.
         drop_rate: dropout before the classifier.
+        global_pool (in ``kwargs``): ``"token"`` (default) or ``""`` (no pooling, with ``num_classes=0``).
         **kwargs: further :class:`timm.models.VisionTransformer` arguments (``img_size``, ``depth`` ...).
 
     Shape:
@@ -64,10 +66,12 @@ class SoViT(VisionTransformer):
         dtype: torch.dtype | None = None,
         **kwargs: Any,
     ) -> None:
-        if kwargs.setdefault("global_pool", "token") != "token":
+        global_pool = kwargs.setdefault("global_pool", "token")
+        if global_pool not in ("token", ""):
             raise ValueError(
-                f"SoViT pools with the class token: expected global_pool='token', "
-                f"got {kwargs['global_pool']!r}"
+                f"SoViT pools with the class token and the covariance of the visual tokens: expected "
+                f"global_pool='token' (default) or global_pool='' (no pooling, with num_classes=0: forward "
+                f"returns the tokens, as a timm ViT), got {global_pool!r}"
             )
         super().__init__(num_classes=0, device=device, dtype=dtype, **kwargs)
         if self.patch_embed.num_patches < MIN_POSITIONS:
@@ -85,6 +89,7 @@ class SoViT(VisionTransformer):
             reduction_dim=reduction_dim,
             root=root,
             drop_rate=drop_rate,
+            pool_type=global_pool,
             device=device,
             dtype=dtype,
         )
@@ -96,9 +101,14 @@ class SoViT(VisionTransformer):
         return self.head.fc
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the classifier with one for ``num_classes`` (0: pre-logits); ``global_pool`` is ignored."""
+        """Replace the classifier with one for ``num_classes`` (0: pre-logits features).
+
+        ``global_pool``: ``None`` keeps the pooling, ``""`` removes it (with ``num_classes=0``: ``forward``
+        returns the tokens, as a timm ViT does), ``"token"`` restores the So-ViT pooling.
+        """
+        self.head.reset(num_classes, global_pool)
         self.num_classes = num_classes
-        self.head.reset(num_classes)
+        self.global_pool = self.head.pool_type
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Classify tokens ``x`` (B, L, C), or return the head's pooled vector if ``pre_logits``."""
