@@ -1,4 +1,5 @@
-"""Tests of `python -m covpool.bench`: its pieces on reference values, and a tiny smoke run.
+"""Tests of `python -m covpool.bench`: its pieces on reference values, and a tiny smoke run (the studies of
+``examples/studies`` are run as scripts by ``tests/test_studies.py``).
 
 The timing, budget and ranking logic is tested with fake clocks and made-up spreads, so those tests time
 nothing and do not depend on the machine's load.
@@ -335,57 +336,6 @@ def test_layer_run_measures_one_layer(tmp_path):
     assert row["forward_backward_ms"] > 0 and row["saved_mib"] >= 8.0
 
 
-def test_rounding_run_shows_each_backward_where_it_is_the_accurate_one(tmp_path, capsys):
-    main(["--rounding", "--no-heads", "--sizes", "32", "--out", str(tmp_path)])
-    rows = json.loads((tmp_path / "rounding.json").read_text())["rows"]
-    assert len(rows) == 8  # two sample counts × four ridges
-    assert "largest lyapunov / (u kappa)" in capsys.readouterr().out
-    by_case = {(row["samples"], row["eps"]): row for row in rows}
-    # Rank-deficient (8 positions) with a small ridge: the Lyapunov gradient is off by about the model's
-    # figure, the unrolled one (the default there) is not.
-    deficient = by_case[(8, 1e-5)]
-    assert deficient["default"] == "adjoint"
-    assert deficient["unrolled_range"] < 1e-3 < deficient["lyapunov_range"] <= deficient["model"]
-    # Rounding grows with κ: below 1e5 the Lyapunov gradient meets tol and stays the default.
-    assert all(
-        row["lyapunov_range"] < 1e-3 and row["default"] == "lyapunov" for row in rows if row["eps"] >= 1e-3
-    )
-
-
-def test_mixed_run_separates_refined_from_low_precision_configurations(tmp_path, capsys):
-    main(["--mixed", "--sizes", "32", "--out", str(tmp_path)])
-    rows = json.loads((tmp_path / "mixed.json").read_text())["rows"]
-    out = capsys.readouterr().out
-    assert "spd: cheapest with forward and gradient <= 0.001: refine" in out
-    cell = {(row["input"], row["config"], row["format"]): row for row in rows}
-    reference = cell[("spd", "float32", "float32")]
-    assert reference["meets"] and reference["low"] == 0
-    # every product of the plan in bfloat16 misses tol; two float32 refinements of the forward and two of
-    # the backward meet it with room, cheaper
-    assert not cell[("spd", "all", "bf16")]["meets"]
-    assert cell[("spd", "all", "bf16")]["low"] == reference["float32"]
-    refined = cell[("spd", "refine 2/2", "bf16")]
-    assert max(refined["forward"], refined["inverse"], refined["gradient"]) <= 1e-4
-    assert refined["cost"] < reference["cost"]
-    assert refined["cost"] == refined["float32"] + refined["low"] / 10
-    # the plan precision="tf32" runs: within its fitted model, which bfloat16 has none of
-    planned = cell[("spd", "refine 2/1", "tf32")]
-    assert planned["forward"] <= planned["model_forward"] < 1e-3
-    assert planned["gradient"] <= planned["model_gradient"] < 1e-3
-    assert refined["model_gradient"] is None  # inf, written as null
-
-
-def test_input_rounding_stays_within_the_traces_room():
-    from covpool.bench.rounding import INPUT_SIZES, input_rounding_rows
-    from covpool.linalg.certify import TRACE_ROUNDING
-
-    rows = input_rounding_rows(batch=4)
-    assert len(rows) == len(INPUT_SIZES) * 4
-    # Rank-deficient inputs (8 positions) sit on the bound, so rounding puts some of them below it.
-    assert max(row["below_bound_in_u"] for row in rows) > 0.0
-    assert all(row["below_bound_in_u"] <= TRACE_ROUNDING for row in rows)
-
-
 def test_the_reports_product_floor_counts_each_product_in_its_precision():
     from covpool.bench.cuda_report import product_floor
 
@@ -405,56 +355,6 @@ def test_the_reports_training_step_learns_under_autocast():
     losses = [step().item() for _ in range(30)]
     assert losses[-1] < 0.5 * losses[0]
     assert net[1].weight.grad is not None and net[1].weight.dtype == torch.float32
-
-
-def test_tf32_fit_rows_stay_within_the_certificate_and_show_where_it_ends():
-    from covpool.bench.tf32_fit import MODEL, fit_rows, fit_summary
-
-    rows = fit_rows((24,), seeds=1, progress=False)
-    assert len(rows) == 3 * 4 * 2  # kinds × conditions × refinement counts
-    fitted = [row for row in rows if row["fitted"]]
-    assert {row["condition"] for row in fitted} == {1e2, 1e3, 1e4}
-    for ratio, constant in MODEL.items():
-        assert all(row[ratio] <= constant for row in fitted), ratio
-    # condition 1e5 is outside: there the gradient misses 1e-2 (or is NaN)
-    assert any(not (row["gradient"] <= 1e-2) for row in rows if not row["fitted"])
-    assert "beyond the range" in fit_summary(rows)
-
-
-def test_tf32_fit_cli_writes_rows_and_figure(tmp_path):
-    main(["--tf32-fit", "--sizes", "16", "--no-progress", "--out", str(tmp_path)])
-    rows = json.loads((tmp_path / "tf32_fit.json").read_text())["rows"]
-    assert len(rows) == 3 * 4 * 2 * 2 and (tmp_path / "tf32_fit.csv").exists()  # two seeds below n = 512
-    assert (tmp_path / "tf32_fit.png").read_bytes()[:4] == b"\x89PNG"
-
-
-class TestBeyondTheBound:
-    def test_each_verdict_is_what_the_root_did(self):
-        from covpool.bench.beyond import Case, classify
-
-        spd = dict(kind="spd", condition=1e6, n=32, function="sqrtm")
-        # mtp at κ = 1e6 where 1e3 is assumed: every matrix flagged, none wrong
-        assert classify(Case(**spd, dtype="float64", method="mtp"))["verdict"] == "flagged"
-        within = classify(Case(**spd, dtype="float64", method="auto"))  # eigh on CPU: exact
-        assert within["verdict"] == "within" and within["gradient"] < 1e-8
-        ridged = Case(kind="ridged", condition=1e3, n=32, dtype="float32", method="mpa", function="inv_sqrtm")
-        row = classify(ridged)
-        assert row["verdict"] == "within" and row["forward"] < 2e-3 and row["gradient"] < 2e-3
-        # the TF32 plan: flagged beyond its bound, refused in float64
-        ridged_1e5 = dict(kind="ridged", condition=1e5, n=32, function="sqrtm", method="tf32")
-        assert classify(Case(**ridged_1e5, dtype="float32"))["verdict"] == "flagged"
-        refused = classify(Case(**ridged_1e5, dtype="float64"))
-        assert refused["verdict"] == "refused" and "float64" in refused["why"]
-
-    def test_cli_prints_counts_and_writes_every_case(self, tmp_path, capsys):
-        main(["--beyond", "--sizes", "32", "--dtype", "float64", "--out", str(tmp_path), "--no-progress"])
-        out = capsys.readouterr().out
-        rows = json.loads((tmp_path / "beyond.json").read_text())["rows"]
-        assert len(rows) == 2 * 4 * 4 * 2  # kinds × conditions × methods × functions
-        assert "silently wrong" in out and "(64 cases)" in out
-        assert not any(r["verdict"] == "silently wrong" for r in rows), out
-        with pytest.raises(SystemExit, match="float32 and float64"):
-            main(["--beyond", "--dtype", "float16", "--out", str(tmp_path)])
 
 
 @pytest.mark.skipif(
@@ -479,3 +379,11 @@ def test_host_rows_count_each_methods_operators():
         # The backward dispatches operators of its own; every figure is a measured, positive time.
         assert 0 < row["forward_ops"] < row["forward_backward_ops"]
         assert min(row["forward_us"], row["forward_backward_us"], row["options_plan_us"]) > 0
+
+
+@pytest.mark.parametrize("flag", ["--rounding", "--mixed", "--tf32-fit", "--beyond"])
+def test_the_studies_are_not_flags_of_the_package(flag, capsys):
+    """They are scripts of the repository (``examples/studies``), run by ``tests/test_studies.py``."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([flag])
+    assert exit_info.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err

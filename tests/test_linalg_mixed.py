@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import covpool
-from covpool.bench.tf32_fit import normalised_case
 from covpool.linalg.emulation import EPSILON, ProductCounter, emulated_products
 from covpool.linalg.iteration import coupled_root, mixed_residual, residual_rounding
 from covpool.linalg.lyapunov import rounding_error, solve_lyapunov
@@ -61,11 +60,6 @@ class TestMarginedSchedule:
         assert len(margined.steps) >= len(plain.steps)
         with pytest.raises(ValueError, match="not reached"):
             margined_schedule(0.02, 1.0, 1e-9, degree=1, margin=0.01)
-
-
-def _bounded_case(kind: str, n: int, condition: float, seed: int) -> tuple[torch.Tensor, float, torch.Tensor]:
-    """:func:`covpool.bench.tf32_fit.normalised_case` of 4 matrices, with its own seed."""
-    return normalised_case(kind, n, condition, 4, torch.Generator().manual_seed(seed))
 
 
 def _case(n: int, kind: str, seed: int = 0) -> tuple[torch.Tensor, RootPlan, torch.Tensor]:
@@ -230,6 +224,21 @@ def _root_case(kind: str, n: int, condition: float, seed: int = 0) -> tuple[torc
     generator = torch.Generator().manual_seed(seed)
     A = bounded_matrices(kind, 4, n, condition, generator)
     return A.float(), torch.randn(A.shape, generator=generator, dtype=torch.float64).float()
+
+
+def _bounded_case(kind: str, n: int, condition: float, seed: int) -> tuple[torch.Tensor, float, torch.Tensor]:
+    """:func:`_root_case` normalised as the float32 mtp plan assuming ``condition`` normalises it (the
+    input of ``examples/studies/tf32_fit.py``), that plan's ``lower``, and the upstream gradient."""
+    A, G = _root_case(kind, n, condition, seed)
+    # the plan's bound and normalisation do not depend on tol; 1e-2 keeps the plan at condition 1e5
+    plan = plan_root(
+        covpool.RootOptions(method="mtp", condition=condition, tol=1e-2),
+        n,
+        eps=0.0,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+    )
+    return normalise(A, plan.normalization)[0], plan.lower, G
 
 
 TF32 = covpool.RootOptions(method="mtp", precision="tf32")

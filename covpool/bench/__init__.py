@@ -43,6 +43,10 @@ How to read the figures (``pareto_<device>_<dtype>_n<n>.png``)
     Pick the fastest point left of the error your model tolerates; ``eigh`` shows what an exact
     method reaches in the dtype.
 
+This measures covpool on the machine it runs on. The studies that derived the library's constants
+(rounding of the float32 gradients, the TF32 plan's fitted model, mixed-precision configurations, inputs
+beyond the assumed bound) are scripts in the repository, ``examples/studies/``, not part of the package.
+
 Comparisons run from small to large sizes. ``--time-budget`` is soft: once it is spent no new
 comparison starts (a started one finishes), and every cell left out is still a row, with the reason,
 and listed under ``MISSING:``.

@@ -1,47 +1,29 @@
-"""Command line of the benchmark: ``python -m covpool.bench [--quick | --layers] [options]``."""
+"""Command line of the benchmark:
+``python -m covpool.bench [--quick | --layers | --trace | --compile | --host | --deploy] [options]``."""
 
 from __future__ import annotations
 
 import argparse
 import math
-import platform
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 import covpool
 import covpool.bench
-from covpool.bench.beyond import SIZES as BEYOND_SIZES
-from covpool.bench.beyond import run_beyond, summary
 from covpool.bench.compile import COMPILE_BACKENDS, format_compile, measure_compile
 from covpool.bench.configs import CONFIGS
 from covpool.bench.deploy import DEPLOY_BATCHES, DEPLOY_MODELS, run_deploy
 from covpool.bench.grid import FUNCTIONS, comparison_label, describe_missing, plan_grid, run_grid
 from covpool.bench.host import HOST_BATCH, HOST_SIZES, host_rows
 from covpool.bench.layers import LAYER_CASES, LAYER_METHODS, run_layers
-from covpool.bench.mixed import MIXED_SIZES, mixed_rows
-from covpool.bench.mixed import summary as mixed_summary
 from covpool.bench.plot import plot_pareto
 from covpool.bench.ranking import MAX_SPREAD
-from covpool.bench.report import format_comparisons, format_table, write_csv, write_json
-from covpool.bench.rounding import (
-    ROUNDING_DOMINATES,
-    ROUNDING_EPS,
-    ROUNDING_SIZES,
-    SAMPLES,
-    head_rows,
-    input_rounding_rows,
-    rounding_row,
-    trace_rows,
-)
-from covpool.bench.tf32_fit import FIT_SIZES, fit_rows, fit_summary, plot_fit
-from covpool.bench.trace import FAKE_CUDA_SUPPORTED, trace_root
-from covpool.linalg.options import TRACE_ROUNDING
+from covpool.bench.report import format_comparisons, format_table, record, write_csv, write_json
+from covpool.bench.trace import trace_root
 
 FULL_SIZES = (32, 64, 128, 256, 512)
 FULL_BATCHES = (1, 16, 64, 256)
@@ -180,35 +162,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="count host syncs, matrix products and kernels of the CUDA path on fake tensors (no GPU needed)",
     )
 
-    trace.add_argument(
-        "--rounding",
-        action="store_true",
-        help="float32 gradient error of the Lyapunov and unrolled backwards on ridged rank-deficient "
-        f"covariances, and of covariance heads (CPU; --sizes default {' '.join(map(str, ROUNDING_SIZES))})",
-    )
-    trace.add_argument(
-        "--no-heads", action="store_true", help="with --rounding: leave out the heads and trace tables"
-    )
-    trace.add_argument(
-        "--mixed",
-        action="store_true",
-        help="TF32/bfloat16 products emulated on CPU: errors and float32-equivalent cost of mixed-precision "
-        f"configurations (--sizes default {' '.join(map(str, MIXED_SIZES))})",
-    )
-    trace.add_argument(
-        "--tf32-fit",
-        action="store_true",
-        help="the emulated TF32 runs behind precision='tf32''s certificate: errors over the model's powers "
-        f"of t = eps / lower, n = {' '.join(map(str, FIT_SIZES))} by default (--sizes)",
-    )
-    trace.add_argument(
-        "--beyond",
-        action="store_true",
-        help="inputs beyond the assumed spectrum bound (user-ridged and full-rank SPD, condition 1e3 … 1e6, "
-        "mtp/mpa/auto, sqrtm and inv_sqrtm, the --dtype given): within 2 tol, flagged, refused or silently "
-        f"wrong, per case (--sizes default {' '.join(map(str, BEYOND_SIZES))}, first of --devices)",
-    )
-
     overhead = parser.add_argument_group("overhead")
     overhead.add_argument(
         "--compile",
@@ -287,22 +240,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _environment() -> dict:
-    return {
-        "covpool": covpool.__version__,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu_threads": torch.get_num_threads(),
-        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "command": " ".join(sys.argv),
-    }
-
-
-def _settings(args: argparse.Namespace) -> dict:
-    return {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
-
-
 def _print_summary(
     verdicts: Sequence[dict], missing: Sequence, details: str, budget: float, elapsed: float
 ) -> None:
@@ -345,8 +282,7 @@ def run_roots(args: argparse.Namespace) -> None:
     write_csv(result.rows, args.out / "roots.csv")
     write_json(
         {
-            "environment": _environment(),
-            "settings": _settings(args),
+            **record(args),
             "max_spread": MAX_SPREAD,
             "rows": result.rows,
             "comparisons": result.comparisons,
@@ -417,8 +353,7 @@ def run_layer_benchmark(args: argparse.Namespace) -> None:
     write_csv(result.rows, args.out / "layers.csv")
     write_json(
         {
-            "environment": _environment(),
-            "settings": _settings(args),
+            **record(args),
             "max_spread": MAX_SPREAD,
             "rows": result.rows,
             "comparisons": verdicts,
@@ -446,7 +381,7 @@ def run_deploy_benchmark(args: argparse.Namespace) -> None:
     )
     write_csv(rows, args.out / "deploy.csv")
     write_json(
-        {"environment": _environment(), "settings": _settings(args), "facts": facts, "rows": rows},
+        {**record(args), "facts": facts, "rows": rows},
         args.out / "deploy.json",
     )
     print(
@@ -462,7 +397,7 @@ def run_compile(args: argparse.Namespace) -> None:
     report = measure_compile(backend=args.compile_backend, device=args.devices[0])
     print(format_compile(report))
     write_json(
-        {"environment": _environment(), "settings": _settings(args), "report": asdict(report)},
+        {**record(args), "report": asdict(report)},
         args.out / "compile.json",
     )
     print(f"wrote {args.out / 'compile.json'}")
@@ -477,97 +412,15 @@ def run_host(args: argparse.Namespace) -> None:
     print(f"wrote {args.out / 'host.csv'}")
 
 
-def run_rounding(args: argparse.Namespace) -> None:
-    """Print and write the rounding table of :mod:`covpool.bench.rounding`."""
-    cases = [(n, s, eps) for n in args.sizes for s in (SAMPLES, max(n // 4, 8)) for eps in ROUNDING_EPS]
-    bar = tqdm(cases, desc="covpool.bench --rounding", unit="case", disable=args.no_progress)
-    rows = [rounding_row(n, samples, eps) for n, samples, eps in bar]
-    print(format_table(rows, list(rows[0])))
-    dominated = [r["lyapunov_growth"] for r in rows if r["kappa_bound"] >= ROUNDING_DOMINATES]
-    print(f"largest lyapunov / (u kappa) where kappa >= {ROUNDING_DOMINATES:g}: {max(dominated):.3g}")
-    heads = [] if args.no_heads else head_rows()
-    if heads:
-        print("\nCovPoolHead, float32 against its float64 eigh copy (default ridge eps=1e-4):")
-        print(format_table(heads, list(heads[0])))
-    inputs = [] if args.no_heads else input_rounding_rows()
-    if inputs:
-        print("\nfloat32 sample covariances, eps=1e-4: how far λmin(A / tr A) falls below the ridge's bound:")
-        print(format_table(inputs, list(inputs[0])))
-        largest = max(r["below_bound_in_u"] for r in inputs)
-        print(f"largest: {largest:.3g} u (the trace's bound leaves {TRACE_ROUNDING:g} u)")
-    traced = trace_rows(tuple(args.sizes)) if FAKE_CUDA_SUPPORTED and not args.no_heads else []
-    if not FAKE_CUDA_SUPPORTED:
-        print(f"\n(no traced counts: fake CUDA tensors need torch >= 2.11, this is {torch.__version__})")
-    if traced:
-        print("\nsqrtm with the heads' ridge (eps=1e-4), batch 64, forward+backward, traced CUDA path:")
-        print(format_table(traced, list(traced[0])))
-    write_csv(rows, args.out / "rounding.csv")
-    payload = {"environment": _environment(), "settings": _settings(args)}
-    write_json(
-        {**payload, "rows": rows, "heads": heads, "input_rounding": inputs, "trace": traced},
-        args.out / "rounding.json",
-    )
-    print(f"wrote {args.out / 'rounding.csv'} and {args.out / 'rounding.json'}")
-
-
-def _write_rows(args: argparse.Namespace, name: str, rows: list[dict]) -> None:
-    """``rows`` as ``name.csv`` and, with the environment and settings, ``name.json`` under ``--out``."""
-    write_csv(rows, args.out / f"{name}.csv")
-    write_json(
-        {"environment": _environment(), "settings": _settings(args), "rows": rows}, args.out / f"{name}.json"
-    )
-    print(f"wrote {args.out / f'{name}.csv'} and {args.out / f'{name}.json'}")
-
-
-def run_mixed(args: argparse.Namespace) -> None:
-    """Print and write (``mixed.csv``, ``mixed.json``) the study of :mod:`covpool.bench.mixed`."""
-    rows = mixed_rows(tuple(args.sizes), seed=args.seed)
-    print(format_table(rows, list(rows[0])))
-    print(mixed_summary(rows))
-    _write_rows(args, "mixed", rows)
-
-
-def run_tf32_fit(args: argparse.Namespace) -> None:
-    """Print and write (``tf32_fit.csv``, ``tf32_fit.json``) the runs of :mod:`covpool.bench.tf32_fit`."""
-    rows = fit_rows(tuple(args.sizes), progress=not args.no_progress)
-    print(format_table(rows, list(rows[0])))
-    print(fit_summary(rows))
-    _write_rows(args, "tf32_fit", rows)
-    print(f"wrote {plot_fit(rows, args.out / 'tf32_fit.png')}")
-
-
-def run_beyond_bound(args: argparse.Namespace) -> None:
-    """The beyond-the-bound grid (:mod:`covpool.bench.beyond`): counts per method and dtype on stdout,
-    every case in ``beyond.csv`` and ``beyond.json``."""
-    rows = run_beyond(
-        device=args.devices[0],
-        sizes=tuple(args.sizes),
-        dtypes=tuple(args.dtype),
-        seed=args.seed,
-        progress=not args.no_progress,
-    )
-    print(summary(rows))
-    _write_rows(args, "beyond", rows)
-
-
 def main(argv: Sequence[str] | None = None) -> None:
-    """Parse ``argv`` and run the matrix-root grid, the layer benchmark (``--layers``) or the deployment
-    benchmark (``--deploy``)."""
+    """Parse ``argv`` and run one part: the matrix-root grid (default), the layer benchmark (``--layers``),
+    the CUDA path's counts (``--trace``), the compile (``--compile``) or host (``--host``) overhead, or the
+    deployment benchmark (``--deploy``)."""
     args = build_parser().parse_args(argv)
     if args.deploy and (args.layers or args.quick):
         raise SystemExit("--deploy runs alone: drop --layers and --quick")
     if args.deploy:
         args.batches = args.batches or list(DEPLOY_BATCHES)
-    if args.rounding:
-        args.sizes = args.sizes or list(ROUNDING_SIZES)
-    if args.mixed:
-        args.sizes = args.sizes or list(MIXED_SIZES)
-    if args.tf32_fit:
-        args.sizes = args.sizes or list(FIT_SIZES)
-    if args.beyond:
-        args.sizes = args.sizes or list(BEYOND_SIZES)
-        if not set(args.dtype) <= {"float32", "float64"}:
-            raise SystemExit(f"--beyond runs float32 and float64 (the working dtypes), got {args.dtype}")
     if args.host:
         args.sizes = args.sizes or list(HOST_SIZES)
         args.batches = args.batches or [HOST_BATCH]
@@ -582,18 +435,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     start = time.perf_counter()
     if args.trace:
         run_trace(args)
-    elif args.mixed:
-        run_mixed(args)
-    elif args.tf32_fit:
-        run_tf32_fit(args)
-    elif args.beyond:
-        run_beyond_bound(args)
     elif args.compile:
         run_compile(args)
     elif args.host:
         run_host(args)
-    elif args.rounding:
-        run_rounding(args)
     elif args.deploy:
         run_deploy_benchmark(args)
     else:

@@ -6,8 +6,8 @@ ridge, device type and dtype, then cached in :mod:`covpool.linalg.options`), the
 For each method and size this prints the median wall time of a call (forward, and forward with the
 backward of ``out.sum()``), the operators dispatched per call (every ``aten`` op, views included, as a
 ``TorchDispatchMode`` sees them), and the median time of the options and plan alone (``RootOptions``
-from the keywords and :func:`covpool.linalg.planner.plan_root`), which is what a call costs beyond its operators'
-own Python-to-kernel path.
+from the keywords and :func:`covpool.linalg.planner.plan_root`), which is what a call costs beyond its
+operators' own Python-to-kernel path.
 """
 
 from __future__ import annotations

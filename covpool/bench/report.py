@@ -2,13 +2,35 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import math
+import platform
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
+import covpool
 from covpool.bench.ranking import VERDICT_FIELDS
+
+
+def record(args: argparse.Namespace) -> dict:
+    """What a results file says of its run: ``environment`` (versions, platform, CPU threads, the CUDA
+    device, the command) and ``settings`` (the parsed arguments, paths as text)."""
+    environment = {
+        "covpool": covpool.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "command": " ".join(sys.argv),
+    }
+    settings = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
+    return {"environment": environment, "settings": settings}
 
 
 def write_csv(rows: Sequence[dict], path: Path) -> None:

@@ -1,7 +1,8 @@
 """Mixed-precision square root and its Lyapunov backward: low-precision bulk, float32 refinement.
 
 What :func:`covpool.sqrtm` runs for a plan with ``precision="tf32"`` (:class:`covpool.RootOptions`), and
-the study behind it (``python -m covpool.bench --mixed``, bfloat16 included):
+the study behind it (``python examples/studies/mixed.py``, bfloat16 included; recorded in
+``examples/results/mixed.json``):
 
 - **forward**: the coupled iteration (:func:`covpool.linalg.iteration.coupled_root`) with a *margined*
   schedule (:func:`margined_schedule`) and every product in low precision (TF32 or bfloat16), then
@@ -37,17 +38,16 @@ The precision of the low phases is a hook, a callable returning a context manage
 the products' epsilon (:func:`covpool.linalg.iteration.residual_rounding`,
 :func:`covpool.linalg.lyapunov.rounding_error`) hold on every emulated run but are worst cases in ``n``
 and ``κ``: at condition 1e3 and n = 64 they put TF32's forward at 0.04 and a TF32 sign solve at 0.07,
-where every-product-TF32 runs measure 1.5e-3 and 1.8e-3 (``python -m covpool.bench --mixed``), so composed
-over the refinements they certify nothing useful. The errors are instead
-modelled in ``t = ε / lower`` (``ε`` the products' machine epsilon, ``lower`` the plan's bound on the
-smallest eigenvalue of ``Â^(1/2)``: the relative size of a product's rounding at the smallest
-eigenvalue), fitted with room on the worst of emulated TF32 runs, and answered with ``inf`` outside the
-measured range, where the plan is refused.
+more than twenty times what every-product-TF32 runs measure (the ``all`` rows in TF32 of
+``python examples/studies/mixed.py``, recorded in ``examples/results/mixed.json``), so composed over the
+refinements they certify nothing useful. The errors are instead modelled in ``t = ε / lower`` (``ε`` the
+products' machine epsilon, ``lower`` the plan's bound on the smallest eigenvalue of ``Â^(1/2)``: the
+relative size of a product's rounding at the smallest eigenvalue), fitted with room on the worst of
+emulated TF32 runs, and answered with ``inf`` outside the measured range, where the plan is refused.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 from collections.abc import Callable
@@ -59,13 +59,7 @@ import torch
 from covpool.linalg.coefficients import minimax_odd_polynomial
 from covpool.linalg.emulation import EPSILON
 from covpool.linalg.iteration import coupled_root
-from covpool.linalg.lyapunov import (
-    SignFactor,
-    apply_sign_factor,
-    operator_step,
-    rhs_step,
-    sign_factor,
-)
+from covpool.linalg.lyapunov import SignFactor, apply_sign_factor, sign_factor
 from covpool.linalg.schedule import MAX_STEPS, PolynomialStep, Schedule, image
 from covpool.numerics import eye_like, symmetrize
 
@@ -74,11 +68,6 @@ MARGIN = 0.01
 
 ProductHook = Callable[[], AbstractContextManager[object]]
 """A callable returning a context manager inside which the matrix products run in low precision."""
-
-
-def full_precision() -> AbstractContextManager[object]:
-    """The hook of products in the working dtype's own precision (nothing changed)."""
-    return contextlib.nullcontext()
 
 
 @functools.cache
@@ -221,27 +210,32 @@ def mixed_lyapunov(Y: torch.Tensor, G: torch.Tensor, plan: MixedPlan, low: Produ
 
 
 TF32_DOMAIN = 0.14
-"""Largest ``t = ε / lower`` the certificate covers: the measured runs reach 0.138 (condition 1e4); at
-``t ≈ 0.4`` (condition 1e5) TF32 runs end in NaN or 3e-2 to 0.27 off."""
+"""Largest ``t = ε / lower`` the certificate covers: just above the largest ``t`` of the fitted runs
+(condition 1e4); beyond it, at condition 1e5, TF32 runs end in NaN or far off. Both in the results of
+``python examples/studies/tf32_fit.py``: ``examples/results/tf32_fit.json`` (column ``fitted``; the
+summary it prints) and ``examples/results/tf32_fit.png``."""
 MAX_FITTED_SIZE = 512
 """Largest ``n`` the certificate was fitted on."""
 VALID_RESIDUAL_GROWTH = 0.1
 """Modelled :func:`covpool.linalg.iteration.mixed_residual` of a valid input,
-``VALID_RESIDUAL_GROWTH · t²``: measured at most ``0.036 t²``."""
+``VALID_RESIDUAL_GROWTH · t²``: the largest ``residual/t²`` of the fitted runs with room
+(``python examples/studies/tf32_fit.py``, ``examples/results/tf32_fit.json``)."""
 ROOT_GROWTH = 2e-4
-"""Modelled error of ``Y ≈ Â^(1/2)``, ``ROOT_GROWTH · t``: measured at most ``6.7e-5 t``."""
+"""Modelled error of ``Y ≈ Â^(1/2)``, ``ROOT_GROWTH · t``: the largest ``root/t`` of the fitted runs with
+room (``python examples/studies/tf32_fit.py``, ``examples/results/tf32_fit.json``)."""
 INVERSE_GROWTH = 0.04
-"""Modelled error of ``Z ≈ Â^(-1/2)`` and of the gradient, ``INVERSE_GROWTH · t²``: measured at most
-``1.24e-2 t²`` (``Z``) and ``1.06e-2 t²`` (gradient)."""
+"""Modelled error of ``Z ≈ Â^(-1/2)`` and of the gradient, ``INVERSE_GROWTH · t²``: the largest
+``inverse/t²`` and ``gradient/t²`` of the fitted runs with room (``python examples/studies/tf32_fit.py``,
+``examples/results/tf32_fit.json``)."""
 
 
 def mixed_error_bound(plan: MixedPlan, n: int) -> tuple[float, float]:
     """Modelled ``(forward, gradient)`` relative errors of a TF32 mixed plan on ``n × n`` input whose
     ``Â^(1/2)`` has its spectrum in ``[plan.lower, 1]``; forward is the larger of ``Y``'s and ``Z``'s.
 
-    Fitted (``python -m covpool.bench --tf32-fit``, 66 s on 2 cores, prints the measured maxima and the
-    room) on emulated TF32 runs (:mod:`covpool.linalg.emulation`; float32 ``Â``, batches of 8, Gaussian
-    upstream gradients, against float64 eigendecompositions): ``random_spd``, user-ridged sample
+    Fitted (``python examples/studies/tf32_fit.py``, recorded in ``examples/results/tf32_fit.json``) on
+    emulated TF32 runs (:mod:`covpool.linalg.emulation`; float32 ``Â``, batches of 8, Gaussian upstream
+    gradients, against float64 eigendecompositions): ``random_spd``, user-ridged sample
     covariances (rank ``n / 2``) and spectra with all but two eigenvalues at the lower end, condition
     1e2, 1e3, 1e4 (``t`` = 0.012 … 0.138), n = 32 … 256 with two seeds and n = 512 with one, at 2 … 3
     refinements and 1 … 3 corrections. ``inf`` where the plan is not what was fitted (fewer than two
@@ -264,33 +258,3 @@ def mixed_valid_residual(plan: MixedPlan, n: int) -> float:
         return math.inf
     t = plan.epsilon / plan.lower
     return VALID_RESIDUAL_GROWTH * t * t
-
-
-def staged_root(
-    A_hat: torch.Tensor, schedule: Schedule, low_steps: int, low: ProductHook
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The coupled iteration of ``schedule`` with its first ``low_steps`` steps in low precision and the
-    rest in float32 (which finish the iteration but do not re-inject ``Â``). Shapes: ``(*, n, n)`` each."""
-    if low_steps == 0:
-        return coupled_root(A_hat, schedule)
-    head = Schedule(schedule.steps[:low_steps], schedule.lower, schedule.upper, schedule.error)
-    tail = Schedule(schedule.steps[low_steps:], schedule.lower, schedule.upper, schedule.error)
-    with low():
-        Y, Z = coupled_root(A_hat, head)
-    return coupled_root(A_hat, tail, start=(Y, Z))
-
-
-def staged_lyapunov(
-    Y: torch.Tensor, G: torch.Tensor, schedule: Schedule, low_steps: int, low: ProductHook
-) -> torch.Tensor:
-    """``X`` with ``Y X + X Y = sym(G)`` by the sign iteration of ``schedule``, its first ``low_steps`` steps
-    in low precision and the rest in float32. Shapes: ``(*, n, n)`` each."""
-    shape = Y.shape
-    B = Y.reshape(-1, shape[-2], shape[-1])
-    C = symmetrize(G.reshape(-1, shape[-2], shape[-1]))
-    last = len(schedule.steps) - 1
-    for k, step in enumerate(schedule.steps):
-        with low() if k < low_steps else contextlib.nullcontext():
-            B2, T, B_next = operator_step(B, step.coefficients)
-            B, C = B_next, rhs_step(B, B2, T, C, step.coefficients, 0.5 if k == last else 1.0)
-    return C.reshape(shape)

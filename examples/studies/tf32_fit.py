@@ -1,26 +1,34 @@
-"""The measurements behind the TF32 plan's certificate (``python -m covpool.bench --tf32-fit``).
+"""The measurements behind the TF32 plan's certificate: ``python examples/studies/tf32_fit.py``.
 
 :func:`covpool.linalg.mixed.mixed_error_bound` and :func:`~covpool.linalg.mixed.mixed_valid_residual`
 model the errors of ``RootOptions(precision="tf32")`` in ``t = ε / lower`` with constants fitted on
-emulated TF32 runs (:mod:`covpool.linalg.emulation`). This module makes those runs: for every input family
+emulated TF32 runs (:mod:`covpool.linalg.emulation`). This study makes those runs: for every input family
 of :func:`covpool.testing.bounded_matrices`, size and condition, the mtp plan assuming that condition
 gives ``lower`` and the normalised float32 ``Â``; the mixed plan (two refinements and one correction, and
 three and two) runs with every low-precision product emulated, and the errors of ``Y``, ``Z`` and the
 Lyapunov gradient (Gaussian upstream) against float64 eigendecompositions, and the a-posteriori test's
 value (:func:`covpool.linalg.iteration.mixed_residual`), are divided by the model's power of ``t``.
 Condition 1e5 lies beyond the fitted range (``t > TF32_DOMAIN``) and shows why it ends there.
+
+Prints the rows and, per ratio, the largest measured against the model's constant (the room); writes
+``tf32_fit.csv``, ``tf32_fit.json`` and the figure ``tf32_fit.png`` under ``--out``
+(``examples/results/``: the recorded results :data:`covpool.linalg.mixed.ROOT_GROWTH`,
+:data:`~covpool.linalg.mixed.INVERSE_GROWTH`, :data:`~covpool.linalg.mixed.VALID_RESIDUAL_GROWTH` and
+:data:`~covpool.linalg.mixed.TF32_DOMAIN` cite). The default sizes take about a minute on 2 cores.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from study import make_parser, normalised, parse, write_rows
 from tqdm.auto import tqdm
 
-import covpool
+from covpool.bench.report import format_table
 from covpool.linalg.emulation import EPSILON, emulated_products
 from covpool.linalg.iteration import mixed_residual
 from covpool.linalg.mixed import (
@@ -32,7 +40,6 @@ from covpool.linalg.mixed import (
     mixed_plan,
     mixed_sqrt,
 )
-from covpool.linalg.normalization import normalise
 from covpool.linalg.precision import products_in
 from covpool.testing import (
     SPECTRUM_KINDS,
@@ -73,20 +80,20 @@ def normalised_case(
     A = bounded_matrices(kind, batch, n, condition, generator)
     # the plan's bound and normalisation do not depend on tol; 1e-2 keeps float32's plan from being
     # refused at condition 1e5
-    plan = covpool.RootOptions(method="mtp", condition=condition, tol=1e-2).plan(
-        n, eps=0.0, device=torch.device("cpu"), dtype=torch.float32
-    )
-    A_hat, _ = normalise(A.float(), plan.normalization)
+    A_hat, plan = normalised(A, condition=condition, tol=1e-2)
     return A_hat, plan.lower, torch.randn(A.shape, generator=generator, dtype=torch.float64).float()
 
 
-def fit_rows(sizes: tuple[int, ...] = FIT_SIZES, *, seeds: int = 2, progress: bool = True) -> list[dict]:
-    """One row per family, size, condition, seed and refinement count: ``t``, the errors and their ratios to
-    the model's powers of ``t`` (see the module docstring)."""
+def fit_rows(
+    sizes: tuple[int, ...] = FIT_SIZES, *, seeds: int = 2, first_seed: int = 0, progress: bool = True
+) -> list[dict]:
+    """One row per family, size, condition, seed (``seeds`` from ``first_seed``, one from n = 512) and
+    refinement count: ``t``, the errors and their ratios to the model's powers of ``t`` (see the module
+    docstring)."""
     grid = [
         (kind, n, condition, seed)
         for kind, n, condition in itertools.product(SPECTRUM_KINDS, sizes, CONDITIONS)
-        for seed in range(1 if n >= LARGE else seeds)
+        for seed in range(first_seed, first_seed + (1 if n >= LARGE else seeds))
     ]
     low = lambda: emulated_products("tf32")  # noqa: E731
     rows = []
@@ -189,7 +196,24 @@ def plot_fit(rows: list[dict], path: Path) -> Path:
         axis.set_title(title + (f" ({', '.join(notes)})" if notes else ""), fontsize=10)
         axis.legend(fontsize=7)
     figure.suptitle(
-        "precision='tf32': emulated runs against the certificate's model (python -m covpool.bench --tf32-fit)"
+        "precision='tf32': emulated runs against the certificate's model (examples/studies/tf32_fit.py)"
     )
     figure.savefig(path, dpi=110)
     return path
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    """Run the study (``--help``), print its rows and summary, write its results; returns the rows."""
+    parser = make_parser(__doc__, sizes=FIT_SIZES)
+    parser.add_argument("--seeds", type=int, default=2, help="seeds below n = 512 (one from there)")
+    args = parse(parser, argv)
+    rows = fit_rows(tuple(args.sizes), seeds=args.seeds, first_seed=args.seed, progress=not args.no_progress)
+    print(format_table(rows, list(rows[0])))
+    print(fit_summary(rows))
+    write_rows(args, "tf32_fit", rows)
+    print(f"wrote {plot_fit(rows, args.out / 'tf32_fit.png')}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

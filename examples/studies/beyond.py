@@ -1,4 +1,4 @@
-"""Inputs beyond the assumed bound: is any result silently wrong? (``python -m covpool.bench --beyond``)
+"""Inputs beyond the assumed bound: is any result silently wrong? (``python examples/studies/beyond.py``)
 
 The roots' schedules are certified for a spectrum inside the interval that ``eps`` or ``condition``
 promise. A user who ridges a covariance themselves (``eps=0``, so ``condition=1e3`` is assumed) or passes
@@ -14,15 +14,21 @@ input's own rounding moves its inverse root by up to 3e-3 at κ = 1e6: no root c
 
 Methods: ``mtp``, ``mpa``, ``auto`` and ``tf32``, mtp's mixed-precision plan (``precision="tf32"``; its
 TF32 products emulated off CUDA; float64 input is refused).
+
+Prints the count of each verdict per method and dtype and every silently wrong case; writes
+``beyond.csv`` and ``beyond.json`` (every case) under ``--out`` (``examples/results/``, the recorded
+results).
 """
 
 from __future__ import annotations
 
+import argparse
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+from study import make_parser, parse, write_rows
 from tqdm.auto import tqdm
 
 import covpool
@@ -65,6 +71,7 @@ class Case:
 
 def cases(
     *,
+    kinds: tuple[str, ...] = KINDS,
     conditions: tuple[float, ...] = CONDITIONS,
     sizes: tuple[int, ...] = SIZES,
     methods: tuple[str, ...] = METHODS,
@@ -72,7 +79,7 @@ def cases(
 ) -> Iterator[Case]:
     """Every combination of kind, condition, size, dtype, method and function."""
     for kind, condition, n, dtype, method, function in itertools.product(
-        KINDS, conditions, sizes, dtypes, methods, FUNCTIONS
+        kinds, conditions, sizes, dtypes, methods, FUNCTIONS
     ):
         yield Case(kind, condition, n, dtype, method, function)
 
@@ -126,6 +133,7 @@ def classify(case: Case, *, device: str = "cpu", seed: int = 0) -> dict:
 def run_beyond(
     *,
     device: str = "cpu",
+    kinds: tuple[str, ...] = KINDS,
     conditions: tuple[float, ...] = CONDITIONS,
     sizes: tuple[int, ...] = SIZES,
     methods: tuple[str, ...] = METHODS,
@@ -134,7 +142,7 @@ def run_beyond(
     progress: bool = True,
 ) -> list[dict]:
     """:func:`classify` every case of the grid, with a progress bar."""
-    grid = list(cases(conditions=conditions, sizes=sizes, methods=methods, dtypes=dtypes))
+    grid = list(cases(kinds=kinds, conditions=conditions, sizes=sizes, methods=methods, dtypes=dtypes))
     return [
         classify(case, device=device, seed=seed)
         for case in tqdm(grid, desc="beyond the bound", disable=not progress, unit="case")
@@ -157,3 +165,49 @@ def summary(rows: list[dict]) -> str:
                 f"κ={r['condition']:g} n={r['n']}: forward {r['forward']:.2g}, gradient {r['gradient']:.2g}"
             )
     return "\n".join(lines)
+
+
+def _device(text: str) -> str:
+    if torch.device(text).type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"--device {text!r} given but torch.cuda.is_available() is False")
+    return text
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    """Run the study (``--help``), print its counts, write every case; returns the rows."""
+    parser = make_parser(__doc__, sizes=SIZES)
+    parser.add_argument("--device", type=_device, default="cpu", help="where the roots run (default cpu)")
+    for flag, values, kind in (
+        ("--dtype", DTYPES, str),
+        ("--methods", METHODS, str),
+        ("--kinds", KINDS, str),
+        ("--conditions", CONDITIONS, float),
+    ):
+        choices = None if kind is float else values
+        parser.add_argument(
+            flag,
+            nargs="+",
+            type=kind,
+            choices=choices,
+            default=list(values),
+            metavar=flag[2:].upper().rstrip("S"),
+            help="default " + " ".join(f"{value:g}" if kind is float else value for value in values),
+        )
+    args = parse(parser, argv)
+    rows = run_beyond(
+        device=args.device,
+        kinds=tuple(args.kinds),
+        conditions=tuple(args.conditions),
+        sizes=tuple(args.sizes),
+        methods=tuple(args.methods),
+        dtypes=tuple(args.dtype),
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    print(summary(rows))
+    write_rows(args, "beyond", rows)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,6 +1,6 @@
 """How rounding limits each backward in float32, on the covariances covariance heads produce.
 
-``python -m covpool.bench --rounding`` prints, for ridged sample covariances (``samples`` positions, 49 as
+``python examples/studies/rounding.py`` prints, for ridged sample covariances (``samples`` positions, 49 as
 in a 7 × 7 map or ``n / 4``; ``n`` channels; relative ridge ``eps``), the relative error of the float32
 gradient of :func:`covpool.sqrtm` against float64 Daleckii-Krein on the float32-rounded input, for the
 Lyapunov backward (``backward="minimax"``), the unrolled backward and float32 ``eigh``, with the model
@@ -15,18 +15,30 @@ The table backs :data:`covpool.linalg.lyapunov.ROUNDING_GROWTH`: the largest ``l
 where rounding dominates (``κ >= 1e5``; below, the schedule's own error, up to ``tol``, does). It also shows
 where the unrolled backward is the worse one: full-rank input (``samples > n``) whose own condition
 number is large.
+
+Its other tables (``--tables``): ``heads``, float32 :class:`covpool.CovPoolHead` against its float64 copy;
+``input``, how far rounding a sample covariance puts ``λmin(A / tr A)`` below the ridge's bound (what
+:data:`covpool.linalg.certify.TRACE_ROUNDING` covers); ``trace``, the products and kernels of each
+backward on the CUDA path (fake tensors, torch >= 2.11). Writes ``rounding.csv`` (the backward table) and
+``rounding.json`` (every table) under ``--out`` (``examples/results/``, the recorded results).
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 
 import torch
+from study import make_parser, mtp_plan, parse, write_rows
+from tqdm.auto import tqdm
 
 import covpool
+from covpool.bench.report import format_table
 from covpool.bench.timing import saved_tensor_bytes
-from covpool.bench.trace import trace_root
+from covpool.bench.trace import FAKE_CUDA_SUPPORTED, trace_root
+from covpool.linalg.certify import TRACE_ROUNDING
 from covpool.linalg.lyapunov import rounding_error
+from covpool.linalg.normalization import normalise
 from covpool.numerics import with_relative_ridge
 from covpool.testing import random_covariance, reference_gradient, relative_error
 
@@ -47,7 +59,7 @@ def rounding_row(n: int, samples: int, eps: float, *, batch: int = 4, seed: int 
     )
     rank = min(samples - 1, n)
     basis = torch.linalg.eigh(A.double())[1][..., -rank:]
-    plan = covpool.RootOptions(method="mtp").plan(n, eps=eps, device=torch.device("cpu"), dtype=torch.float32)
+    plan = mtp_plan(n, eps=eps)
     kappa = 1.0 / plan.lower**2
     row = {"n": n, "samples": samples, "eps": eps, "kappa_bound": kappa, "default": plan.gradient}
     for label, options in (
@@ -127,10 +139,8 @@ def input_rounding_rows(*, eps: float = 1e-4, batch: int = 16, seed: int = 0) ->
     """How far rounding puts ``λmin(A / tr A)`` below the ridge's bound ``eps / (n (1 + eps))``, in machine
     epsilons, for float32 sample covariances computed as a head computes them (``X Xᵀ / N`` of centred
     features, 8 or 49 positions, flat or decaying channel scales): what
-    :data:`covpool.linalg.options.TRACE_ROUNDING` must cover.
+    :data:`covpool.linalg.certify.TRACE_ROUNDING` must cover.
     """
-    from covpool.linalg.normalization import normalise
-
     generator = torch.Generator().manual_seed(seed)
     unit = torch.finfo(torch.float32).eps
     rows = []
@@ -180,3 +190,56 @@ def trace_rows(sizes: tuple[int, ...], *, eps: float = 1e-4, batch: int = 64) ->
                 }
             )
     return rows
+
+
+TABLES = ("backward", "heads", "input", "trace")
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, list[dict]]:
+    """Run the study (``--help``), print its tables, write its results; returns the tables."""
+    parser = make_parser(__doc__, sizes=ROUNDING_SIZES)
+    parser.add_argument(
+        "--tables", nargs="+", choices=TABLES, default=list(TABLES), help="tables to make (default all)"
+    )
+    parser.add_argument(
+        "--input-batch", type=int, default=16, metavar="B", help="covariances per case of the input table"
+    )
+    args = parse(parser, argv)
+    tables: dict[str, list[dict]] = dict.fromkeys(TABLES, [])
+    if "backward" in args.tables:
+        cases = [(n, s, eps) for n in args.sizes for s in (SAMPLES, max(n // 4, 8)) for eps in ROUNDING_EPS]
+        bar = tqdm(cases, desc="rounding", unit="case", disable=args.no_progress)
+        rows = tables["backward"] = [rounding_row(n, samples, eps, seed=args.seed) for n, samples, eps in bar]
+        print(format_table(rows, list(rows[0])))
+        dominated = [r["lyapunov_growth"] for r in rows if r["kappa_bound"] >= ROUNDING_DOMINATES]
+        if dominated:
+            print(f"largest lyapunov / (u kappa) where kappa >= {ROUNDING_DOMINATES:g}: {max(dominated):.3g}")
+    if "heads" in args.tables:
+        heads = tables["heads"] = head_rows(seed=args.seed)
+        print("\nCovPoolHead, float32 against its float64 eigh copy (default ridge eps=1e-4):")
+        print(format_table(heads, list(heads[0])))
+    if "input" in args.tables:
+        inputs = tables["input"] = input_rounding_rows(batch=args.input_batch, seed=args.seed)
+        print("\nfloat32 sample covariances, eps=1e-4: how far λmin(A / tr A) falls below the ridge's bound:")
+        print(format_table(inputs, list(inputs[0])))
+        largest = max(r["below_bound_in_u"] for r in inputs)
+        print(f"largest: {largest:.3g} u (the trace's bound leaves {TRACE_ROUNDING:g} u)")
+    if "trace" in args.tables and not FAKE_CUDA_SUPPORTED:
+        print(f"\n(no traced counts: fake CUDA tensors need torch >= 2.11, this is {torch.__version__})")
+    elif "trace" in args.tables:
+        traced = tables["trace"] = trace_rows(tuple(args.sizes))
+        print("\nsqrtm with the heads' ridge (eps=1e-4), batch 64, forward+backward, traced CUDA path:")
+        print(format_table(traced, list(traced[0])))
+    write_rows(
+        args,
+        "rounding",
+        tables["backward"],
+        heads=tables["heads"],
+        input_rounding=tables["input"],
+        trace=tables["trace"],
+    )
+    return tables
+
+
+if __name__ == "__main__":
+    main()

@@ -1,6 +1,6 @@
 """Mixed-precision study: the square root and its gradient with TF32/bfloat16 products, emulated on CPU.
 
-``python -m covpool.bench --mixed`` runs, on float32 inputs normalised as the mtp plan does (``Â``), each
+``python examples/studies/mixed.py`` runs, on float32 inputs normalised as the mtp plan does (``Â``), each
 configuration below and measures the relative Frobenius errors of ``Y ≈ Â^(1/2)``, ``Z ≈ Â^(-1/2)`` and of
 the Lyapunov gradient ``X`` (``Y X + X Y = G``, ``G`` Gaussian) against float64 eigendecompositions of the
 same ``Â`` (:mod:`covpool.testing`), the worst over the batch. Products are rounded to the format by
@@ -19,32 +19,38 @@ Configurations (all on the mtp plan of the input; its gradient taken by the Lyap
 
 Inputs: ``random_spd`` at condition 1e3 (the plan assumes ``condition=1e3``) and the heads' ridged
 covariances (49 samples, a 7 × 7 map, ``eps=1e-4``).
+
+Prints the rows and, per input set, the cheapest low-precision configuration that meets the target;
+writes ``mixed.csv`` and ``mixed.json`` under ``--out`` (``examples/results/``: the recorded results
+:mod:`covpool.linalg.mixed` cites for its design). The default sizes take about 15 s on 2 cores.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
+from study import make_parser, normalised, parse, write_rows
+from tqdm.auto import tqdm
 
-import covpool
+from covpool.bench.report import format_table
 from covpool.linalg.emulation import EPSILON, ProductCounter, emulated_products
+from covpool.linalg.iteration import coupled_root
+from covpool.linalg.lyapunov import operator_step, rhs_step
 from covpool.linalg.mixed import (
     ProductHook,
-    full_precision,
     mixed_error_bound,
     mixed_lyapunov,
     mixed_plan,
     mixed_sqrt,
-    staged_lyapunov,
-    staged_root,
 )
-from covpool.linalg.normalization import normalise
-from covpool.linalg.options import RootPlan
+from covpool.linalg.planner import RootPlan
 from covpool.linalg.precision import products_in
 from covpool.linalg.schedule import BACKWARD_DEGREES, Schedule, minimax_schedule
-from covpool.numerics import with_relative_ridge
+from covpool.numerics import symmetrize
 from covpool.testing import random_covariance, random_spd, reference_gradient, reference_root, relative_error
 
 MIXED_SIZES = (64, 256)
@@ -79,16 +85,48 @@ def make_case(name: str, n: int, *, batch: int = MIXED_BATCH, seed: int = 0) -> 
             HEAD_EPS,
             None,
         )
-    plan = covpool.RootOptions(method="mtp", condition=condition).plan(
-        n, eps=eps, device=torch.device("cpu"), dtype=torch.float32
-    )
-    A_hat, _ = normalise(with_relative_ridge(A.float(), eps), plan.normalization)
+    A_hat, plan = normalised(A, eps=eps, condition=condition)
     # the heads' plan differentiates through its steps; the study takes every gradient by Lyapunov
     sign = plan.backward or minimax_schedule(
         plan.lower * (1.0 - TARGET), 1.0 + TARGET, TARGET / 2, degrees=BACKWARD_DEGREES, backward=True
     )
     upstream = torch.randn(A.shape, generator=generator, dtype=torch.float64).float()
     return Case(name, A_hat, plan, sign, upstream)
+
+
+def full_precision() -> AbstractContextManager[object]:
+    """The hook of products in the working dtype's own precision (nothing changed)."""
+    return contextlib.nullcontext()
+
+
+def staged_root(
+    A_hat: torch.Tensor, schedule: Schedule, low_steps: int, low: ProductHook
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The coupled iteration of ``schedule`` with its first ``low_steps`` steps in low precision and the
+    rest in float32 (which finish the iteration but do not re-inject ``Â``). Shapes: ``(*, n, n)`` each."""
+    if low_steps == 0:
+        return coupled_root(A_hat, schedule)
+    head = Schedule(schedule.steps[:low_steps], schedule.lower, schedule.upper, schedule.error)
+    tail = Schedule(schedule.steps[low_steps:], schedule.lower, schedule.upper, schedule.error)
+    with low():
+        Y, Z = coupled_root(A_hat, head)
+    return coupled_root(A_hat, tail, start=(Y, Z))
+
+
+def staged_lyapunov(
+    Y: torch.Tensor, G: torch.Tensor, schedule: Schedule, low_steps: int, low: ProductHook
+) -> torch.Tensor:
+    """``X`` with ``Y X + X Y = sym(G)`` by the sign iteration of ``schedule``, its first ``low_steps`` steps
+    in low precision and the rest in float32. Shapes: ``(*, n, n)`` each."""
+    shape = Y.shape
+    B = Y.reshape(-1, shape[-2], shape[-1])
+    C = symmetrize(G.reshape(-1, shape[-2], shape[-1]))
+    last = len(schedule.steps) - 1
+    for k, step in enumerate(schedule.steps):
+        with low() if k < low_steps else contextlib.nullcontext():
+            B2, T, B_next = operator_step(B, step.coefficients)
+            B, C = B_next, rhs_step(B, B2, T, C, step.coefficients, 0.5 if k == last else 1.0)
+    return C.reshape(shape)
 
 
 Runner = Callable[[torch.Tensor, torch.Tensor, ProductHook], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
@@ -146,43 +184,43 @@ def configurations(case: Case) -> list[tuple[str, str, Runner, tuple[float, floa
     return rows
 
 
-def mixed_rows(sizes: tuple[int, ...] = MIXED_SIZES, *, seed: int = 0) -> list[dict]:
+def mixed_rows(sizes: tuple[int, ...] = MIXED_SIZES, *, seed: int = 0, progress: bool = True) -> list[dict]:
     """One row per input set, size and configuration (see the module docstring)."""
     rows = []
-    for name in ("spd", "head"):
-        for n in sizes:
-            case = make_case(name, n, seed=seed)
-            exact_root = reference_root(case.A_hat)
-            exact_inverse = reference_root(case.A_hat, inverse=True)
-            exact_gradient = reference_gradient(case.A_hat, case.upstream)
-            for label, fmt, run, model in configurations(case):
-                lows: list[ProductCounter] = []
+    cases = [(name, n) for name in ("spd", "head") for n in sizes]
+    for name, n in tqdm(cases, desc="mixed precision", disable=not progress, unit="input set"):
+        case = make_case(name, n, seed=seed)
+        exact_root = reference_root(case.A_hat)
+        exact_inverse = reference_root(case.A_hat, inverse=True)
+        exact_gradient = reference_gradient(case.A_hat, case.upstream)
+        for label, fmt, run, model in configurations(case):
+            lows: list[ProductCounter] = []
 
-                def low(fmt: str = fmt, lows: list[ProductCounter] = lows) -> ProductCounter:
-                    lows.append(emulated_products(fmt))
-                    return lows[-1]
+            def low(fmt: str = fmt, lows: list[ProductCounter] = lows) -> ProductCounter:
+                lows.append(emulated_products(fmt))
+                return lows[-1]
 
-                # the float32 phases at full precision whatever torch's global setting (as in the roots)
-                with ProductCounter() as total, products_in("full", torch.float32):
-                    Y, Z, X = run(case.A_hat, case.upstream, low if fmt != "float32" else full_precision)
-                low_products = sum(mode.products for mode in lows)
-                full_products = total.products - low_products
-                row = {
-                    "input": name,
-                    "n": n,
-                    "config": label,
-                    "format": fmt,
-                    "low": low_products,
-                    "float32": full_products,
-                    "cost": full_products + low_products * COST[fmt],
-                    "forward": relative_error(Y, exact_root).max().item(),
-                    "inverse": relative_error(Z, exact_inverse).max().item(),
-                    "gradient": relative_error(X, exact_gradient).max().item(),
-                    "model_forward": model[0] if model else float("nan"),
-                    "model_gradient": model[1] if model else float("nan"),
-                }
-                row["meets"] = row["forward"] <= TARGET and row["gradient"] <= TARGET
-                rows.append(row)
+            # the float32 phases at full precision whatever torch's global setting (as in the roots)
+            with ProductCounter() as total, products_in("full", torch.float32):
+                Y, Z, X = run(case.A_hat, case.upstream, low if fmt != "float32" else full_precision)
+            low_products = sum(mode.products for mode in lows)
+            full_products = total.products - low_products
+            row = {
+                "input": name,
+                "n": n,
+                "config": label,
+                "format": fmt,
+                "low": low_products,
+                "float32": full_products,
+                "cost": full_products + low_products * COST[fmt],
+                "forward": relative_error(Y, exact_root).max().item(),
+                "inverse": relative_error(Z, exact_inverse).max().item(),
+                "gradient": relative_error(X, exact_gradient).max().item(),
+                "model_forward": model[0] if model else float("nan"),
+                "model_gradient": model[1] if model else float("nan"),
+            }
+            row["meets"] = row["forward"] <= TARGET and row["gradient"] <= TARGET
+            rows.append(row)
     return rows
 
 
@@ -224,3 +262,17 @@ def _paired(cells: list[dict], rows: list[dict]) -> list[tuple[dict, dict]]:
     """Each row of ``cells`` with the ``float32`` row of its size."""
     reference = {row["n"]: row for row in rows if row["config"] == "float32"}
     return [(row, reference[row["n"]]) for row in cells]
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    """Run the study (``--help``), print its rows and summary, write its results; returns the rows."""
+    args = parse(make_parser(__doc__, sizes=MIXED_SIZES), argv)
+    rows = mixed_rows(tuple(args.sizes), seed=args.seed, progress=not args.no_progress)
+    print(format_table(rows, list(rows[0])))
+    print(summary(rows))
+    write_rows(args, "mixed", rows)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
