@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import pathlib
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -17,6 +22,20 @@ from covpool.testing import (
 )
 
 ROOTS = {"sqrtm": (covpool.sqrtm, False), "inv_sqrtm": (covpool.inv_sqrtm, True)}
+STUDIES = pathlib.Path(__file__).resolve().parents[1] / "examples" / "studies"
+
+
+def run_study(script: str, *args: str) -> None:
+    """Run a study of ``examples/studies`` as a script, as a user would."""
+    done = subprocess.run(
+        [sys.executable, str(STUDIES / script), *args],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 FAST_METHODS = ["mtp", "mpa", "eigh", "auto"]
 
 
@@ -340,6 +359,59 @@ class TestUnrolledBackward:
             torch.autograd.grad(out.square().sum(), A, create_graph=True)
 
 
+class TestAutoDecompositionPrecision:
+    """``method="auto"`` on CPU: eigh decomposes in float32 where the matrix's own eigenvalues certify
+    ``tol`` (:data:`covpool.linalg.eigh.FLOAT32_GROWTH`), in float64 elsewhere."""
+
+    @staticmethod
+    def _record_decompositions(monkeypatch) -> list[tuple[torch.dtype, int]]:
+        seen = []
+        eigh = torch.linalg.eigh
+
+        def recording(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            seen.append((A.dtype, A.shape[0]))
+            return eigh(A)
+
+        monkeypatch.setattr(torch.linalg, "eigh", recording)
+        return seen
+
+    def test_only_the_matrices_that_need_float64_are_decomposed_again(self, monkeypatch):
+        A = torch.cat([random_spd(3, n=16, condition=10), random_spd(2, n=16, condition=1e6)]).float()
+        seen = self._record_decompositions(monkeypatch)
+        covpool.sqrtm(A)
+        assert seen == [(torch.float32, 5), (torch.float64, 2)]
+        seen.clear()
+        covpool.sqrtm(A[:3])  # the common case: one float32 decomposition
+        assert seen == [(torch.float32, 3)]
+        seen.clear()
+        covpool.sqrtm(A, method="eigh")  # the exact path: float64 for every matrix
+        assert seen == [(torch.float64, 5)]
+        seen.clear()
+        covpool.sqrtm(A[:3], tol=1e-6)  # 5 u κ = 6e-6 at κ = 10: beyond this tol in float32
+        assert seen == [(torch.float32, 3), (torch.float64, 3)]
+
+    @pytest.mark.parametrize("name", ROOTS)
+    @pytest.mark.parametrize("tol", [1e-3, 1e-5])
+    def test_forward_and_gradient_within_tol_on_a_mixed_batch(self, name, tol):
+        root, inverse = ROOTS[name]
+        well = random_spd(3, n=32, condition=30)
+        ill = random_covariance(3, n=32, samples=8) + 1e-3 * torch.eye(32, dtype=torch.float64)  # κ ≈ 3e5
+        A = torch.cat([well, ill]).float()
+        upstream = torch.randn_like(A)
+        out, grad = forward_and_gradient(root, A, upstream, tol=tol)
+        assert_relative_close(out, reference_root(A, inverse=inverse), rtol=tol)
+        assert_relative_close(
+            grad, reference_gradient(A.double(), upstream.double(), inverse=inverse), rtol=tol
+        )
+
+    def test_the_study_behind_the_constant_leaves_twofold_room(self, tmp_path):
+        out = tmp_path / "eigh_precision.json"
+        run_study("eigh_precision.py", "--sizes", "16", "32", "--batch", "2", "--out", str(out))
+        summary = json.loads(out.read_text())["summary"]
+        assert summary["FLOAT32_GROWTH"] == covpool.linalg.eigh.FLOAT32_GROWTH
+        assert summary["room"] >= 2.0
+
+
 class TestPlanCache:
     def test_a_plan_is_resolved_once_per_options_size_ridge_and_dtype(self):
         cpu = torch.device("cpu")
@@ -547,7 +619,8 @@ class TestShapesAndDtypes:
         reason="dynamo before torch 2.12 cannot compile the roots",
     )
     @pytest.mark.parametrize(
-        "options", [{"method": "mtp", "tol": 1e-5}, {"method": "mtp", "steps": 2}, {"method": "ns", "steps": 2}]
+        "options",
+        [{"method": "mtp", "tol": 1e-5}, {"method": "mtp", "steps": 2}, {"method": "ns", "steps": 2}],
     )
     def test_torch_compile_plans_with_the_options_given(self, options, restore_matmul_precision):
         # The planner sees the options' values while tracing, not defaults: the compiled root runs the
