@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import lightning as L
@@ -43,7 +43,7 @@ from covpool import (
 )
 from covpool.functional.covariance import covariance
 from covpool.functional.whitening import group_statistics, moments_from_statistics
-from covpool.layers.recalibrate import default_batch_input, zca_layers
+from covpool.layers.recalibrate import _has_forward, default_batch_input, zca_layers
 
 HEADS = (CovPoolHead, SecondOrderTokenHead)
 WHITENING = (ZCABatchNorm1d, ZCABatchNorm2d)
@@ -228,8 +228,10 @@ class FlaggedMatrixMonitor(L.Callback):
     matrix and counts it on the device (:func:`covpool.flagged_matrices`), without a synchronisation.
     Every ``every_n_steps`` training steps and at the end of each epoch this callback reads and resets
     the count (one host read), logs ``covpool/flagged_matrices`` at those steps (the matrices flagged
-    since the last read, per rank), and, when it is not zero, warns with what to change, or raises when
-    ``raise_on_flag`` (stopping at the first report instead of training on NaN).
+    since the last read, per rank) at those steps and at the end of every epoch (so that a run shorter
+    than ``every_n_steps`` reports too), and, when it is not zero, warns with what to change, or raises
+    when ``raise_on_flag`` (stopping at the first report instead of training on NaN). It reads a counter
+    and calls no forward, so it works on any LightningModule.
 
     Args:
         every_n_steps: training steps between reads.
@@ -260,7 +262,10 @@ class FlaggedMatrixMonitor(L.Callback):
             pl_module.log("covpool/flagged_matrices", float(count), on_step=True, on_epoch=False)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._report(trainer)  # the steps since the last read (Lightning logs no step value here)
+        # Every epoch reports, so a run shorter than every_n_steps logs the value too: the matrices flagged
+        # since the last read, logged once per epoch.
+        count = self._report(trainer)
+        pl_module.log("covpool/flagged_matrices", float(count), on_step=False, on_epoch=True)
 
     def _report(self, trainer: L.Trainer) -> int:
         """Read and reset the count; warn or raise when it is not zero. Returns the count."""
@@ -268,7 +273,6 @@ class FlaggedMatrixMonitor(L.Callback):
         self.total += count
         if not count:
             return count
-            return
         message = (
             f"covpool flagged {count} matrices (NaN roots) up to step {trainer.global_step} on rank "
             f"{trainer.global_rank} ({self.total} since fitting started): their spectrum lay beyond the "
@@ -312,15 +316,27 @@ def _own_iterator_loader(loader: DataLoader) -> DataLoader:
 class ZCARecalibration(L.Callback):
     """Recalibrate the running statistics of the ZCA layers on the training data, with the current weights.
 
-    Before every validation during ``fit`` (not the sanity check) and at the end of fitting, runs
-    :func:`covpool.recalibrate_statistics` on the trainer's training dataloader: every ZCA layer's running
-    mean and covariance become the exact statistics of its inputs over those batches, in training mode,
-    under the trainer's precision and device transfer. BatchNorm statistics are left as they are unless
-    ``batchnorm=True``. Validation, checkpoints saved after it, ``trainer.test`` and the model left after
-    ``fit`` therefore use statistics of the weights they are evaluated with. The end-of-fit pass is skipped
-    when no optimiser step ran since the last one. The pass runs on forked random generators (CPU and the
-    module's CUDA device), so training draws the same numbers as without it. Under DDP every rank runs its
-    shard of the training data and the statistics are summed over the ranks.
+    Before every validation during ``fit`` (not the sanity check), before every checkpoint the trainer
+    writes and at the end of fitting, runs :func:`covpool.recalibrate_statistics` on the trainer's training
+    dataloader: every ZCA layer's running mean and covariance become the exact statistics of its inputs
+    over those batches, in training mode, under the trainer's precision and device transfer. BatchNorm
+    statistics are left as they are unless ``batchnorm=True``. Validation, every checkpoint (it holds the
+    statistics of the weights it saves; the last one those ``fit`` ends with, so that
+    ``load_from_checkpoint`` gives the model in memory), ``trainer.test`` and the model left after ``fit``
+    therefore use statistics of the weights they are evaluated with. A pass is skipped when no optimiser
+    step ran since the last one. The pass runs on forked random generators (CPU and the module's CUDA
+    device), so training draws the same numbers as without it. Under DDP every rank runs its shard of the
+    training data and the statistics are summed over the ranks.
+
+    Checkpoints: a full checkpoint is recalibrated in the callbacks' ``on_save_checkpoint``, whenever it is
+    written; a weights-only one (``ModelCheckpoint(save_weights_only=True)``, which Lightning writes without
+    that hook) at the end of an epoch, validation or fit, where this callback runs before
+    ``ModelCheckpoint`` (Lightning runs checkpoint callbacks last). A weights-only checkpoint written in the
+    middle of an epoch (``every_n_train_steps``) holds the statistics of the last recalibration.
+
+    How a batch reaches the network: ``pl_module(input)`` with the input of a batch (a tensor, or the first
+    element of ``(input, target, ...)``), or ``forward_fn(pl_module, batch)`` when given, for a
+    LightningModule without ``forward`` (its ``training_step`` calls ``self.net(x)``) or other batches.
 
     :class:`lightning_modules.CovPoolClassifier` adds this callback with its defaults when its model has
     ZCA layers (``recalibrate_zca=True``); a ``ZCARecalibration`` passed to the ``Trainer`` takes its place.
@@ -330,12 +346,20 @@ class ZCARecalibration(L.Callback):
             loader); the trainer's ``limit_train_batches`` also bounds it. Each costs one forward pass.
         on_validation: recalibrate before every validation during ``fit``.
         on_fit_end: recalibrate at the end of ``fit``.
+        on_checkpoint: recalibrate before every checkpoint the trainer writes.
         batchnorm: also recalibrate BatchNorm layers (their running mean and variance).
         progress: show a progress bar; ``None``: when the trainer has one.
+        forward_fn: ``forward_fn(pl_module, batch)`` runs a batch (already on the module's device) through
+            the network; ``None``: ``pl_module(input)``, which needs a ``forward``.
+
+    Raises:
+        TypeError: at ``fit``, a module without ``forward`` and no ``forward_fn``.
 
     Example:
         >>> recalibration = ZCARecalibration(max_batches=100)
         >>> trainer = L.Trainer(callbacks=[recalibration])  # doctest: +SKIP
+        >>> # a LightningModule whose steps call self.net:
+        >>> recalibration = ZCARecalibration(forward_fn=lambda module, batch: module.net(batch[0]))
     """
 
     def __init__(
@@ -344,31 +368,62 @@ class ZCARecalibration(L.Callback):
         *,
         on_validation: bool = True,
         on_fit_end: bool = True,
+        on_checkpoint: bool = True,
         batchnorm: bool = False,
         progress: bool | None = None,
+        forward_fn: Callable[[L.LightningModule, Any], Any] | None = None,
     ) -> None:
         super().__init__()
         if max_batches is not None and max_batches < 1:
             raise ValueError(f"`max_batches` must be None or >= 1, got {max_batches}")
+        if forward_fn is not None and not callable(forward_fn):
+            raise TypeError(f"`forward_fn` must be callable (module, batch), got {type(forward_fn).__name__}")
         self.max_batches = max_batches
         self.on_validation = on_validation
         self.recalibrate_on_fit_end = on_fit_end
+        self.on_checkpoint = on_checkpoint
         self.batchnorm = batchnorm
         self.progress = progress
+        self.forward_fn = forward_fn
         self.last_counts: dict[str, int] = {}
         """Rows per layer of the last recalibration (empty before the first)."""
         self._calibrated_at: int | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage == TrainerFn.FITTING and not zca_layers(pl_module):
+        if stage != TrainerFn.FITTING:
+            return
+        self._calibrated_at = None
+        if not zca_layers(pl_module):
             rank_zero_warn(
                 f"ZCARecalibration: {type(pl_module).__name__} has no ZCA layer with running statistics; the "
                 "callback does nothing"
+            )
+        elif self.forward_fn is None and not _has_forward(pl_module):
+            raise TypeError(
+                f"ZCARecalibration: {type(pl_module).__name__} has no forward, so the callback cannot run a "
+                "batch through it; say how a batch reaches the network with forward_fn, e.g. "
+                "ZCARecalibration(forward_fn=lambda module, batch: module.net(batch[0]))"
             )
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.on_validation and not trainer.sanity_checking and trainer.state.fn == TrainerFn.FITTING:
             self.recalibrate(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Before ModelCheckpoint's save at the epoch's end, for weights-only checkpoints (see the docstring).
+        if self.on_checkpoint and trainer.checkpoint_callbacks and self._calibrated_at != trainer.global_step:
+            self.recalibrate(trainer, pl_module)
+
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        if not self.on_checkpoint or self._calibrated_at == trainer.global_step:
+            return
+        if self.recalibrate(trainer, pl_module):
+            saved = checkpoint.get("state_dict", {})
+            for name, value in pl_module.state_dict().items():
+                if name in saved:  # the recalibrated buffers, and the others unchanged
+                    saved[name] = value
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.recalibrate_on_fit_end and self._calibrated_at != trainer.global_step:
@@ -389,8 +444,11 @@ class ZCARecalibration(L.Callback):
             return {}
         progress = trainer.progress_bar_callback is not None if self.progress is None else self.progress
 
-        def to_input(batch: Any) -> Any:
-            return default_batch_input(trainer.strategy.batch_to_device(batch))
+        def forward_fn(batch: Any) -> Any:
+            batch = trainer.strategy.batch_to_device(batch)
+            if self.forward_fn is not None:
+                return self.forward_fn(pl_module, batch)
+            return pl_module(default_batch_input(batch))
 
         # The pass draws random numbers (sampler, augmentations, dropout): on forked generators, so that
         # training goes on with the numbers it would have drawn without recalibration.
@@ -402,7 +460,7 @@ class ZCARecalibration(L.Callback):
                 _own_iterator_loader(loader),
                 max_batches=int(min(limits)) if limits else None,
                 device=device,
-                batch_to_input=to_input,
+                forward_fn=forward_fn,
                 batchnorm=self.batchnorm,
                 progress=progress,
             )

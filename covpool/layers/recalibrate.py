@@ -193,6 +193,7 @@ def recalibrate_statistics(
     max_batches: int | None = None,
     device: torch.device | str | None = None,
     batch_to_input: Callable[[Any], Any] | None = None,
+    forward_fn: Callable[[Any], Any] | None = None,
     batchnorm: bool = False,
     progress: bool = True,
 ) -> dict[str, int]:
@@ -213,6 +214,10 @@ def recalibrate_statistics(
         batch_to_input: maps a batch to the model input, called as ``model(batch_to_input(batch))``;
             tensors in its result (also inside lists, tuples, dicts) are moved to ``device``. ``None``:
             :func:`default_batch_input` (a tensor, or the first element of ``(input, target, ...)``).
+        forward_fn: how a batch reaches the network when ``model`` is not called itself (a
+            LightningModule without ``forward`` whose step calls ``self.net``): called as
+            ``forward_fn(batch)`` with the batch's tensors moved to ``device``, in place of
+            ``model(batch_to_input(batch))``; its result is ignored.
         batchnorm: also recalibrate the model's BatchNorm layers (their running mean and unbiased
             variance); ``False`` restores them unchanged.
         progress: show a tqdm progress bar (on rank 0 only under ``torch.distributed``).
@@ -259,8 +264,37 @@ def recalibrate_statistics(
 
     # Out of inference mode (Lightning validates under it), so that every tensor made here is a normal one.
     with torch.inference_mode(False), torch.no_grad():
-        counts = _run(model, loader, layers, max_batches, device, to_input, progress)
+        if forward_fn is None:
+            if not _has_forward(model):
+                raise TypeError(
+                    f"{type(model).__name__} has no forward, so recalibrate_statistics cannot run a batch "
+                    "through it: pass forward_fn=..., how a batch reaches the network, e.g. "
+                    "forward_fn=lambda batch: model.net(batch[0])"
+                )
+
+            def forward_fn(batch: Any) -> Any:
+                return model(_to_device(to_input(batch), device))
+
+        else:
+            given = forward_fn
+
+            def forward_fn(batch: Any) -> Any:
+                return given(_to_device(batch, device))
+
+        counts = _run(model, loader, layers, max_batches, forward_fn, progress)
     return counts
+
+
+def _has_forward(model: nn.Module) -> bool:
+    """Whether ``model`` defines ``forward`` (a LightningModule need not: its steps may call a submodule)."""
+    forward = getattr(type(model), "forward", None)
+    if forward is None or forward is nn.Module.forward:
+        return False
+    try:  # LightningModule.forward only forwards to nn.Module's, which raises
+        from lightning.pytorch import LightningModule
+    except ImportError:
+        return True
+    return forward is not LightningModule.forward
 
 
 def _length(loader: Iterable, max_batches: int | None) -> int | None:
@@ -277,8 +311,7 @@ def _run(
     loader: Iterable,
     layers: dict[str, nn.Module],
     max_batches: int | None,
-    device: torch.device,
-    to_input: Callable[[Any], Any],
+    forward_fn: Callable[[Any], Any],
     progress: bool,
 ) -> dict[str, int]:
     """The pass of :func:`recalibrate_statistics`; restores every mode and other buffer, even on error."""
@@ -301,7 +334,7 @@ def _run(
         )
         batches = 0
         for batch in bar:
-            model(_to_device(to_input(batch), device))
+            forward_fn(batch)
             batches += 1
             if max_batches is not None and batches >= max_batches:
                 break
