@@ -74,11 +74,11 @@ _FLOAT_SLACK = 1e-4
 """Relative room left above the normalised spectrum for rounding."""
 TRACE_ROUNDING = 0.25
 """Room left below the ridge's bound when the trace normalises, in machine epsilons of the working dtype:
-rounding the input moves the smallest eigenvalue of ``A / tr A`` by up to 0.17 ε on float32 sample
-covariances (n = 16 … 512, 8 or 49 positions; ``python -m covpool.bench --rounding`` prints it,
-``tests/test_linalg_roots.py`` checks the bound), and with the trace a rank-deficient input sits exactly on
-the bound. The Schatten-8 norm keeps the exact bound: its
-constant lies below the trace for any input of rank > 1, which leaves that room in practice."""
+rounding the input moves the smallest eigenvalue of ``A / tr A`` on float32 sample covariances, and with
+the trace a rank-deficient input sits exactly on the bound. Measured by ``python
+examples/studies/rounding.py``, recorded in ``examples/results/rounding.json`` (table ``input_rounding``,
+column ``below_bound_in_u``; ``tests/test_studies.py`` holds it under this room). The Schatten-8 norm
+keeps the exact bound: its constant lies below the trace for any input of rank > 1."""
 _TRACE_BOUND_SHARE = 0.9
 """The trace normalises (saving the Schatten-8 norm's two products) where its bound is at least this share
 of the Schatten-8 norm's."""

@@ -35,9 +35,9 @@ from covpool.linalg.schedule import Schedule
 
 ROUNDING_GROWTH = 0.04
 """Bound on ``error / (u κ)`` of the float32 gradient, ``κ`` the ridge's bound on ``κ(A)`` (mtp forward and
-this backward against float64 Daleckii-Krein, ridged sample covariances, n = 32 … 256, κ = 1e5 … 3e7):
-measured at most 0.031 here (``python -m covpool.bench --rounding`` prints the table); rounding depends
-on the BLAS and thread count, hence the room."""
+this backward against float64 Daleckii-Krein, ridged sample covariances, n = 32 … 256, κ = 1e5 … 3e7).
+Measured by ``python examples/studies/rounding.py``, recorded in ``examples/results/rounding.json`` (table
+``rows``, column ``lyapunov_growth``); rounding depends on the BLAS and thread count, hence the room."""
 
 
 def rounding_error(lower: float, unit_roundoff: float, *, product_roundoff: float | None = None) -> float:

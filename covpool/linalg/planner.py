@@ -53,9 +53,12 @@ from covpool.numerics import is_tracing, working_dtype
 
 AUTO_METHOD = {"cuda": "mtp"}
 """``method="auto"`` per device type, before the floor and the fallback; any other device takes
-``"eigh"``: on CPU LAPACK's eigensolver with the Daleckii-Krein backward is the fastest root at every size
-``covpool-bench`` measures (a CPU product is not launch-bound). On CUDA ``"mtp"`` is products only and never
-synchronises, where ``torch.linalg.eigh`` synchronises to check its result."""
+``"eigh"``: on CPU LAPACK's eigensolver with the Daleckii-Krein backward is the fastest accurate root (a
+CPU product is not launch-bound; measured by ``covpool-bench``, recorded in
+``examples/results/roots_cpu_2core.csv``, and for the layers by ``covpool-bench --layers`` in
+``examples/results/layers_cpu_2core.csv``). On CUDA
+``"mtp"`` is products only and never synchronises, where ``torch.linalg.eigh`` synchronises to check its
+result."""
 MATMUL_FLOOR = {torch.float64: 1e-12, torch.float32: 1e-5}
 """Smallest relative error ``method="auto"`` relies on the matmul methods for, per working dtype."""
 TOL_FLOOR = 8
