@@ -13,7 +13,7 @@ It also prints how far the ZCA layer's running covariance is from the covariance
 images (relative Frobenius distance), before and after recalibration. Offline: the digits ship with
 scikit-learn.
 
-    python examples/zca_recalibration.py --threads 1     # 35-40 s on a 2-core CPU (figures: README)
+    python examples/zca_recalibration.py --threads 1     # 35-40 s on a 2-core CPU (figures: docs/evidence.md)
     python examples/zca_recalibration.py --fast-dev-run  # smoke test: one batch of everything
 """
 

@@ -1,7 +1,7 @@
 """The GPU report: sync-free check, roots and layers against ``ns`` and the paper, a captured training step.
 
 ``python -m covpool.bench.cuda_report [--out DIR] [--quick]`` on a machine with a CUDA device prints every
-figure the README quotes for GPUs (and writes them to ``DIR/cuda_report.json``):
+figure the docs quote for GPUs (docs/benchmarks.md; and writes them to ``DIR/cuda_report.json``):
 
 1. **Host synchronisations**: default-option forward+backward of the roots and of every layer under
    ``torch.cuda.set_sync_debug_mode("error")``.

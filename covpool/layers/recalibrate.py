@@ -7,7 +7,7 @@ over roughly the last 20 batches, taken while the weights below the layer kept c
 divides by the square roots of the covariance's *smallest* eigenvalues, so a lag that BatchNorm shrugs
 off (it only rescales each channel by its variance) can move the eval-mode output far from what the
 layers above were trained on; after a short fine-tune a model can evaluate at chance while the same
-weights with batch statistics do well (README, "When the running statistics lag").
+weights with batch statistics do well (docs: Layers, "When the running statistics lag").
 
 Design choices:
 
