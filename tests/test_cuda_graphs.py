@@ -1,8 +1,8 @@
 """CUDA graphs: a whole training step of a covpool model captured once and replayed (needs a GPU).
 
-The recipe docs/precision-gpu.md gives: build the model, run a few warm-up steps on a side stream (before any eager
-backward on the default stream touches its parameters), capture one step with ``torch.cuda.graph``,
-then copy each batch into the static input and replay.
+The recipe docs/precision-gpu.md gives: build the model, run a few warm-up steps on a side stream
+(before any eager backward on the default stream touches its parameters), capture one step with
+``torch.cuda.graph``, then copy each batch into the static input and replay.
 """
 
 from __future__ import annotations
