@@ -1,22 +1,28 @@
-"""CovarianceSpectrumMonitor, FlaggedMatrixMonitor and TrainingHistory."""
+"""CovarianceSpectrumMonitor, FlaggedMatrixMonitor, TrainingHistory, and ZCARecalibration on a user's own
+LightningModule (without forward)."""
 
 from __future__ import annotations
 
+import csv
 import math
+import warnings
+from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 import covpool
-from covpool import CovPoolHead, ZCABatchNorm2d
+from covpool import CovPoolHead, ZCABatchNorm2d, recalibrate_statistics
 from covpool.functional.covariance import covariance
 from lightning_modules import CovPoolClassifier
 from lightning_modules.callbacks import (
     CovarianceSpectrumMonitor,
     FlaggedMatrixMonitor,
     TrainingHistory,
+    ZCARecalibration,
     group_covariance,
     spectrum_statistics,
 )
@@ -193,3 +199,113 @@ class TestFlaggedMatrixMonitor:
     def test_bad_every_n_steps(self, every_n_steps):
         with pytest.raises(ValueError, match="every_n_steps must be a positive int"):
             FlaggedMatrixMonitor(every_n_steps=every_n_steps)
+
+
+class NoForward(L.LightningModule):
+    """The plugin use: covpool layers in a module the user wrote, whose steps call ``self.net`` (no
+    ``forward``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 3, padding=1),
+            ZCABatchNorm2d(8, group_size=4),
+            torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(1),
+            torch.nn.Flatten(),
+            torch.nn.Linear(8, 4),
+        )
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self.net(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val/loss", torch.nn.functional.cross_entropy(self.net(x), y))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class TestOwnModule:
+    def test_fit_without_forward_with_forward_fn(self, tmp_path):
+        torch.manual_seed(0)
+        module = NoForward()
+        train = tiny_loader(32, size=8)
+        calls = []
+
+        def forward_fn(pl_module, batch):
+            calls.append(batch[0].shape)
+            return pl_module.net(batch[0])
+
+        recalibration = ZCARecalibration(forward_fn=forward_fn)
+        trainer = quiet_trainer(
+            tmp_path, max_epochs=2, callbacks=[recalibration, FlaggedMatrixMonitor()], num_sanity_val_steps=0
+        )
+        trainer.fit(module, train, tiny_loader(8, size=8))
+        assert trainer.global_step == 8
+        # before each of the 2 validations, 4 batches each; fit's end has nothing new to recalibrate
+        assert len(calls) == 8 and recalibration.last_counts == {"net.1": 32 * 8 * 8}
+        zca = module.net[1]
+        fitted = {k: v.clone() for k, v in zca.state_dict().items()}
+        # the statistics are those of the final weights over the training data
+        recalibrate_statistics(module.net, train, progress=False)
+        for key in ("running_mean", "running_cov"):
+            assert torch.allclose(fitted[key], zca.state_dict()[key], rtol=1e-5, atol=1e-6)
+        assert (
+            "val/loss" in trainer.callback_metrics and "covpool/flagged_matrices" in trainer.callback_metrics
+        )
+
+    def test_without_forward_or_forward_fn_fit_says_forward_fn(self, tmp_path):
+        trainer = quiet_trainer(tmp_path, max_steps=1, callbacks=[ZCARecalibration()])
+        with pytest.raises(TypeError, match=r"NoForward has no forward.*forward_fn=lambda module, batch"):
+            trainer.fit(NoForward(), tiny_loader(8, size=8))
+
+    def test_forward_fn_must_be_callable(self):
+        with pytest.raises(TypeError, match="`forward_fn` must be callable"):
+            ZCARecalibration(forward_fn="net")
+
+    def test_recalibrate_statistics_without_forward_says_forward_fn(self):
+        with pytest.raises(TypeError, match=r"NoForward has no forward.*pass forward_fn="):
+            recalibrate_statistics(NoForward(), tiny_loader(8, size=8), progress=False)
+        module = NoForward()
+        seen = []
+
+        def forward_fn(batch):
+            seen.append(batch)
+            return module.net(batch[0])
+
+        counts = recalibrate_statistics(
+            module, tiny_loader(16, size=8), forward_fn=forward_fn, progress=False
+        )
+        assert counts == {"net.1": 16 * 8 * 8} and len(seen) == 2 and isinstance(seen[0], list)
+
+
+@pytest.mark.parametrize("beyond", [False, True])
+def test_flagged_matrices_logged_in_a_run_shorter_than_every_n_steps(tmp_path, beyond):
+    """3 steps, one epoch, a read every 50 steps: the epoch's end logs the count (one flag per step when
+    ``beyond``)."""
+    covpool.flagged_matrices(reset=True)
+    logger = CSVLogger(tmp_path, name="short")
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=3,
+        logger=logger,
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[FlaggedMatrixMonitor()],  # every 50 steps
+        default_root_dir=tmp_path,
+    )
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        trainer.fit(RootOfABatch(beyond), DataLoader(TensorDataset(torch.zeros(6, 1)), batch_size=2))
+    expected = 3.0 if beyond else 0.0
+    assert float(trainer.logged_metrics["covpool/flagged_matrices"]) == expected
+    flagged = [w for w in warned if "covpool flagged" in str(w.message)]
+    assert len(flagged) == beyond and (not beyond or "flagged 3 matrices" in str(flagged[0].message))
+    with open(Path(logger.log_dir) / "metrics.csv") as f:
+        rows = [row for row in csv.DictReader(f) if row.get("covpool/flagged_matrices")]
+    assert [float(row["covpool/flagged_matrices"]) for row in rows] == [expected]
