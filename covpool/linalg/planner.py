@@ -265,7 +265,7 @@ def _resolve(
             f"tol >= {TOL_FLOOR * unit_roundoff:.2g}" + (", or float64 input" if float32 else "")
         )
     read_values = reads_values(options.check_input, torch.device(device_type))
-    precision = "full"
+    precision, schedules = "full", None
     if method == "mtp" and options.precision == "tf32":
         precision = "tf32"
     elif (
@@ -281,8 +281,9 @@ def _resolve(
             full_products = _build(method, "full", read_values, full).products()
             if modelled_time(low, high + MIXED_TEST_PRODUCTS, n) < full_products + RESIDUAL_TEST_PRODUCTS:
                 return _build(method, "tf32", read_values, mixed)
+            schedules = full  # certified already: not searched for again below
     try:
-        schedules = certify(options, method, n, eps, unit_roundoff, precision)
+        schedules = schedules or certify(options, method, n, eps, unit_roundoff, precision)
     except ValueError:
         if options.method != "auto" or method == "eigh" or tracing:
             raise
