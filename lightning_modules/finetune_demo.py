@@ -9,30 +9,21 @@ layer on its upper triangle. The run prints the final validation and test top-1 
 per training step of each, and writes ``curves.png`` (training loss and validation accuracy against the
 step) and ``results.json`` (with the CPU, torch version and thread count) into ``--output-dir``.
 
-The defaults are sized to take a few minutes on 2 CPU cores; the last stage of ResNet-18 at 3×3
+The defaults are sized to take a few minutes on 2 idle CPU cores (other processes on the same cores
+slow it by as much as they take); the last stage of ResNet-18 at 3×3
 positions is most of the cost, which grows with the square of ``--image-size``.
 
 Example::
 
-    covpool-demo                      # 1-3 minutes on 2 idle CPU cores, depending on the CPU
+    covpool-demo                      # about 3 minutes of training on 2 idle CPU cores; longer on busy ones
     covpool-demo --fast-dev-run       # a few seconds: one batch of each stage
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import time
 from pathlib import Path
 from typing import Any
-
-import lightning as L
-import torch
-
-from lightning_modules.callbacks import TrainingHistory
-from lightning_modules.classifier import CovPoolClassifier
-from lightning_modules.data import DigitsDataModule
 
 MODELS: dict[str, dict[str, Any]] = {
     "resnet18_isqrtcov": {"model": "resnet18_isqrtcov", "model_kwargs": {"output_stride": 16}},
@@ -41,12 +32,15 @@ MODELS: dict[str, dict[str, Any]] = {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line of ``covpool-demo``; exits with status 2 on bad arguments (argparse's)."""
     parser = argparse.ArgumentParser(
         prog="covpool-demo",
-        description="Fine-tune ResNet-18 with iSQRT-COV pooling and with average pooling on the embedded "
-        "digits data; print accuracy and time per step, write curves.png and results.json.",
+        description="Train ResNet-18 with iSQRT-COV pooling and with average pooling on the embedded digits "
+        "(from scratch, or fine-tuned from --weights); print accuracy and time per step, write curves.png "
+        "and results.json.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--max-epochs", type=int, default=5, help="training epochs per model (default 5)")
+    parser.add_argument("--max-epochs", type=int, default=5, help="training epochs per model")
     parser.add_argument(
         "--fast-dev-run",
         type=int,
@@ -54,22 +48,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         const=1,
         default=0,
         metavar="N",
-        help="run N batches (default 1) of each stage only, a smoke test of a few seconds",
+        help="run N batches (1 when N is left out) of each stage only, a smoke test of a few seconds; "
+        "0 trains in full",
     )
-    parser.add_argument("--output-dir", type=Path, default=Path("runs/demo"), help="default runs/demo")
+    parser.add_argument("--output-dir", type=Path, default=Path("runs/demo"), help="where results go")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights, split and shuffling")
-    parser.add_argument(
-        "--image-size", type=int, default=48, help="side of the upsampled digits (default 48)"
-    )
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--image-size", type=int, default=48, help="side of the upsampled digits, px")
+    parser.add_argument("--batch-size", type=int, default=64, help="training and evaluation batch size")
     parser.add_argument("--reduction-dim", type=int, default=64, help="channels of the covariance")
     parser.add_argument("--lr", type=float, default=0.05, help="backbone learning rate (SGD)")
-    parser.add_argument("--head-lr", type=float, default=None, help="head learning rate (default: --lr)")
+    parser.add_argument("--head-lr", type=float, default=None, help="head learning rate; --lr when not given")
     parser.add_argument(
         "--weights",
         type=Path,
         default=None,
-        help="timm resnet18 weight file to fine-tune from (default: train from scratch)",
+        help="timm resnet18 weight file to fine-tune from; trains from scratch when not given",
     )
     args = parser.parse_args(argv)
     if args.max_epochs < 1:
@@ -79,119 +72,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def train_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Train and test one model; returns its figures and curves."""
-    L.seed_everything(args.seed, workers=True, verbose=False)
-    spec = MODELS[name]
-    head_kwargs = {"reduction_dim": args.reduction_dim} if "isqrtcov" in name else {}
-    model = CovPoolClassifier(
-        spec["model"],
-        num_classes=DigitsDataModule.num_classes,
-        model_kwargs={**spec["model_kwargs"], **head_kwargs},
-        pretrained=args.weights is not None,
-        pretrained_cfg_overlay={"file": str(args.weights)} if args.weights is not None else None,
-        lr=args.lr,
-        head_lr=args.head_lr,
-        warmup_epochs=0.5,
-        label_smoothing=0.1,
-    )
-    data = DigitsDataModule(batch_size=args.batch_size, image_size=args.image_size, seed=args.seed)
-    history = TrainingHistory(monitor=("val/loss", "val/acc1"))
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=args.max_epochs,
-        fast_dev_run=args.fast_dev_run or False,
-        val_check_interval=0.5,
-        deterministic=True,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        callbacks=[history],
-    )
-    print(f"\n== {name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters", flush=True)
-    start = time.perf_counter()
-    trainer.fit(model, datamodule=data)
-    fit_seconds = time.perf_counter() - start
-    test = trainer.test(model, datamodule=data, verbose=False)[0]
-    times = history.step_times[1:] or history.step_times  # the first step pays one-off set-up costs
-    return {
-        "val_acc1": history.validations[-1][1]["val/acc1"],
-        "test_acc1": test["test/acc1"],
-        "test_acc5": test["test/acc5"],
-        "time_per_step_s": sum(times) / len(times),
-        "steps": trainer.global_step,
-        "fit_time_s": fit_seconds,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "train_loss": history.steps,
-        "val": [(step, values) for step, values in history.validations],
-    }
-
-
-def cpu_name() -> str:
-    """The CPU model from ``/proc/cpuinfo`` (Linux), else what :func:`platform.processor` says."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def plot_curves(results: dict[str, dict[str, Any]], path: Path) -> None:
-    """Training loss and validation top-1 accuracy against the step, one line per model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    for name, result in results.items():
-        steps, losses = zip(*result["train_loss"], strict=True)
-        ax_loss.plot(steps, losses, label=name, alpha=0.8)
-        val_steps = [step for step, _ in result["val"]]
-        ax_acc.plot(val_steps, [values["val/acc1"] for _, values in result["val"]], marker="o", label=name)
-    ax_loss.set(xlabel="step", ylabel="training loss", title="Training loss")
-    ax_acc.set(xlabel="step", ylabel="top-1 accuracy", title="Validation accuracy", ylim=(0, 1))
-    for ax in (ax_loss, ax_acc):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Train both models, write ``results.json`` and ``curves.png``; returns the results."""
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    results = {name: train_one(name, args) for name in MODELS}
-    summary = {
-        "config": {
-            key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()
-        },
-        "cpu": cpu_name(),
-        "torch_version": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "total_time_s": time.perf_counter() - start,
-        "models": results,
-    }
-    (args.output_dir / "results.json").write_text(json.dumps(summary, indent=2))
-    plot_curves(results, args.output_dir / "curves.png")
-    print(f"\n{'model':<20} {'val top-1':>10} {'test top-1':>11} {'s/step':>8} {'steps':>6}")
-    for name, r in results.items():
-        print(
-            f"{name:<20} {r['val_acc1']:>10.4f} {r['test_acc1']:>11.4f} "
-            f"{r['time_per_step_s']:>8.3f} {r['steps']:>6}"
-        )
-    print(f"total {summary['total_time_s']:.1f} s; wrote {args.output_dir / 'results.json'} and curves.png")
-    return summary
-
-
 def main(argv: list[str] | None = None) -> None:
     """Console entry point ``covpool-demo``."""
-    run(parse_args(argv))
+    args = parse_args(argv)
+    # imported here: the training imports Lightning and torch, which parsing (and --help) does not need
+    from lightning_modules.demo_training import run
+
+    run(args)
 
 
 if __name__ == "__main__":

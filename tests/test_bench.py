@@ -387,3 +387,11 @@ def test_the_studies_are_not_flags_of_the_package(flag, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([flag])
     assert exit_info.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_help_names_the_console_script(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    printed = capsys.readouterr().out
+    assert exit_info.value.code == 0 and printed.startswith("usage: covpool-bench ")
+    assert "python -m covpool.bench [" not in printed

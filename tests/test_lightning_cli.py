@@ -12,7 +12,9 @@ import torch
 
 import covpool
 from lightning_modules import CovarianceSpectrumMonitor, DigitsDataModule, ImageFolderDataModule
-from lightning_modules.cli import create_cli, main
+from lightning_modules.cli import main
+from lightning_modules.cli_help import SUBCOMMAND_HELP
+from lightning_modules.training_cli import CovPoolCLI, create_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "lightning_modules" / "configs"
@@ -37,6 +39,39 @@ def test_help_says_what_it_trains_lists_the_shipped_configs_and_gives_examples(a
     assert all(path.name in printed for path in configs)
     assert "ResNet-18 with an iSQRT-COV head on the embedded digits" in printed  # the config's own comment
     assert f"covpool-train fit --config {CONFIGS.resolve() / 'digits_resnet18_isqrtcov.yaml'}" in printed
+
+
+@pytest.mark.parametrize("subcommand", list(SUBCOMMAND_HELP))
+def test_every_subcommand_has_its_whole_sentence_in_both_helps(subcommand, capsys):
+    assert set(SUBCOMMAND_HELP) == set(CovPoolCLI.subcommands())
+    sentence = SUBCOMMAND_HELP[subcommand]
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    listed = capsys.readouterr().out
+    assert sentence in listed and "usage: covpool-train" in listed
+    with pytest.raises(SystemExit):
+        create_cli(["--help"])  # the parser's own listing, which wraps lines
+    assert " ".join(sentence.split()) in " ".join(capsys.readouterr().out.split())
+    with pytest.raises(SystemExit):
+        main([subcommand, "--help"])
+    own = capsys.readouterr().out
+    assert own.startswith("usage: covpool-train")
+    assert f"{subcommand}: {sentence.lower().rstrip('.')}" in " ".join(own.lower().split())  # its group
+    assert "make sure you never run on your" not in own and "Useful to" not in own  # Lightning's cut text
+    assert "Base class: holds" not in own
+
+
+def test_top_level_help_imports_neither_lightning_nor_torch():
+    code = (
+        "import sys\n"
+        "from lightning_modules.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit as exit:\n    assert exit.code == 0\n"
+        "print(sorted({'lightning', 'torch', 'timm'} & set(sys.modules)))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+    assert "shipped configs" in done.stdout
 
 
 def test_fit_fast_dev_run_from_config(tmp_path):

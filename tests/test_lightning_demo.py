@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,11 +12,27 @@ import torch
 from lightning_modules.finetune_demo import MODELS, main
 
 
-def test_help(capsys):
+def test_help_says_what_runs_and_shows_every_default(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
     assert exit_info.value.code == 0
-    assert "--fast-dev-run" in capsys.readouterr().out
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "Train ResNet-18" in printed and "Fine-tune" not in printed
+    for flag, default in [("--seed", "0"), ("--batch-size", "64"), ("--lr", "0.05"), ("--max-epochs", "5")]:
+        described = printed.split(f"{flag} {flag[2:].upper().replace('-', '_')}", 2)[-1]
+        assert described.split("--")[0].rstrip().endswith(f"(default: {default})"), flag
+
+
+def test_help_imports_neither_lightning_nor_torch():
+    code = (
+        "import sys\n"
+        "from lightning_modules.finetune_demo import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit as exit:\n    assert exit.code == 0\n"
+        "print(sorted({'lightning', 'torch', 'timm'} & set(sys.modules)))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_bad_epochs():

@@ -79,10 +79,11 @@ def _device(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``python -m covpool.bench`` argument parser; its epilog is :mod:`covpool.bench`'s docstring."""
+    """The ``covpool-bench`` (also ``python -m covpool.bench``) argument parser; its epilog is
+    :mod:`covpool.bench`'s docstring."""
     default_devices = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
     parser = argparse.ArgumentParser(
-        prog="python -m covpool.bench",
+        prog="covpool-bench",
         description="Time, memory and accuracy of covpool's matrix roots (default) or layers (--layers).",
         epilog=covpool.bench.__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
