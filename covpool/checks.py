@@ -15,6 +15,10 @@ Three kinds of check, one place:
   free (CPU), no on CUDA and while ``torch.compile``/``torch.export`` trace, so that the default GPU path
   never synchronises.
 
+The layers' checks are here too: a BatchNorm momentum, the samples of a rejected batch that hold NaN or
+Inf (named in the error), and whether a model defines ``forward`` (the ZCA recalibration and the
+Lightning callbacks need a way to run a batch through it).
+
 Every error names the argument, what was seen and what was expected. The layers and the roots take
 their checks from here; the count of flagged matrices lives in :mod:`covpool.linalg.flags`.
 """
@@ -123,6 +127,38 @@ def check_float(value: float, name: str, *, minimum: float = 0.0, strict: bool =
     if not ok:
         relation = ">" if strict else ">="
         raise ValueError(f"{name} must be a finite float {relation} {minimum:g}, got {value!r}")
+
+
+def check_momentum(value: float | None, name: str) -> None:
+    """Raise ``ValueError`` unless ``value`` is None or a finite real in ``[0, 1]`` (a BatchNorm momentum)."""
+    ok = value is None or (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and 0.0 <= value <= 1.0
+    )
+    if not ok:
+        raise ValueError(
+            f"{name} must be None (cumulative average) or a float in [0, 1] (the weight of each new batch "
+            f"in the running statistics, as in torch.nn.BatchNorm2d), got {value!r}"
+        )
+
+
+def nonfinite_samples(x: torch.Tensor) -> list[int]:
+    """Indices of the samples (dimension 0) of ``x`` that hold NaN or Inf (a host read)."""
+    return (~torch.isfinite(x).flatten(1).all(dim=1)).nonzero().flatten().tolist()
+
+
+def has_forward(model: torch.nn.Module) -> bool:
+    """Whether ``model`` defines ``forward`` (a LightningModule need not: its steps may call a submodule)."""
+    forward = getattr(type(model), "forward", None)
+    if forward is None or forward is torch.nn.Module.forward:
+        return False
+    try:  # LightningModule.forward only forwards to nn.Module's, which raises
+        from lightning.pytorch import LightningModule
+    except ImportError:
+        return True
+    return forward is not LightningModule.forward
 
 
 def refuse_double_backward(method: str) -> None:

@@ -41,9 +41,10 @@ from covpool import (
     flagged_matrices,
     recalibrate_statistics,
 )
+from covpool.checks import has_forward
 from covpool.functional.covariance import covariance
 from covpool.functional.whitening import group_statistics, moments_from_statistics
-from covpool.layers.recalibrate import _has_forward, default_batch_input, zca_layers
+from covpool.layers.recalibrate import default_batch_input, zca_layers
 
 HEADS = (CovPoolHead, SecondOrderTokenHead)
 WHITENING = (ZCABatchNorm1d, ZCABatchNorm2d)
@@ -398,7 +399,7 @@ class ZCARecalibration(L.Callback):
                 f"ZCARecalibration: {type(pl_module).__name__} has no ZCA layer with running statistics; the "
                 "callback does nothing"
             )
-        elif self.forward_fn is None and not _has_forward(pl_module):
+        elif self.forward_fn is None and not has_forward(pl_module):
             raise TypeError(
                 f"ZCARecalibration: {type(pl_module).__name__} has no forward, so the callback cannot run a "
                 "batch through it; say how a batch reaches the network with forward_fn, e.g. "

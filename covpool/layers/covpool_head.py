@@ -89,8 +89,8 @@ class CovPoolHead(CovarianceHead):
         eps: relative ridge before the root (see the module docstring).
         pool_type: ``"cov"`` (default, the covariance pooling) or ``""`` (no pooling, with
             ``num_classes=0``: ``forward`` returns its input, timm's unpooled convention).
-        device, dtype: factory arguments, where and in which dtype the parameters and buffers are created
-            (as for :mod:`torch.nn` layers).
+        device: where the parameters and buffers are created (a factory argument, as in torch.nn).
+        dtype: the dtype the parameters and buffers are created in (a factory argument).
 
     Attributes:
         num_features: width of the pre-logits features, ``d (d + 1) / 2``.

@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from covpool.checks import check_float, check_positive_int, reads_values
+from covpool.checks import check_float, check_positive_int, nonfinite_samples, reads_values
 from covpool.functional.covariance import sqrt_covariance_pool
 from covpool.linalg import RootOptions
 
@@ -92,11 +92,6 @@ def make_classifier(
     if reference is not None:
         factory = {"device": reference.device, "dtype": reference.dtype}
     return nn.Linear(num_features, num_classes, **factory)
-
-
-def nonfinite_samples(x: Tensor) -> list[int]:
-    """Indices of the samples (dimension 0) of ``x`` that hold NaN or Inf (a host read)."""
-    return (~torch.isfinite(x).flatten(1).all(dim=1)).nonzero().flatten().tolist()
 
 
 class CovarianceHead(nn.Module):

@@ -43,6 +43,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from covpool.checks import has_forward
 from covpool.functional.distributed import all_reduce_sum, is_distributed
 from covpool.functional.whitening import STATISTICS_DTYPE, group_statistics, moments_from_statistics
 from covpool.layers.zca_batchnorm import ZCABatchNorm1d, ZCABatchNorm2d, _ZCABatchNorm
@@ -265,7 +266,7 @@ def recalibrate_statistics(
     # Out of inference mode (Lightning validates under it), so that every tensor made here is a normal one.
     with torch.inference_mode(False), torch.no_grad():
         if forward_fn is None:
-            if not _has_forward(model):
+            if not has_forward(model):
                 raise TypeError(
                     f"{type(model).__name__} has no forward, so recalibrate_statistics cannot run a batch "
                     "through it: pass forward_fn=..., how a batch reaches the network, e.g. "
@@ -283,18 +284,6 @@ def recalibrate_statistics(
 
         counts = _run(model, loader, layers, max_batches, forward_fn, progress)
     return counts
-
-
-def _has_forward(model: nn.Module) -> bool:
-    """Whether ``model`` defines ``forward`` (a LightningModule need not: its steps may call a submodule)."""
-    forward = getattr(type(model), "forward", None)
-    if forward is None or forward is nn.Module.forward:
-        return False
-    try:  # LightningModule.forward only forwards to nn.Module's, which raises
-        from lightning.pytorch import LightningModule
-    except ImportError:
-        return True
-    return forward is not LightningModule.forward
 
 
 def _length(loader: Iterable, max_batches: int | None) -> int | None:

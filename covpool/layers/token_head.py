@@ -71,8 +71,8 @@ class SecondOrderTokenHead(CovarianceHead):
         pool_type: ``"token"`` (default: class token and second-order pooling, timm's name for a ViT that
             classifies from its class token) or ``""`` (no pooling, with ``num_classes=0``: ``forward``
             returns the tokens, timm's unpooled convention).
-        device, dtype: factory arguments, where and in which dtype the parameters and buffers are created
-            (as for :mod:`torch.nn` layers).
+        device: where the parameters and buffers are created (a factory argument, as in torch.nn).
+        dtype: the dtype the parameters and buffers are created in (a factory argument).
 
     Attributes:
         num_features: width of the pre-logits features, ``C + d (d + 1) / 2``.

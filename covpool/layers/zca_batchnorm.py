@@ -38,15 +38,13 @@ Design choices:
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 from einops import rearrange
 from timm.layers import register_notrace_module
 from torch import Tensor, nn
 
-from covpool.checks import check_float, check_positive_int, reads_values
+from covpool.checks import check_float, check_momentum, check_positive_int, nonfinite_samples, reads_values
 from covpool.functional.distributed import all_reduce_sum, is_distributed
 from covpool.functional.whitening import (
     group_statistics,
@@ -55,24 +53,8 @@ from covpool.functional.whitening import (
     whitening_matrix,
 )
 from covpool.layers.constructor_doc import document_init
-from covpool.layers.head_base import nonfinite_samples
 from covpool.linalg import RootOptions
 from covpool.numerics import working_dtype
-
-
-def check_momentum(value: float | None, name: str) -> None:
-    """Raise ``ValueError`` unless ``value`` is None or a finite real in ``[0, 1]`` (a BatchNorm momentum)."""
-    ok = value is None or (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and 0.0 <= value <= 1.0
-    )
-    if not ok:
-        raise ValueError(
-            f"{name} must be None (cumulative average) or a float in [0, 1] (the weight of each new batch "
-            f"in the running statistics, as in torch.nn.BatchNorm2d), got {value!r}"
-        )
 
 
 class _ZCABatchNorm(nn.Module):
@@ -308,8 +290,8 @@ class ZCABatchNorm2d(_ZCABatchNorm):
             of its fields; default ``"auto"``), passed unchanged to :func:`covpool.inv_sqrtm`.
         process_group: group whose ranks share statistics in training (default: the world) when
             ``torch.distributed`` is initialised with more than one rank.
-        device, dtype: factory arguments, where and in which dtype the parameters and buffers are created
-            (as for :mod:`torch.nn` layers).
+        device: where the parameters and buffers are created (a factory argument, as in torch.nn).
+        dtype: the dtype the parameters and buffers are created in (a factory argument).
 
     Shape:
         - input: :math:`(N, C, H, W)`
