@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import covpool
+from covpool.checks import check_finite
 from covpool.linalg.planner import plan_root
 from covpool.testing import (
     assert_relative_close,
@@ -722,6 +723,16 @@ class TestBadInput:
     def test_input_errors_name_argument_and_expectation(self, A, error, match):
         with pytest.raises(error, match=match):
             covpool.sqrtm(A)
+
+    @pytest.mark.parametrize("value", [float("inf"), -float("inf"), float("nan")])
+    def test_every_nonfinite_entry_is_found_and_huge_finite_ones_pass(self, value):
+        A = torch.eye(3).expand(4, 3, 3).clone()
+        A[2, 1, 0] = A[2, 0, 1] = value
+        with pytest.raises(ValueError, match=r"NaN or Inf in batch entries \[2\] \(1 of 4\)"):
+            check_finite(A)
+        A[2] = torch.full((3, 3), torch.finfo(torch.float32).max)  # its sum overflows; it is finite
+        A[3] = torch.full((3, 3), torch.finfo(torch.float32).tiny / 2)
+        check_finite(A)
 
     @pytest.mark.parametrize(
         ("kwargs", "match"),

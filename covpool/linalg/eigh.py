@@ -45,11 +45,6 @@ measured is 2.5 (inverse root's gradient, κ = 1e5, n = 128) and this leaves 2×
 ``python examples/studies/eigh_precision.py``, recorded in ``examples/results/eigh_precision.json``."""
 
 
-def _max_abs(A: torch.Tensor) -> torch.Tensor:
-    scale = A.abs().amax(dim=(-2, -1), keepdim=True)
-    return torch.where(scale > 0, scale, torch.ones_like(scale))
-
-
 class EighRoot(torch.autograd.Function):
     """``sym(A)^p`` for ``p = ±1/2`` by ``torch.linalg.eigh``, exact gradient by Daleckii-Krein.
 
@@ -60,20 +55,20 @@ class EighRoot(torch.autograd.Function):
     def forward(  # noqa: D102
         ctx, A: torch.Tensor, inverse: bool, precision: str, tol: float | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # LAPACK refuses NaN/Inf; such a matrix is swapped for the identity and marked invalid below.
-        finite = torch.isfinite(A).flatten(-2).all(-1)
         input_dtype, unit_roundoff = A.dtype, torch.finfo(A.dtype).eps
-        A = torch.where(finite[..., None, None], A, eye_like(A))
         if tol is None or A.dtype not in DECOMPOSED_IN:
             A = A.to(DECOMPOSED_IN.get(A.dtype, A.dtype))
-        scale = _max_abs(A)
-        eigenvalues, vectors = torch.linalg.eigh(A / scale)
+        magnitude = A.abs().amax(dim=(-2, -1), keepdim=True)  # NaN or inf where A holds NaN or ±inf
+        finite = torch.isfinite(magnitude)
+        scale = torch.where(finite & (magnitude > 0), magnitude, torch.ones_like(magnitude))
+        # LAPACK refuses NaN/Inf: such a matrix is swapped for the identity and marked invalid below.
+        eigenvalues, vectors = torch.linalg.eigh(torch.where(finite, A / scale, eye_like(A)))
         if tol is not None and A.dtype in DECOMPOSED_IN:
             eigenvalues, vectors, scale = _redecompose(A, scale, eigenvalues, vectors, tol)
         top = eigenvalues[..., -1:].clamp_min(0)
         rounding = _RELATIVE_ROUNDING * A.shape[-1] * unit_roundoff * top
         smallest = eigenvalues[..., 0]
-        valid = finite & (smallest >= -rounding[..., 0])
+        valid = finite[..., 0, 0] & (smallest >= -rounding[..., 0])
         if inverse:
             valid = valid & (top[..., 0] > 0)
         # The backward's kernel only needs positive eigenvalues: floor at machine precision, not at the
@@ -81,9 +76,9 @@ class EighRoot(torch.autograd.Function):
         floor = (unit_roundoff * top).clamp_min(torch.finfo(input_dtype).tiny)
         floored = torch.maximum(eigenvalues, floor).sqrt()
         values = floored.reciprocal() if inverse else eigenvalues.clamp_min(0).sqrt()
-        out = (vectors * values.unsqueeze(-2)) @ vectors.mT
-        out = out * (scale.rsqrt() if inverse else scale.sqrt())
-        out = torch.where(valid[..., None, None], out, torch.full_like(out, float("nan"))).to(input_dtype)
+        # the scale and the NaN of an invalid matrix ride on the eigenvalues: no pass over the n × n result
+        factor = torch.where(valid[..., None, None], scale.rsqrt() if inverse else scale.sqrt(), float("nan"))
+        out = ((vectors * (values.unsqueeze(-2) * factor)) @ vectors.mT).to(input_dtype)
         ctx.save_for_backward(floored, vectors, scale)
         ctx.inverse = inverse
         ctx.precision = precision
@@ -100,8 +95,8 @@ class EighRoot(torch.autograd.Function):
     def _backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         roots, vectors, scale = ctx.saved_tensors
         factor = scale.pow(-1.5) if ctx.inverse else scale.rsqrt()
-        grad_A = _daleckii_krein(roots, vectors, grad.to(vectors.dtype), inverse=ctx.inverse)
-        return (grad_A * factor).to(grad.dtype), None, None, None
+        grad_A = _daleckii_krein(roots, vectors, grad.to(vectors.dtype), inverse=ctx.inverse, factor=factor)
+        return grad_A.to(grad.dtype), None, None, None
 
 
 def _redecompose(
@@ -127,14 +122,24 @@ def _redecompose(
 
 
 def _daleckii_krein(
-    roots: torch.Tensor, vectors: torch.Tensor, grad: torch.Tensor, *, inverse: bool
+    roots: torch.Tensor,
+    vectors: torch.Tensor,
+    grad: torch.Tensor,
+    *,
+    inverse: bool,
+    factor: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``U (K ∘ (Uᵀ sym(G) U)) Uᵀ`` with the kernel ``K`` of the module docstring, from the square roots
     of the eigenvalues (``(*, n)``, positive) and the eigenvectors ``U`` (``(*, n, n)``); ``G``:
-    ``(*, n, n)``."""
+    ``(*, n, n)``. ``factor`` (``(*, 1, 1)``), where given, multiplies the result (it is folded into the
+    kernel, as is the ``1/2`` of ``sym``)."""
     pair_sum = roots.unsqueeze(-1) + roots.unsqueeze(-2)
-    kernel = -1.0 / (roots.unsqueeze(-1) * roots.unsqueeze(-2) * pair_sum) if inverse else 1.0 / pair_sum
-    inner = vectors.mT @ (0.5 * (grad + grad.mT)) @ vectors
+    numerator = 0.5 if factor is None else 0.5 * factor
+    if inverse:
+        kernel = -numerator / (roots.unsqueeze(-1) * roots.unsqueeze(-2) * pair_sum)
+    else:
+        kernel = numerator / pair_sum
+    inner = vectors.mT @ (grad + grad.mT) @ vectors
     return vectors @ (kernel * inner) @ vectors.mT
 
 
