@@ -157,49 +157,6 @@ class TestFusedLyapunov:
         assert relative_error(X, exact).max() <= bound
 
 
-_SIGNATURES = {
-    "coupled_root_kernel": dict.fromkeys(("A", "Y_out", "Z_out", "table"), "*fp32")
-    | dict.fromkeys(("n", "num_steps", "width", "degree"), "i32"),
-    "sign_iteration_kernel": dict.fromkeys(("Y", "C_in", "X_out", "table"), "*fp32")
-    | dict.fromkeys(("n", "num_steps"), "i32"),
-}
-COMPILED = [("coupled_root_kernel", {"PADE": False}), ("coupled_root_kernel", {"PADE": True})]
-COMPILED += [("sign_iteration_kernel", {})]
-
-
-def _ptx(name: str, constexprs: dict[str, object], input_precision: str) -> str:
-    """The PTX of kernel ``name`` at tile 16 for sm_90, compiled here by Triton's own LLVM (no GPU)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from covpool.kernels import triton_iteration, triton_lyapunov
-
-    kernel = getattr(triton_iteration, name, None) or getattr(triton_lyapunov, name)
-    constexprs = {**constexprs, "BLOCK": 16, "INPUT_PRECISION": input_precision}
-    signature = _SIGNATURES[name] | dict.fromkeys(constexprs, "constexpr")
-    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
-
-
-def _triton_version() -> tuple[int, ...]:
-    import triton
-
-    return tuple(int(part) for part in triton.__version__.split(".")[:2])
-
-
-@needs_triton
-class TestCompiledProducts:
-    """The kernels' products as compiled for a GPU: IEEE float32, not Triton's TF32 default."""
-
-    @pytest.mark.parametrize("name, constexprs", COMPILED, ids=["mtp", "mpa", "lyapunov"])
-    def test_ieee_products_compile_without_tf32_instructions(self, name, constexprs):
-        if os.environ.get("TRITON_INTERPRET") == "1" or _triton_version() < (3, 8):
-            pytest.skip("needs compiled (not interpreted) kernels and triton >= 3.8's compile API")
-        assert ".tf32" not in _ptx(name, constexprs, fused_iteration.INPUT_PRECISION)
-        assert ".tf32" in _ptx(name, constexprs, "tf32")  # the check sees TF32 where it is asked for
-
-
 class TestDispatch:
     def test_cpu_tensors_take_the_reference(self, monkeypatch):
         A = random_spd(2, n=32, dtype=torch.float32).requires_grad_()

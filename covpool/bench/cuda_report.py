@@ -10,8 +10,9 @@ figure the docs quote for GPUs (docs/benchmarks.md; and writes them to ``DIR/cud
    plan), ``mtp`` at other tolerances, ``mpa``, ``ns`` (5 steps), the paper's configuration and ``eigh``;
    their forward and gradient errors against float64; the achieved matrix-product throughput, and the
    product floor: the time of one product in float32, TF32 and bfloat16 at each size, and of a
-   configuration's products alone in the precision each runs in. Then (2b) the same on rank-48
-   covariances with the heads' ridge, where the default takes the unrolled backward, against
+   configuration's products alone in the precision each runs in; and the precision each ran in (its plan's
+   products, which parts ran in the fused kernels and their ``tl.dot`` precision). Then (2b) the same on
+   rank-48 covariances with the heads' ridge, where the default takes the unrolled backward, against
    ``backward="minimax"`` and ``ns``.
 3. **Heads on rank-deficient input** (7×7 and 14×14 maps, d = 64 and 256): float32 features and input
    gradients against a float64 ``eigh`` copy.
@@ -37,7 +38,7 @@ import torch
 
 import covpool
 from covpool.bench.trace import trace_root
-from covpool.linalg.planner import plan_root
+from covpool.linalg.planner import plan_call, plan_root
 from covpool.linalg.precision import products_in, tf32_products
 from covpool.numerics import with_relative_ridge
 from covpool.testing import (
@@ -153,6 +154,27 @@ def product_floor(products: float, low: int, times: dict[str, float]) -> float:
     return low * times["tf32"] + (products - low) * times["float32"]
 
 
+def ran_in(options: dict, A: torch.Tensor, eps: float) -> dict:
+    """The precision a configuration's call on ``A`` ran in, from its plan: the products' precision
+    (``"full"`` or ``"tf32"``), which parts ran in the fused kernels and their ``tl.dot`` precision."""
+    from covpool.kernels.fused_iteration import INPUT_PRECISION
+
+    plan = plan_call(covpool.RootOptions.coerce({k: v for k, v in options.items() if k != "eps"}), A, eps)
+    fused = [part for part, on in (("forward", plan.fused_forward), ("backward", plan.fused_backward)) if on]
+    return {
+        "method": plan.method,
+        "precision": plan.precision,
+        "fused": fused,
+        "kernel_products": INPUT_PRECISION if fused else None,
+    }
+
+
+def describe(ran: dict) -> str:
+    """:func:`ran_in` in a few words, e.g. ``mtp full, fused forward+backward (tf32x3)``."""
+    fused = f", fused {'+'.join(ran['fused'])} ({ran['kernel_products']})" if ran["fused"] else ""
+    return f"{ran['method']} {ran['precision']}{fused}"
+
+
 def bench_roots(
     sizes: list[int],
     batch: int,
@@ -200,6 +222,7 @@ def bench_roots(
                 "forward_error": relative_error(out.detach(), exact).max().item(),
                 "gradient_error": relative_error(A.grad, exact_grad).max().item(),
                 "eager_ms": cuda_ms(step),
+                "ran_in": ran_in(options, A, eps),
             }
             if name in graphed_names:
                 A_graph = A.detach().clone().requires_grad_()  # a fresh leaf, see graphed()
@@ -237,6 +260,7 @@ def bench_roots(
                     if "tflops" in row
                     else ""
                 )
+                + f"  [{describe(row['ran_in'])}]"
             )
     return rows
 

@@ -8,10 +8,13 @@ differ is rounding only: the order of the sums inside a product, and for Padé s
 factorisation written out in the kernel where the reference calls LAPACK/cuSOLVER.
 
 :func:`fused_coupled_root` launches :func:`covpool.kernels.triton_iteration.coupled_root_kernel` once for
-the whole schedule, one program per matrix, the matrix held in registers, the products as ``tl.dot`` at
-``input_precision="ieee"``: Triton's default for float32 operands is TF32, whose rounding the plans are
-not certified for (:mod:`covpool.linalg.precision`). :func:`covpool.linalg.planner.plan_root` decides where
-it runs; Triton is imported lazily, on the first launch: CPU builds of torch run without it.
+the whole schedule, one program per matrix, its iterates in a scratch buffer and each product a K-loop over
+it (:mod:`covpool.kernels.triton_tiles`), at the :func:`launch_config` that the ahead-of-time compile
+(:mod:`covpool.kernels.aot`) finds free of spills. The products run as ``tl.dot`` at
+:data:`INPUT_PRECISION`, ``"tf32x3"``: three TF32 tensor-core products per float32 product, whose rounding
+the plans of fused calls are certified for (:data:`SPLIT_EPSILON`; Triton's default, one TF32 product, is
+not certified). :func:`covpool.linalg.planner.plan_root` decides where it runs; Triton is imported
+lazily, on the first launch: CPU builds of torch run without it.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from collections.abc import Callable
 
 import torch
 
+from covpool.linalg.emulation import TF32X3_ROUNDOFF
 from covpool.linalg.iteration import coupled_root
 from covpool.linalg.polynomial import best_block
 from covpool.linalg.schedule import PadeStep, PolynomialStep, Schedule
@@ -29,8 +33,33 @@ from covpool.linalg.schedule import PadeStep, PolynomialStep, Schedule
 reference = coupled_root
 """The plain-torch path the kernel must match (``(Â, schedule) → (Y, Z)``)."""
 
-INPUT_PRECISION = "ieee"
-"""``tl.dot``'s precision for float32 operands: IEEE, what the plans are certified for."""
+INPUT_PRECISION = "tf32x3"
+"""``tl.dot``'s precision for float32 operands: each operand split into a TF32 head and a float32 tail, the
+product ``a_lo b_hi + a_hi b_lo + a_hi b_hi`` on tensor cores with float32 accumulation; certified at
+:data:`SPLIT_EPSILON`. The interpreter ignores it and forms float32 products."""
+
+SPLIT_EPSILON = torch.finfo(torch.float32).eps + 2.0 * TF32X3_ROUNDOFF["truncation"]
+"""Machine epsilon at which the plans certify the kernels' ``tf32x3`` products: ``2 (u + ρ)`` = 2.50e-6,
+21 float32 epsilons (``u = 2^-24``, float32's unit roundoff; ``ρ`` the split's error per elementwise
+product).
+
+Derivation. The rounding models (:func:`covpool.linalg.iteration.residual_rounding`,
+:func:`covpool.linalg.lyapunov.rounding_error`) are linear in the machine epsilon ``2u`` of the products,
+and rest on the usual model of a float32 product ``C = A B``: each elementwise product ``a b`` and each
+addition of the accumulation errs by at most ``u`` relative, so that
+``|fl(C) - C| <= γ_n(u) |A| |B|`` with ``γ_n(u) = n u / (1 - n u)``. Triton's split (its ``F32DotTC`` pass)
+takes ``a_hi = cvt.rna.tf32(a)`` (``|a - a_hi| <= 2^-11 |a|``, ``a_lo = a - a_hi`` exact in float32), and the
+tensor core truncates ``a_lo`` to TF32 (relative ``2^-10``). Every TF32 product is exact in the float32
+accumulator (11 + 11 significant bits), so the three terms of one elementwise product are
+``a b (1 + η)`` with ``|η| <= ρ = 5 · 2^-22 + 2^-31`` (dropping ``a_lo b_lo`` and the truncated bits; the
+derivation and the exact-arithmetic check are :data:`covpool.linalg.emulation.TF32X3_ROUNDOFF`'s), and each
+addition of the float32 accumulation still errs by ``u``. A term of ``C`` thus carries
+``(1 + η)(1 + δ)^(n-1)`` with ``|δ| <= u``: at most ``ρ + γ_(n-1)(u)(1 + ρ) <= γ_n(u + ρ)``. So every bound of
+the float32 model holds for the split products at unit roundoff ``u + ρ``, which is the model evaluated at
+machine epsilon ``2 (u + ρ)``: the plans of a fused call are certified there
+(:func:`covpool.linalg.planner._fused`), and ``tests/test_kernels_aot.py`` runs the reference schedules
+under :func:`covpool.linalg.emulation.emulated_products` ``("tf32x3")`` within those certificates. It is
+conservative by about the share of the accumulation in the error (which the split leaves at ``u``)."""
 
 
 def _pade_in_kernel(step: PadeStep) -> bool:
@@ -54,15 +83,33 @@ def schedule_in_kernel(schedule: Schedule) -> bool:
 
 def tile_size(n: int) -> int:
     """The kernels' tile side for ``n × n`` matrices: the next power of two, at least 16 (``tl.dot``'s
-    smallest).
-
-    Warps per program are chosen by what ``ptxas -v`` reports for sm_90a (Triton 3.8, compiled without a
-    GPU; no timings yet): the forward kernel spills nothing at tile 32 with 8 warps (190 bytes with 4) and
-    least at tile 64 with 8 (2 KB; 0.6 KB for Padé steps; 16 warps spill more); the sign iteration spills
-    nothing at tile 32 with 8 warps and least at tile 64 with 16 (2.8 KB; 23 KB with 8). At tile 128 the
-    forward kernel needs 256 KB of shared memory, beyond any GPU's, which is why the planner stops at 64
-    (:data:`covpool.kernels.MAX_N`)."""
+    smallest)."""
     return max(16, 1 << (n - 1).bit_length())
+
+
+LAUNCH = {16: (16, 4, 1), 32: (16, 4, 1), 64: (16, 8, 1)}
+"""``tile → (BLOCK_K, num_warps, num_stages)`` of every kernel: the K-slice of the products, the warps per
+program and the software pipeline's stages of the K-loop (1: none; its buffers would cost registers and
+shared memory for little, the loop being a few slices long). Chosen by the ahead-of-time compile
+(``python -m covpool.kernels.aot``; Triton 3.8's ptxas, no GPU, no timings yet) as what spills nothing on
+sm_80, sm_90 and sm_100 for every kernel: ``BLOCK_K = 32`` spills at tile 64 on sm_80, 16 warps leave ptxas
+64 registers a thread and spill kilobytes."""
+
+MAX_REGISTERS = 255
+"""``maxnreg`` of every launch: without it ptxas caps some kernels itself (80 or 128 registers at 4 warps,
+128 at 8 on sm_100) and spills; with it none spills (the AOT table)."""
+
+
+def launch_config(n: int) -> tuple[int, int, int, int]:
+    """``(BLOCK, BLOCK_K, num_warps, num_stages)`` of a launch for ``n × n`` matrices (:data:`LAUNCH`)."""
+    block = tile_size(n)
+    return (block, *LAUNCH[block])
+
+
+def scratch_tiles(pade: bool) -> int:
+    """Tiles of scratch per matrix: ``Y``, ``Z``, ``U``, the tail (polynomial steps), and for Padé steps
+    ``P`` and ``Q`` as well (:mod:`covpool.kernels.triton_iteration`)."""
+    return 6 if pade else 4
 
 
 def _table_rows(schedule: Schedule) -> list[list[float]]:
@@ -96,7 +143,7 @@ def fused_coupled_root(A_hat: torch.Tensor, schedule: Schedule) -> tuple[torch.T
     under ``TRITON_INTERPRET=1``, which the tests use). No graph is recorded.
 
     Shapes: ``A_hat (*, n, n)`` float32 → ``Y``, ``Z`` of the same shape. Each matrix is padded in
-    registers to :func:`tile_size`.
+    scratch to :func:`tile_size` (``scratch_tiles`` tiles of it per matrix, 16 KB each at tile 64).
     """
     from covpool.kernels.triton_iteration import coupled_root_kernel
 
@@ -107,7 +154,9 @@ def fused_coupled_root(A_hat: torch.Tensor, schedule: Schedule) -> tuple[torch.T
         return Y.reshape(shape), Z.reshape(shape)
     table = device_table(_table_rows, schedule, A.device)
     first = schedule.steps[0]
-    block = tile_size(n)
+    pade = isinstance(first, PadeStep)
+    block, block_k, warps, stages = launch_config(n)
+    scratch = A.new_empty(A.shape[0], scratch_tiles(pade), block, block)
     # Triton launches on the current device, not the tensors'
     with on_device(A):
         coupled_root_kernel[(A.shape[0],)](
@@ -115,13 +164,17 @@ def fused_coupled_root(A_hat: torch.Tensor, schedule: Schedule) -> tuple[torch.T
             Y,
             Z,
             table,
+            scratch,
             n,
             len(schedule.steps),
             table.shape[1],
             first.degree,
-            PADE=isinstance(first, PadeStep),
+            PADE=pade,
             BLOCK=block,
+            BLOCK_K=block_k,
             INPUT_PRECISION=INPUT_PRECISION,
-            num_warps=4 if block == 16 else 8,
+            num_warps=warps,
+            num_stages=stages,
+            maxnreg=MAX_REGISTERS,
         )
     return Y.reshape(shape), Z.reshape(shape)

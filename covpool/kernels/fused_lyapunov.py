@@ -6,7 +6,9 @@ not another method): the same steps, the same block formulas with every scalar f
 folds it. They differ by rounding only (the order of the sums inside a product).
 
 :func:`fused_solve_lyapunov` launches :func:`covpool.kernels.triton_lyapunov.sign_iteration_kernel` once
-for the whole schedule, one program per matrix pair held in registers, products as ``tl.dot`` at
+for the whole schedule, one program per matrix pair, its iterates in a scratch buffer and each product a
+K-loop over it (:mod:`covpool.kernels.triton_tiles`), at the forward kernel's
+:func:`covpool.kernels.fused_iteration.launch_config`, products as ``tl.dot`` at
 :data:`covpool.kernels.fused_iteration.INPUT_PRECISION`. :mod:`covpool.linalg.planner` decides where it
 runs.
 """
@@ -15,12 +17,22 @@ from __future__ import annotations
 
 import torch
 
-from covpool.kernels.fused_iteration import INPUT_PRECISION, device_table, on_device, tile_size
+from covpool.kernels.fused_iteration import (
+    INPUT_PRECISION,
+    MAX_REGISTERS,
+    device_table,
+    launch_config,
+    on_device,
+)
 from covpool.linalg.lyapunov import solve_lyapunov
 from covpool.linalg.schedule import Schedule
 
 reference = solve_lyapunov
 """The plain-torch solver the kernel must match (``(Y, C, schedule) → X``)."""
+
+SCRATCH_TILES = 6
+"""Scratch tiles per pair: ``B``, ``C``, ``B²``, ``BC``, ``T``, ``B K + c₀ C``
+(:mod:`covpool.kernels.triton_lyapunov`)."""
 
 
 def schedule_in_kernel(schedule: Schedule) -> bool:
@@ -54,7 +66,8 @@ def fused_solve_lyapunov(Y: torch.Tensor, C: torch.Tensor, schedule: Schedule) -
     X = torch.empty_like(C)
     if B.shape[0] == 0:
         return X.reshape(shape)
-    block = tile_size(n)
+    block, block_k, warps, stages = launch_config(n)
+    scratch = B.new_empty(B.shape[0], SCRATCH_TILES, block, block)
     # Triton launches on the current device, not the tensors'
     with on_device(B):
         sign_iteration_kernel[(B.shape[0],)](
@@ -62,10 +75,14 @@ def fused_solve_lyapunov(Y: torch.Tensor, C: torch.Tensor, schedule: Schedule) -
             C,
             X,
             device_table(_table_rows, schedule, B.device),
+            scratch,
             n,
             len(schedule.steps),
             BLOCK=block,
+            BLOCK_K=block_k,
             INPUT_PRECISION=INPUT_PRECISION,
-            num_warps={16: 4, 32: 8}.get(block, 16),  # see tile_size
+            num_warps=warps,
+            num_stages=stages,
+            maxnreg=MAX_REGISTERS,
         )
     return X.reshape(shape)

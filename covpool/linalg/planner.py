@@ -289,7 +289,9 @@ def _resolve(
             raise
         method, precision = "eigh", "full"  # auto takes the exact path where the iteration refuses tol
         schedules = certify(options, method, n, eps, unit_roundoff, precision)
-    fused_forward, fused_backward = _fused(options, schedules, n, device_type, float32, tracing, real_tensors)
+    fused_forward, fused_backward, schedules = _fused(
+        options, method, schedules, n, eps, device_type, float32, tracing, real_tensors
+    )
     per_matrix = method == "eigh" and options.method == "auto" and device_type != "cuda" and not tracing
     return _build(
         method,
@@ -304,15 +306,23 @@ def _resolve(
 
 def _fused(
     options: RootOptions,
+    method: str,
     schedules: Schedules,
     n: int,
+    eps: float,
     device_type: str,
     float32: bool,
     tracing: bool,
     real_tensors: bool,
-) -> tuple[bool, bool]:
-    """Whether the forward iteration and the Lyapunov solve run in the fused kernels; the kernels' modules
-    are imported only where the other conditions hold."""
+) -> tuple[bool, bool, Schedules]:
+    """Whether the forward iteration and the Lyapunov solve run in the fused kernels, and the schedules
+    the call runs; the kernels' modules are imported only where the other conditions hold.
+
+    The kernels form their products in split TF32 (:data:`covpool.kernels.fused_iteration.INPUT_PRECISION`),
+    so a fused call runs schedules certified at :data:`covpool.kernels.fused_iteration.SPLIT_EPSILON`:
+    certified again there, and left to the reference (``schedules``, float32) where that certificate
+    refuses ``tol`` or no longer gives schedules the kernels run."""
+    off = False, False, schedules
     if not (
         options.fused
         and device_type == "cuda"
@@ -322,15 +332,22 @@ def _fused(
         and schedules.mixed is None
         and not tracing
     ):
-        return False, False
+        return off
     from covpool import kernels
 
     if n > kernels.MAX_N or not kernels.triton_available():
-        return False, False
+        return off
     from covpool.kernels import fused_iteration, fused_lyapunov
 
-    forward = schedules.forward is not None and fused_iteration.schedule_in_kernel(schedules.forward)
-    return forward, fused_lyapunov.schedule_in_kernel(schedules.backward)
+    try:
+        split = certify(options, method, n, eps, fused_iteration.SPLIT_EPSILON, "full")
+    except ValueError:
+        return off
+    if split.gradient != "lyapunov" or split.mixed is not None:
+        return off
+    forward = split.forward is not None and fused_iteration.schedule_in_kernel(split.forward)
+    backward = fused_lyapunov.schedule_in_kernel(split.backward)
+    return (forward, backward, split) if forward or backward else off
 
 
 def modelled_time(low: int, full: int, n: int) -> float:
