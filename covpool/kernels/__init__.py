@@ -11,11 +11,11 @@ import functools
 import importlib.util
 
 MAX_N = 64
-"""Largest ``n`` the planner sends to the kernels: a program holds its matrices in registers, which at tile
-64 already spill a little and at tile 128 would need more shared memory than a GPU has
-(:func:`covpool.kernels.fused_iteration.tile_size`). Larger ``n`` compute correctly in the interpreter
-(checked at n = 100)."""
-
+"""Largest ``n`` the planner sends to the kernels: up to tile 64 no kernel spills on sm_80, sm_90 or sm_100
+(``python -m covpool.kernels.aot``, asserted by ``tests/test_kernels_aot.py``). At tile 128 the products
+would fit, but a Padé step's Cholesky factorisation holds two 64 KB tiles in registers, and the kernels
+spill there (docs/precision-gpu.md, "Fused Triton kernels"). Larger ``n`` compute correctly in the
+interpreter."""
 
 @functools.cache
 def triton_available() -> bool:
