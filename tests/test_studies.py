@@ -107,8 +107,10 @@ def test_mixed_separates_refined_from_low_precision_configurations(tmp_path: Pat
     assert max(refined["forward"], refined["inverse"], refined["gradient"]) <= 1e-4
     assert refined["cost"] < reference["cost"]
     assert refined["cost"] == refined["float32"] + refined["low"] / 10
-    # the plan precision="tf32" runs: within its fitted model, which bfloat16 has none of
-    planned = cell[("spd", "refine 2/1", "tf32")]
+    # the plan precision="tf32" runs: within its fitted model, which bfloat16 has none of; two refinements
+    # are no longer certified
+    planned = cell[("spd", "refine 3/1", "tf32")]
+    assert cell[("spd", "refine 2/1", "tf32")]["model_forward"] is None
     assert planned["forward"] <= planned["model_forward"] < 1e-3
     assert planned["gradient"] <= planned["model_gradient"] < 1e-3
     assert refined["model_gradient"] is None  # inf, written as null
@@ -117,7 +119,9 @@ def test_mixed_separates_refined_from_low_precision_configurations(tmp_path: Pat
 def test_tf32_fit_stays_within_the_certificate_and_shows_where_it_ends(tmp_path: Path) -> None:
     printed, results = run_study("tf32_fit", tmp_path, "--sizes", "16")
     rows = results["rows"]
-    assert len(rows) == 3 * 4 * 2 * 2  # kinds × conditions × two seeds below n = 512 × refinement counts
+    # kinds × conditions × two seeds below n = 512 × refinement counts × roundings of the TF32 operands
+    assert len(rows) == 3 * 4 * 2 * 3 * 3
+    assert {row["rounding"] for row in rows} == {"nearest-even", "nearest-away", "truncation"}
     assert (tmp_path / "tf32_fit.csv").exists()
     assert (tmp_path / "tf32_fit.png").read_bytes()[:4] == b"\x89PNG"
     fitted = [row for row in rows if row["fitted"]]
@@ -129,8 +133,20 @@ def test_tf32_fit_stays_within_the_certificate_and_shows_where_it_ends(tmp_path:
         "gradient/t²": INVERSE_GROWTH,
         "residual/t²": VALID_RESIDUAL_GROWTH,
     }
+    certified = [row for row in fitted if row["certified"]]
+    assert {row["plan"] for row in certified} == {"3/1", "3/2"}
     for ratio, constant in model.items():
-        assert all(row[ratio] <= constant for row in fitted), ratio
+        assert all(row[ratio] <= constant for row in certified), ratio
+    # the room table: per rounding and the worst of them, on the certified plans, and the plan 2/1 apart
+    room = {(entry["rounding"], entry["ratio"]): entry for entry in results["room"]}
+    assert set(room) == {
+        (r, ratio) for r in ("nearest-even", "nearest-away", "truncation", "every") for ratio in model
+    }
+    for (rounding, ratio), entry in room.items():
+        worst = max(row[ratio] for row in certified if rounding in ("every", row["rounding"]))
+        assert entry["measured"] == worst and entry["room"] == model[ratio] / worst
+    assert {entry["rounding"] for entry in results["room_2_1"]} == {r for r, _ in room}
+    assert "not certified plans 2/1" in printed
     # condition 1e5 is outside: there the gradient misses 1e-2 (or is NaN, written as null)
     outside = [row["gradient"] for row in rows if not row["fitted"]]
     assert any(gradient is None or not gradient <= 1e-2 for gradient in outside)

@@ -43,7 +43,12 @@ more than twenty times what every-product-TF32 runs measure (the ``all`` rows in
 refinements they certify nothing useful. The errors are instead modelled in ``t = ε / lower`` (``ε`` the
 products' machine epsilon, ``lower`` the plan's bound on the smallest eigenvalue of ``Â^(1/2)``: the
 relative size of a product's rounding at the smallest eigenvalue), fitted with room on the worst of
-emulated TF32 runs, and answered with ``inf`` outside the measured range, where the plan is refused.
+emulated TF32 runs under every rounding of the operands the hardware may use
+(:data:`covpool.linalg.emulation.ROUNDINGS`: to nearest, ties to even or away from zero, and truncation,
+which Triton's ``tf32`` does), and answered with ``inf`` outside the measured range, where the plan is
+refused. The certificate holds for the worst rounding rather than for one probed on the device: no
+probe runs at plan time (a plan is resolved on the host, also for fake tensors while tracing), and what
+cuBLAS does on a given GPU and library version is not documented.
 """
 
 from __future__ import annotations
@@ -151,13 +156,17 @@ def mixed_plan(
     ``2 epsilon`` below the bound.
 
     ``refinements`` and ``backward_refinements`` default to what :func:`mixed_error_bound` is fitted for
-    in TF32, two and one (one forward refinement leaves the gradient 2.8e-3 off at condition 1e4; a second
-    correction of the gradient gains little), and to two each for bfloat16 (one each leaves its gradient
-    at up to 1e-3 at condition 1e3).
+    in TF32, three and one, and to two each for bfloat16 (one each leaves its gradient at up to 1e-3 at
+    condition 1e3). In TF32 one forward refinement leaves the gradient 2.8e-3 off at condition 1e4; two
+    hold the certificate's constants with 2x room only where the hardware rounds the operands to nearest:
+    under truncation (Triton's ``tf32``) the errors of ``Z`` and of the gradient and a valid input's test
+    value reach 0.8 to 1.2 times the constants, and a third refinement brings them back to what rounding to
+    nearest gives (``python examples/studies/tf32_fit.py``, the plans 2/1 and 3/1 of
+    ``examples/results/tf32_fit.json``). A second correction of the gradient gains little.
     """
     target = 2.0 * epsilon
     tf32 = epsilon <= EPSILON["tf32"]
-    refinements = 2 if refinements is None else refinements
+    refinements = (3 if tf32 else 2) if refinements is None else refinements
     backward_refinements = (1 if tf32 else 2) if backward_refinements is None else backward_refinements
     return MixedPlan(
         lower,
@@ -216,6 +225,10 @@ TF32_DOMAIN = 0.14
 summary it prints) and ``examples/results/tf32_fit.png``."""
 MAX_FITTED_SIZE = 512
 """Largest ``n`` the certificate was fitted on."""
+CERTIFIED_REFINEMENTS = 3
+"""Fewest forward refinements the certificate covers (with at least one correction of the gradient): with
+two, the constants keep 2x room only where the TF32 operands are rounded to nearest, not under truncation
+(:func:`mixed_plan`; ``examples/results/tf32_fit.json``, table ``room_2_1``)."""
 VALID_RESIDUAL_GROWTH = 0.1
 """Modelled :func:`covpool.linalg.iteration.mixed_residual` of a valid input,
 ``VALID_RESIDUAL_GROWTH · t²``: the largest ``residual/t²`` of the fitted runs with room
@@ -235,15 +248,21 @@ def mixed_error_bound(plan: MixedPlan, n: int) -> tuple[float, float]:
 
     Fitted (``python examples/studies/tf32_fit.py``, recorded in ``examples/results/tf32_fit.json``) on
     emulated TF32 runs (:mod:`covpool.linalg.emulation`; float32 ``Â``, batches of 8, Gaussian upstream
-    gradients, against float64 eigendecompositions): ``random_spd``, user-ridged sample
-    covariances (rank ``n / 2``) and spectra with all but two eigenvalues at the lower end, condition
-    1e2, 1e3, 1e4 (``t`` = 0.012 … 0.138), n = 32 … 256 with two seeds and n = 512 with one, at 2 … 3
-    refinements and 1 … 3 corrections. ``inf`` where the plan is not what was fitted (fewer than two
-    refinements or no correction, products coarser than TF32) or the input lies outside the measured
-    range (:data:`TF32_DOMAIN`, :data:`MAX_FITTED_SIZE`).
+    gradients, against float64 eigendecompositions) under each rounding of the operands
+    (:data:`covpool.linalg.emulation.ROUNDINGS`), every constant with at least 2x room under each:
+    ``random_spd``, user-ridged sample covariances (rank ``n / 2``) and spectra with all but two
+    eigenvalues at the lower end, condition 1e2, 1e3, 1e4 (``t`` = 0.012 … 0.138), n = 32 … 256 with two
+    seeds and n = 512 with one, at 3 refinements and 1 … 2 corrections. ``inf`` where the plan is not what
+    was fitted (fewer than :data:`CERTIFIED_REFINEMENTS` refinements or no correction, products coarser
+    than TF32) or the input lies outside the measured range (:data:`TF32_DOMAIN`,
+    :data:`MAX_FITTED_SIZE`).
     """
     t = plan.epsilon / plan.lower
-    fitted = plan.epsilon <= EPSILON["tf32"] and plan.refinements >= 2 and plan.backward_refinements >= 1
+    fitted = (
+        plan.epsilon <= EPSILON["tf32"]
+        and plan.refinements >= CERTIFIED_REFINEMENTS
+        and plan.backward_refinements >= 1
+    )
     if not fitted or t > TF32_DOMAIN or n > MAX_FITTED_SIZE:
         return math.inf, math.inf
     gradient = INVERSE_GROWTH * t * t

@@ -177,7 +177,14 @@ def configurations(case: Case) -> list[tuple[str, str, Runner, tuple[float, floa
         rows.append(("all", fmt, staged(steps, sign_steps), None))
         for k in sorted({steps // 2, steps - 1}):
             rows.append((f"staged {k}/{sign_steps // 2}", fmt, staged(k, sign_steps // 2), None))
-        for r, s, margin in ((1, 1, 0.01), (1, 1, 0.0), (2, 1, 0.01), (2, 2, 0.01), (5, 2, 0.01)):
+        for r, s, margin in (
+            (1, 1, 0.01),
+            (1, 1, 0.0),
+            (2, 1, 0.01),
+            (2, 2, 0.01),
+            (3, 1, 0.01),
+            (5, 2, 0.01),
+        ):
             label = f"refine {r}/{s}" + ("" if margin else " margin 0")
             rows.append((label, fmt, *refine(fmt, r, s, margin)))
         rows.append(("refine 2/float32", fmt, refine_forward(fmt, 2), None))
