@@ -385,6 +385,7 @@ class TestTF32Plan:
             ("cuda", torch.float32, 64, None, "full"),  # TF32 products barely faster there
             ("cuda", torch.float32, 256, None, "full"),  # modelled times tie, the tests' products included
             ("cuda", torch.float32, 512, 1e4, "full"),  # TF32 not certified there, float32 is
+            ("cuda", torch.float32, 512, 1e2, "full"),  # float32's short plan beats three refinements
             ("cuda", torch.float64, 512, None, "full"),
             ("cpu", torch.float32, 512, None, "full"),
         ],
