@@ -34,7 +34,7 @@ import torch
 
 from covpool.checks import refuse_double_backward
 from covpool.linalg.precision import products_in
-from covpool.numerics import eye_like
+from covpool.numerics import eye_like, is_tracing
 
 _RELATIVE_ROUNDING = 10.0
 DECOMPOSED_IN = {torch.float32: torch.float64}
@@ -61,8 +61,12 @@ class EighRoot(torch.autograd.Function):
         magnitude = A.abs().amax(dim=(-2, -1), keepdim=True)  # NaN or inf where A holds NaN or ±inf
         finite = torch.isfinite(magnitude)
         scale = torch.where(finite & (magnitude > 0), magnitude, torch.ones_like(magnitude))
-        # LAPACK refuses NaN/Inf: such a matrix is swapped for the identity and marked invalid below.
-        eigenvalues, vectors = torch.linalg.eigh(torch.where(finite, A / scale, eye_like(A)))
+        # LAPACK refuses NaN/Inf: such a matrix is swapped for the identity and marked invalid below (on
+        # the CPU, where reading the flags is free, only when there is one)
+        normalised = A / scale
+        if A.device.type != "cpu" or is_tracing() or not bool(finite.all()):
+            normalised = torch.where(finite, normalised, eye_like(A))
+        eigenvalues, vectors = torch.linalg.eigh(normalised)
         if tol is not None and A.dtype in DECOMPOSED_IN:
             eigenvalues, vectors, scale = _redecompose(A, scale, eigenvalues, vectors, tol)
         top = eigenvalues[..., -1:].clamp_min(0)

@@ -182,7 +182,9 @@ def run_root(
     checks the plan reads and the count of flagged matrices."""
     if A.numel() == 0:
         return A.clone()
-    if plan.read_values:
+    # eigh swaps a non-finite matrix for the identity and flags it, so its finiteness is checked only when
+    # a flag is down; the iterations would carry NaN through a factorisation, so theirs is checked first
+    if plan.read_values and plan.method != "eigh":
         check_finite(A)
     work_dtype = working_dtype(A.dtype)
     with torch.autocast(device_type=A.device.type, enabled=False):
@@ -198,6 +200,8 @@ def run_root(
                     )
                 else:
                     out, valid = _unrolled_root(A_ridged, plan, inverse=inverse)
+    if plan.read_values and plan.method == "eigh" and not bool(valid.all()):
+        check_finite(A)  # a NaN or Inf is named as such, before it is counted
     count_flagged(valid)
     if plan.read_values:
         raise_if_invalid(valid, lambda: _invalid_message(plan, options, inverse, A_work.detach(), valid, eps))
