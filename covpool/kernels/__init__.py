@@ -17,6 +17,7 @@ would fit, but a Padé step's Cholesky factorisation holds two 64 KB tiles in re
 spill there (docs/precision-gpu.md, "Fused Triton kernels"). Larger ``n`` compute correctly in the
 interpreter."""
 
+
 @functools.cache
 def triton_available() -> bool:
     """Whether Triton can be imported (CPU builds of torch come without it)."""
