@@ -52,7 +52,7 @@ def compiled() -> list:
         pytest.skip("needs compiled (not interpreted) kernels and triton >= 3.8's compile API")
     from covpool.kernels import aot
 
-    rows = aot.table()
+    rows = aot.table(jobs=2)
     print("\n" + aot.format_table(rows))
     return rows
 
@@ -80,10 +80,33 @@ class TestAheadOfTime:
     def test_shared_memory_fits_every_gpu(self, compiled):
         assert max(row.shared for row in compiled) <= 99 * 1024  # sm_80's opt-in limit is 163 KB a block
 
+    def test_command_line_passes_its_arguments_and_counts_spills(self, compiled, monkeypatch, capsys):
+        from covpool.kernels import aot
+
+        calls = []
+        monkeypatch.setattr(aot, "table", lambda *args: calls.append(args) or compiled)
+        aot.main(["--arch", "90", "--precision", "ieee", "--jobs", "3"])
+        assert calls == [(("ieee",), (90,), 3)]
+        printed = capsys.readouterr().out
+        assert aot.format_table(compiled) in printed
+        assert f"{len(compiled)} configurations compiled, 0 with spills" in printed
+
 
 def _fused_schedules(method: str, n: int):
     """What a fused call on CUDA runs: the schedules certified at :data:`SPLIT_EPSILON`."""
     return certify(RootOptions(method=method), method, n, 0.0, SPLIT_EPSILON, "full")
+
+
+def _certified_case(method: str, n: int):
+    """``(schedules, Â)``: :func:`_fused_schedules` (the test is skipped where they refuse) and a batch of
+    four normalised float32 inputs of condition 1e3, seeded by ``n``."""
+    try:
+        schedules = _fused_schedules(method, n)
+    except ValueError:
+        pytest.skip("not certified at SPLIT_EPSILON: the planner leaves the call to the reference")
+    torch.manual_seed(n)
+    A = random_spd(4, n=n, condition=1e3, dtype=torch.float32)
+    return schedules, normalise(symmetrize(A), schedules.normalization)[0]
 
 
 class TestSplitCertificate:
@@ -105,13 +128,7 @@ class TestSplitCertificate:
     @pytest.mark.parametrize("method", ["mtp", "mpa"])
     @pytest.mark.parametrize("n", [8, 32, 64])
     def test_emulated_forward_passes_the_certified_residual_test(self, method, n):
-        try:
-            schedules = _fused_schedules(method, n)
-        except ValueError:
-            pytest.skip("not certified at SPLIT_EPSILON: the planner leaves the call to the reference")
-        torch.manual_seed(n)
-        A = random_spd(4, n=n, condition=1e3, dtype=torch.float32)
-        A_hat = normalise(symmetrize(A), schedules.normalization)[0]
+        schedules, A_hat = _certified_case(method, n)
         with emulated_products("tf32x3") as mode:
             Y, Z = coupled_root(A_hat, schedules.forward)
         assert mode.products > 0
@@ -122,13 +139,7 @@ class TestSplitCertificate:
     @pytest.mark.parametrize("method", ["mtp", "mpa"])
     @pytest.mark.parametrize("n", [8, 32, 64])
     def test_emulated_sign_iteration_is_within_its_certified_bound(self, method, n):
-        try:
-            schedules = _fused_schedules(method, n)
-        except ValueError:
-            pytest.skip("not certified at SPLIT_EPSILON: the planner leaves the call to the reference")
-        torch.manual_seed(n)
-        A = random_spd(4, n=n, condition=1e3, dtype=torch.float32)
-        A_hat = normalise(symmetrize(A), schedules.normalization)[0]
+        schedules, A_hat = _certified_case(method, n)
         Y = reference_root(A_hat.double()).float()
         C = symmetrize(torch.randn(4, n, n))
         with emulated_products("tf32x3") as mode:

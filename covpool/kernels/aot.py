@@ -17,8 +17,10 @@ Needs Triton 3.8 (its compile API and knobs); nothing here needs a GPU.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import io
+import multiprocessing
 import re
 from dataclasses import dataclass
 
@@ -134,15 +136,24 @@ def compile_kernel(
     )
 
 
-def table(precisions: tuple[str, ...] = (INPUT_PRECISION,), archs: tuple[int, ...] = ARCHS) -> list[Compiled]:
-    """:func:`compile_kernel` for every kernel, dispatched tile, GPU and precision."""
-    return [
-        compile_kernel(kernel, block, arch, precision)
+def table(
+    precisions: tuple[str, ...] = (INPUT_PRECISION,), archs: tuple[int, ...] = ARCHS, jobs: int = 1
+) -> list[Compiled]:
+    """:func:`compile_kernel` for every kernel, dispatched tile, GPU and precision, in that order; in
+    ``jobs`` processes where ``jobs > 1`` (spawned: a compile swaps Triton's knobs and stdout for its
+    report, which are process-wide)."""
+    configurations = [
+        (kernel, block, arch, precision)
         for precision in precisions
         for kernel in KERNELS
         for block in dispatched_tiles()
         for arch in archs
     ]
+    if jobs <= 1:
+        return [compile_kernel(*configuration) for configuration in configurations]
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+        return list(pool.map(compile_kernel, *zip(*configurations, strict=True)))
 
 
 def format_table(rows: list[Compiled]) -> str:
@@ -169,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--arch", action="append", type=int, help="compute capability ×10 (default 80, 90, 100)"
     )
-    parser.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
+    parser.add_argument("--jobs", type=int, default=1, help="compile in this many processes (default 1)")
     args = parser.parse_args(argv)
     rows = table(tuple(args.precision or (INPUT_PRECISION,)), tuple(args.arch or ARCHS), args.jobs)
     print(format_table(rows))
