@@ -178,9 +178,10 @@ class TestEmulatedProducts:
         assert signed["truncation"] < -1.0
         assert abs(signed["nearest-even"]) < 0.1 and abs(signed["nearest-away"]) < 0.1
 
-    def test_float64_products_untouched(self) -> None:
+    @pytest.mark.parametrize("fmt", [*FORMATS, "tf32x3"])
+    def test_float64_products_untouched(self, fmt: str) -> None:
         A = torch.randn(8, 8, dtype=torch.float64)
-        with emulated_products("bf16") as mode:
+        with emulated_products(fmt) as mode:
             product = A @ A
         assert mode.products == 0
         torch.testing.assert_close(product, A @ A, rtol=0, atol=0)
@@ -269,10 +270,3 @@ class TestSplitProduct:
         with emulated_products("tf32x3"):
             out = A @ B
         assert out.tolist() == [[float("inf"), -float("inf")], [3.0, 1.0]]
-
-    def test_float64_products_untouched(self) -> None:
-        A = torch.randn(8, 8, dtype=torch.float64)
-        with emulated_products("tf32x3") as mode:
-            product = A @ A
-        assert mode.products == 0
-        torch.testing.assert_close(product, A @ A, rtol=0, atol=0)
