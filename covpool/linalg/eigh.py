@@ -32,9 +32,9 @@ from __future__ import annotations
 
 import torch
 
-from covpool.checks import refuse_double_backward
+from covpool.checks import reads_values, refuse_double_backward
 from covpool.linalg.precision import products_in
-from covpool.numerics import eye_like, is_tracing
+from covpool.numerics import eye_like
 
 _RELATIVE_ROUNDING = 10.0
 DECOMPOSED_IN = {torch.float32: torch.float64}
@@ -61,10 +61,10 @@ class EighRoot(torch.autograd.Function):
         magnitude = A.abs().amax(dim=(-2, -1), keepdim=True)  # NaN or inf where A holds NaN or ±inf
         finite = torch.isfinite(magnitude)
         scale = torch.where(finite & (magnitude > 0), magnitude, torch.ones_like(magnitude))
-        # LAPACK refuses NaN/Inf: such a matrix is swapped for the identity and marked invalid below (on
-        # the CPU, where reading the flags is free, only when there is one)
+        # LAPACK refuses NaN/Inf: such a matrix is swapped for the identity and marked invalid below (where
+        # reading the flags is free, only when there is one)
         normalised = A / scale
-        if A.device.type != "cpu" or is_tracing() or not bool(finite.all()):
+        if not reads_values(None, A.device) or not bool(finite.all()):
             normalised = torch.where(finite, normalised, eye_like(A))
         eigenvalues, vectors = torch.linalg.eigh(normalised)
         if tol is not None and A.dtype in DECOMPOSED_IN:

@@ -200,9 +200,10 @@ def run_root(
                     )
                 else:
                     out, valid = _unrolled_root(A_ridged, plan, inverse=inverse)
-    if plan.read_values and plan.method == "eigh" and not bool(valid.all()):
+    flagged = plan.read_values and not bool(valid.all())
+    if flagged and plan.method == "eigh":
         check_finite(A)  # a NaN or Inf is named as such, before it is counted
     count_flagged(valid)
-    if plan.read_values:
+    if flagged:
         raise_if_invalid(valid, lambda: _invalid_message(plan, options, inverse, A_work.detach(), valid, eps))
     return out.to(A.dtype)
